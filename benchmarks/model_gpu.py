@@ -1,0 +1,467 @@
+"""GPU benchmark: our runtime vs transformers on the DeepSeek-V2-Lite shape, random bf16 weights.
+
+One run, one card: builds transformers' model directly on the GPU (random init), copies its weights into
+ours (so both compute the same function - checked), then measures
+  * decode tok/s at batch 1, 8, 32, 64 (prompt 128, 64 new tokens; greedy; host reads every token as a
+    real engine does) - ours eager, ours with CUDA graphs, transformers default and static cache;
+  * prefill 1×512 and 8×512;
+  * copy bandwidth, and each decode figure as a fraction of the HBM roofline (DESIGN.md §5).
+The table is printed last. ``--smoke`` runs a 4-layer model with correctness checks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.config import ModelConfig
+from runtime.cuda_graph import CUDAGraphDecoder
+from runtime.kv_cache import (
+    AttentionMetadata,
+    BlockAllocator,
+    PagedKVCache,
+    SequenceBlocks,
+    prefill_metadata,
+)
+from runtime.model import DeepseekForCausalLM, build_model
+from runtime.moe import MoE
+
+V2_LITE = {
+    "model_type": "deepseek_v2",
+    "vocab_size": 102400,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_shared_experts": 2,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 6,
+    "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "greedy",
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": False,
+    "scoring_func": "softmax",
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "tie_word_embeddings": False,
+}
+BLOCK = 16
+PROMPT, NEW = 128, 64
+
+
+T0 = time.perf_counter()
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+DEV = "cuda"
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def sync_time(fn) -> float:
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t
+
+
+def build_hf(raw: dict):
+    import transformers
+
+    cfg = transformers.DeepseekV2Config(**{k: v for k, v in raw.items() if k != "model_type"})
+    with torch.device(DEV):
+        try:
+            hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        except TypeError:
+            hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    return hf.eval()
+
+
+def copy_from_hf(ours: DeepseekForCausalLM, hf) -> None:
+    """transformers 5 packs experts as ``experts.gate_up_proj`` [E, 2I, H] / ``experts.down_proj``;
+    those go straight into our stacked buffers; every other name is identical."""
+    own = ours.state_dict(keep_vars=True)
+    seen = set()
+    with torch.no_grad():
+        for name, t in hf.state_dict().items():
+            m = re.match(r"(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$", name)
+            if m:
+                moe = ours.get_submodule(m.group(1))
+                dst = moe.w13 if m.group(2) == "gate_up_proj" else moe.w2
+                src = t if t.shape == dst.shape else t.transpose(-2, -1)
+                dst.copy_(src)
+                prefix = m.group(1) + ".experts."
+                seen.update(k for k in own if k.startswith(prefix) and ("down" in k) == ("down" in name))
+            elif name in own:
+                own[name].copy_(t)
+                seen.add(name)
+            elif "rotary" not in name:
+                raise KeyError(f"transformers tensor {name} has no counterpart")
+    left = set(own) - seen
+    if left:
+        raise KeyError(f"not filled from transformers: {sorted(left)[:5]}")
+
+
+def copy_bandwidth() -> float:
+    n = 2 * 1024**3 if DEV == "cuda" else 64 * 1024**2
+    x = torch.empty(n // 2, dtype=torch.bfloat16, device=DEV)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = min(sync_time(lambda: y.copy_(x)) for _ in range(10))
+    return 2 * n / best  # read + write
+
+
+def roofline_step_bytes(ours: DeepseekForCausalLM, B: int, ctx: int) -> float:
+    c = ours.config
+    elem = 2
+    expert_params = 3 * c.hidden_size * c.moe_intermediate_size
+    total = sum(p.numel() for p in ours.state_dict().values())
+    routed = sum(m.w13.numel() + m.w2.numel() for _, m in ours.moe_layers())
+    embed = ours.model.embed_tokens.weight.numel()
+    non_expert = total - routed - embed + B * c.hidden_size  # only B embedding rows are read
+    E, k = c.n_routed_experts, c.num_experts_per_tok
+    distinct = E * (1 - (1 - k / E) ** B)
+    kv = B * ctx * c.kv_cache_dim * c.num_hidden_layers
+    return elem * (non_expert + len(ours.moe_layers()) * distinct * expert_params + kv)
+
+
+# ---- ours ------------------------------------------------------------------------------------------
+
+
+class OursBench:
+    def __init__(self, model: DeepseekForCausalLM, max_batch: int, max_len: int, decode_len: int) -> None:
+        self.model = model
+        self.max_blocks = -(-max_len // BLOCK)
+        self.decode_blocks = -(-decode_len // BLOCK)  # static block-table width of the decode step
+        self.cache = PagedKVCache(model.config, 1 + max_batch * self.max_blocks, BLOCK, torch.bfloat16, DEV)
+        self.graphs: CUDAGraphDecoder | None = None
+
+    def capture(self, batch_sizes) -> None:
+        self.graphs = CUDAGraphDecoder(self.model, self.cache, self.decode_blocks, batch_sizes)
+
+    def prefill(self, prompts: torch.Tensor):
+        """prompts [B, P] → (last-token logits [B, V], block tables [B, decode_blocks])."""
+        B, P = prompts.shape
+        alloc = BlockAllocator(self.cache.num_blocks)
+        seqs = [SequenceBlocks(alloc, BLOCK) for _ in range(B)]
+        slots = [s for seq in seqs for s in seq.append(P)]
+        meta = prefill_metadata([P] * B, [P] * B, [s.blocks for s in seqs], slots, device=DEV)
+        pos = torch.arange(P, device=DEV).repeat(B)
+        last = torch.arange(1, B + 1, device=DEV) * P - 1
+        logits = self.model(prompts.reshape(-1), pos, meta, self.cache, logits_indices=last)
+        for s in seqs:  # reserve the decode room up front; slots are computed on device below
+            s.append(max(0, self.decode_blocks * BLOCK - s.num_tokens))
+        tables = torch.tensor([s.blocks[: self.decode_blocks] for s in seqs], device=DEV)
+        return logits, tables
+
+    def decode(self, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int, graphs: bool):
+        """``steps`` greedy decode steps; the host reads each step's tokens (as an engine must)."""
+        B = tokens.shape[0]
+        out = []
+        ctx = torch.full((B,), start, dtype=torch.int64, device=DEV)
+        for _ in range(steps):
+            pos = ctx.clone()
+            blk = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)
+            ctx = ctx + 1
+            meta = AttentionMetadata(
+                context_lens=ctx, block_tables=tables, slot_mapping=blk * BLOCK + pos % BLOCK
+            )
+            step = self.graphs if graphs else (lambda i, p, m: self.model(i, p, m, self.cache))
+            logits = step(tokens, pos, meta)
+            tokens = logits.argmax(-1)
+            out.append(tokens.tolist())
+        return out
+
+    def decode_tok_s(self, B: int, graphs: bool) -> float:
+        prompts = torch.randint(0, self.model.config.vocab_size, (B, PROMPT), device=DEV)
+        logits, tables = self.prefill(prompts)
+        tokens = logits.argmax(-1)
+        self.decode(tokens, tables, PROMPT, 3, graphs)  # warm-up
+        dt = sync_time(lambda: self.decode(tokens, tables, PROMPT, NEW, graphs))
+        return B * NEW / dt
+
+    def prefill_s(self, B: int, P: int) -> float:
+        prompts = torch.randint(0, self.model.config.vocab_size, (B, P), device=DEV)
+        self.prefill(prompts)
+        return min(sync_time(lambda: self.prefill(prompts)) for _ in range(3))
+
+
+# ---- transformers ----------------------------------------------------------------------------------
+
+
+class _StepClock:
+    """A logits processor that timestamps every generation step (after a device sync)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        _sync()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def hf_decode_tok_s(hf, B: int, static: bool) -> float:
+    """Decode tokens/s of ``generate`` between the first and the last step (prefill excluded)."""
+    from transformers import LogitsProcessorList
+
+    prompts = torch.randint(0, hf.config.vocab_size, (B, PROMPT), device=DEV)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(prompts))
+    if static:
+        kw["cache_implementation"] = "static"
+    n = NEW + 1
+    with torch.inference_mode():
+        t = time.perf_counter()
+        hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **kw)  # warm-up (and compile, if any)
+        log(f"  transformers warm-up B={B} static={static}: {time.perf_counter() - t:.1f} s")
+        clock = _StepClock()
+        hf.generate(
+            prompts, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kw
+        )
+    steps = len(clock.stamps) - 1
+    return B * steps / (clock.stamps[-1] - clock.stamps[0])
+
+
+def hf_prefill_s(hf, B: int, P: int) -> float:
+    prompts = torch.randint(0, hf.config.vocab_size, (B, P), device=DEV)
+    with torch.inference_mode():
+        hf(prompts, logits_to_keep=1)
+        return min(sync_time(lambda: hf(prompts, logits_to_keep=1)) for _ in range(3))
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(ours: DeepseekForCausalLM, hf, bench: OursBench) -> dict:
+    """Same weights ⇒ same logits (bf16 tolerance), eager decode == graph decode, grouped == loop."""
+    res = {}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    L = PROMPT
+    ids = torch.randint(0, ours.config.vocab_size, (2, L), device=DEV, generator=g)
+    with torch.inference_mode():
+        ref = hf(ids).logits  # [2, 48, V]
+        logits, tables = bench.prefill(ids)
+        res["prefill_last_rel_err_vs_hf"] = rel(logits, ref[:, -1])
+        tok = ref[:, -1].argmax(-1)
+        full = torch.cat([ids, tok[:, None]], 1)
+        ref2 = hf(full).logits[:, -1]
+        eager = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
+        res["decode_rel_err_vs_hf"] = rel(eager, ref2)
+        ours.set_absorb(False)
+        expanded = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
+        ours.set_absorb(True)
+        res["absorbed_vs_expanded_rel_err"] = rel(eager, expanded)
+        if bench.graphs is not None:
+            graphed = bench.graphs(tok, torch.full((2,), L, device=DEV), _meta(tables, L))
+            res["graph_vs_eager_rel_err"] = rel(graphed, eager)
+        ours.set_moe_impl("loop")
+        looped = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
+        ours.set_moe_impl("auto")
+        res["grouped_vs_loop_rel_err"] = rel(eager, looped)
+        res["greedy_next_token_equal"] = bool((eager.argmax(-1) == ref2.argmax(-1)).all())
+    return res
+
+
+def _meta(tables: torch.Tensor, pos: int) -> AttentionMetadata:
+    B = tables.shape[0]
+    p = torch.full((B,), pos, device=DEV)
+    slot = tables.gather(1, (p // BLOCK)[:, None]).squeeze(1) * BLOCK + p % BLOCK
+    return AttentionMetadata(context_lens=p + 1, block_tables=tables, slot_mapping=slot)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="4 layers, correctness only")
+    ap.add_argument("--skip-hf-decode", action="store_true")
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    ap.add_argument("--budget-s", type=float, default=480, help="skip remaining transformers runs after this")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU: exercises the script")
+    args = ap.parse_args()
+    global DEV, PROMPT, NEW
+    if args.cpu_dry_run:
+        DEV, PROMPT, NEW = "cpu", 16, 4
+    import transformers
+
+    raw = dict(V2_LITE)
+    if args.smoke or args.cpu_dry_run:
+        raw["num_hidden_layers"] = 4
+    if args.cpu_dry_run:
+        raw.update(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+        )
+    batches = [1, 8] if args.smoke else [1, 8, 32, 64]
+    card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
+    log(f"card: {card}; torch {torch.__version__}; transformers {transformers.__version__}")
+    config = ModelConfig.from_dict(raw)
+
+    t = time.perf_counter()
+    hf = build_hf(raw)
+    log(f"transformers model built on GPU in {time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    ours = build_model(config, torch.bfloat16, DEV)
+    copy_from_hf(ours, hf)
+    log(f"ours filled from it in {time.perf_counter() - t:.1f} s; moe layers {len(ours.moe_layers())}")
+    assert all(
+        isinstance(layer.mlp, MoE) == config.is_moe_layer(i) for i, layer in enumerate(ours.model.layers)
+    )
+    n_params = sum(p.numel() for p in ours.state_dict().values())
+    mem = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    log(f"params {n_params / 1e9:.2f} B, GPU mem {mem:.1f} GiB")
+
+    bench = OursBench(ours, max(batches), max_len=max(512, PROMPT + NEW + 8), decode_len=PROMPT + NEW + 8)
+    try:
+        if DEV != "cuda":
+            raise RuntimeError("no CUDA: graphs skipped")
+        t = time.perf_counter()
+        with torch.inference_mode():
+            bench.capture(batches)
+        log(f"CUDA graphs captured for {batches} in {time.perf_counter() - t:.1f} s")
+    except Exception:
+        traceback.print_exc()
+        log("CUDA graph capture FAILED; graph rows will be missing")
+        bench.graphs = None
+    checks = check(ours, hf, bench)
+    log("checks:", json.dumps(checks))
+
+    bw = copy_bandwidth()
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    with torch.inference_mode():
+        for B in batches:
+            roof = B / (roofline_step_bytes(ours, B, PROMPT + NEW // 2) / bw)
+            r = {"batch": B, "roofline_tok_s": roof}
+            r["ours_eager"] = bench.decode_tok_s(B, graphs=False)
+            if bench.graphs is not None:
+                r["ours_graph"] = bench.decode_tok_s(B, graphs=True)
+            log("decode", r)
+            rows.append(r)
+        prefills = []
+        for B, P in ((1, 512), (8, 512)):
+            prefills.append({"shape": f"{B}x{P}", "tokens": B * P, "ours_s": bench.prefill_s(B, P)})
+    ours_mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    del bench, ours
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    for p in prefills:
+        B, P = map(int, p["shape"].split("x"))
+        p["hf_s"] = hf_prefill_s(hf, B, P)
+        log("prefill", p)
+    if not args.skip_hf_decode:
+        for static in (False, True):  # all default runs first: static may compile (slow) per shape
+            key = "hf_static" if static else "hf_default"
+            for r in rows:
+                if time.perf_counter() - T0 > args.budget_s:
+                    log(f"time budget {args.budget_s} s spent: skipping {key} at batch {r['batch']}")
+                    continue
+                try:
+                    r[key] = hf_decode_tok_s(hf, r["batch"], static)
+                except Exception as exc:  # report, keep going
+                    traceback.print_exc()
+                    r[key] = float("nan")
+                    r[key + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                log("decode", r["batch"], key, r[key])
+
+    # ---- table (last) ---------------------------------------------------------------------------
+    log("")
+    log(f"## {card} - DeepSeek-V2-Lite shape, random bf16 weights, {config.num_hidden_layers} layers")
+    log(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s, peak GPU memory with ours {ours_mem:.1f} GiB"
+    )
+    log(f"checks: {json.dumps(checks)}")
+    log("")
+    log(f"Decode (prompt {PROMPT}, {NEW} new tokens, greedy), tokens/s and fraction of HBM roofline:")
+    log(
+        "| batch | roofline tok/s | ours (CUDA graph) | ours (eager) | transformers default | "
+        "transformers static cache | ours best / best transformers |"
+    )
+    log("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+
+        def cell(key, r=r):
+            v = r.get(key)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                return "n/a"
+            return f"{v:,.1f} ({100 * v / r['roofline_tok_s']:.1f}%)"
+
+        best_ours = max(r.get("ours_graph", 0), r["ours_eager"])
+        hf_vals = [v for v in (r.get("hf_default"), r.get("hf_static")) if v and not math.isnan(v)]
+        ratio = f"{best_ours / max(hf_vals):.1f}×" if hf_vals else "n/a"
+        log(
+            f"| {r['batch']} | {r['roofline_tok_s']:,.0f} | {cell('ours_graph')} | {cell('ours_eager')} | "
+            f"{cell('hf_default')} | {cell('hf_static')} | {ratio} |"
+        )
+    log("")
+    log("Prefill (one forward, logits of the last token):")
+    log("| prompt | ours ms | ours tok/s | transformers ms | transformers tok/s | ratio |")
+    log("|---|---:|---:|---:|---:|---:|")
+    for p in prefills:
+        log(
+            f"| {p['shape']} | {1e3 * p['ours_s']:.1f} | {p['tokens'] / p['ours_s']:,.0f} | "
+            f"{1e3 * p['hf_s']:.1f} | {p['tokens'] / p['hf_s']:,.0f} | {p['hf_s'] / p['ours_s']:.1f}× |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"card": card, "checks": checks, "decode": rows, "prefill": prefills})
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Checkpoint and tokenizer loading from a Hugging Face model folder.
+
+Weights: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, opened with
+``safe_open`` (memory-mapped, zero-copy until the cast/copy into the model's own storage). Everything is
+validated before any tensor is copied: every missing, unexpected and mis-shaped tensor is reported in one
+:class:`CheckpointError`, as are missing or truncated shard files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.config import ModelConfig
+from runtime.model import DeepseekForCausalLM, build_model
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint folder cannot be loaded; the message lists every problem found."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        dtype = str(dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    return ModelConfig.from_json_file(cfg)
+
+
+def _shard_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
+    """(weight_map or None, shard file names)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        return weight_map, sorted(set(weight_map.values()))
+    if (path / "model.safetensors").is_file():
+        return None, ["model.safetensors"]
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+@dataclass
+class _Inventory:
+    where: dict[str, str] = field(default_factory=dict)  # tensor name → shard file
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def _inventory(path: Path) -> _Inventory:
+    from safetensors import safe_open
+
+    weight_map, files = _shard_files(path)
+    missing_files = [f for f in files if not (path / f).is_file()]
+    if missing_files:
+        raise CheckpointError(
+            f"{path}: missing shard file(s) named in model.safetensors.index.json: {', '.join(missing_files)}"
+        )
+    inv, problems, unreadable = _Inventory(), [], set()
+    for f in files:
+        fp = path / f
+        try:
+            with safe_open(str(fp), framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    inv.where[name] = f
+                    inv.shapes[name] = tuple(sf.get_slice(name).get_shape())
+        except Exception as exc:  # safetensors raises SafetensorError / OSError for corrupt files
+            problems.append(f"{f}: unreadable or truncated safetensors file ({exc})")
+            unreadable.add(f)
+            continue
+        expected_end = _data_end(fp)
+        if expected_end is not None and fp.stat().st_size < expected_end:
+            problems.append(f"{f}: truncated ({fp.stat().st_size} bytes, header needs {expected_end})")
+    if weight_map is not None:
+        for name, f in weight_map.items():
+            if f in unreadable:
+                continue
+            if name not in inv.where:
+                problems.append(f"index maps {name} to {f}, but no shard contains it")
+            elif inv.where[name] != f:
+                problems.append(f"index maps {name} to {f}, but it is in {inv.where[name]}")
+    if problems:
+        raise CheckpointError(f"{path}: corrupt checkpoint:\n  " + "\n  ".join(problems))
+    return inv
+
+
+def _data_end(fp: Path) -> int | None:
+    """Byte offset where the last tensor ends, from the safetensors header (8-byte length + JSON)."""
+    try:
+        with fp.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    """DeepSeek-V3 checkpoints carry multi-token-prediction layers after the last decoder layer; we do
+    not run them (same as transformers)."""
+    if config.num_nextn_predict_layers <= 0:
+        return False
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return bool(m) and int(m.group(1)) >= config.num_hidden_layers
+
+
+def check_names(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], config: ModelConfig
+) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(n for n in set(found) - set(expected) if not _ignored(n, config))
+    misshaped = sorted(
+        f"{n}: checkpoint {list(found[n])} vs model {list(expected[n])}"
+        for n in set(expected) & set(found)
+        if tuple(found[n]) != tuple(expected[n])
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                parts.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join(items))
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
+
+
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> DeepseekForCausalLM:
+    """Build the model for ``path``'s config.json and fill it from the safetensors shards."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = load_config(path)
+    dtype = parse_dtype(dtype)
+    inv = _inventory(path)
+    model = build_model(config, dtype=dtype, device=device)
+    params = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    check_names({k: tuple(v.shape) for k, v in params.items()}, inv.shapes, config)
+    by_file: dict[str, list[str]] = {}
+    for name in params:
+        by_file.setdefault(inv.where[name], []).append(name)
+    with torch.no_grad():
+        for f, names in by_file.items():
+            with safe_open(str(path / f), framework="pt") as sf:
+                for name in names:
+                    dst = params[name]
+                    dst.copy_(sf.get_tensor(name).to(device=dst.device, dtype=dst.dtype))
+    return model
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """``tokenizers`` BPE plus the chat template and special tokens from tokenizer_config.json."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(tj))
+        cfg_file = path / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.pad_token = _token_str(cfg.get("pad_token"))
+        self.add_bos = bool(cfg.get("add_bos_token", True)) and self.bos_token is not None
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.bos_token_id = self._id(self.bos_token)
+        self.eos_token_id = self._id(self.eos_token)
+        self.pad_token_id = self._id(self.pad_token)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        want_bos = (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None
+        if want_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render with jinja2 (sandboxed, as transformers does); the result already holds the BOS text."""
+        if not self.chat_template:
+            raise CheckpointError("tokenizer_config.json has no chat_template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ids
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):  # old transformers format {"content": ...}
+        return tok.get("content")
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer(path)

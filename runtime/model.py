@@ -1,0 +1,393 @@
+"""DeepSeek-V2/V3 decoder in plain PyTorch, with MLA over a paged latent KV cache.
+
+Module and parameter names equal the Hugging Face checkpoint's tensor names (see docs/runtime.md).
+Tokens are packed (no padding): ``forward(input_ids [T], positions [T], attn_metadata, kv_cache)``.
+
+Numerics follow transformers' reference: RMSNorm in fp32, router in fp32, attention softmax in fp32,
+rotary in fp32 on DeepSeek's interleaved pair layout, YaRN mscale folded into the softmax scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig, yarn_get_mscale
+from runtime.kv_cache import AttentionMetadata, PagedKVCache
+from runtime.moe import MLP, MoE, _keep_fp32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 normalisation, then the weight in the model dtype (transformers' order of roundings);
+        # F.rms_norm is one fused kernel on CUDA instead of six.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default or YaRN rotary frequencies (DeepSeek's variant); cos/sin computed per step from positions
+    so there is no length limit baked into a table and the step stays shape-static."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dim = config.qk_rope_head_dim
+        self.interleave = config.rope_interleave
+        inv_freq, self.attention_factor = self._compute(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def _compute(config: ModelConfig) -> tuple[torch.Tensor, float]:
+        r, dim = config.rope, config.qk_rope_head_dim
+        pos_freqs = r.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        if r.rope_type == "default":
+            return 1.0 / pos_freqs, 1.0
+        factor = r.factor
+        if r.attention_factor is not None:
+            attention_factor = float(r.attention_factor)
+        elif r.mscale and r.mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, r.mscale) / yarn_get_mscale(factor, r.mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+
+        def correction_dim(num_rot: float) -> float:
+            return (dim * math.log(r.original_max_position_embeddings / (num_rot * 2 * math.pi))) / (
+                2 * math.log(r.theta)
+            )
+
+        low, high = correction_dim(r.beta_fast), correction_dim(r.beta_slow)
+        if r.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq, attention_factor
+
+    def _apply(self, fn, recurse: bool = True) -> RotaryEmbedding:
+        return super()._apply(lambda t: _keep_fp32(fn(t)), recurse)  # frequencies stay fp32
+
+    def reset_buffers(self) -> None:
+        self.inv_freq = self._compute(self.config)[0].to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """positions [T] → (cos, sin, cis): [T, dim/2] fp32 with the YaRN attention factor applied;
+        ``cis = cos + i·sin`` (complex64) for the interleaved layout, computed once per step."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        return cos, sin, torch.complex(cos, sin) if self.interleave else None
+
+    def apply(self, x: torch.Tensor, rope: tuple) -> torch.Tensor:
+        """x [T, ..., dim], rotated in fp32. DeepSeek checkpoints pair dims (x0,x1),(x2,x3)...: one
+        complex multiply (3 kernels) keeps that interleaved layout, as transformers' V2 does; V3's
+        ``rope_interleave=False`` uses the rotate-half pairing (x_i, x_{i+dim/2})."""
+        cos, sin, cis = rope
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+        if cis is not None:
+            xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+            return torch.view_as_real(xc * cis.view(shape)).flatten(-2).to(x.dtype)
+        c, s = cos.view(shape), sin.view(shape)
+        xf = x.float()
+        x1, x2 = xf[..., : self.dim // 2], xf[..., self.dim // 2 :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. Caches ``[kv_a_layernorm(latent), rope(k_pe)]`` per token.
+
+    Prefill expands the latent through ``kv_b_proj`` and runs SDPA per sequence; decode uses the
+    absorbed form (``q_nope·W_UK`` against the latent, output through ``W_UV``), which reads only the
+    compressed cache. ``absorb=False`` keeps the expanded form for decode too (used to check one
+    against the other).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = (
+            config.qk_nope_head_dim,
+            config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
+        self.q_head_dim = config.qk_head_dim
+        self.scale = config.softmax_scale
+        H, nh, bias = config.hidden_size, self.n_heads, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * self.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, nh * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=bias)
+        self.absorb = True
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryEmbedding,
+        rope: tuple,
+        meta: AttentionMetadata,
+        cache: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, self.n_heads, self.q_head_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = rotary.apply(q_pe, rope)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_new = torch.cat([self.kv_a_layernorm(latent), rotary.apply(k_pe, rope)], dim=-1)  # [T, D]
+        if cache is not None:
+            cache.view(-1, cache.shape[-1]).index_copy_(0, meta.slot_mapping, kv_new)
+        if meta.is_decode:
+            if self.absorb:
+                out = self._decode_absorbed(q_nope, q_pe, bias, meta, cache)
+            else:
+                out = self._decode_expanded(q_nope, q_pe, bias, meta, cache)
+        else:
+            out = self._prefill(q_nope, q_pe, kv_new, meta, cache)
+        return self.o_proj(out.reshape(T, self.n_heads * self.v_dim))
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _expand(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., S, D] cached latent+rope → keys [..., S, nh, dq], values [..., S, nh, dv]."""
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kvb = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, self.nope + self.v_dim))
+        k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1)
+        return k, v
+
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """[B, max_blocks] → [B, max_blocks·block_size, D] (static shape)."""
+        B = block_tables.shape[0]
+        return cache[block_tables].view(B, -1, cache.shape[-1])
+
+    def _prefill(self, q_nope, q_pe, kv_new, meta: AttentionMetadata, cache) -> torch.Tensor:
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        padded = meta.padded_index()
+        if padded is not None:
+            return self._prefill_padded(q, kv_new, meta, padded)
+        outs, start = [], 0
+        for i, ql in enumerate(meta.query_lens):
+            cl = meta.context_lens_cpu[i]
+            if cl == ql:  # fresh sequence: the new tokens are the whole context
+                kv = kv_new[start : start + ql]
+            else:  # cached prefix (chunked prefill / prefix reuse): read it back from the pool
+                nb = -(-cl // cache.shape[1])
+                kv = cache[meta.block_tables[i, :nb]].view(-1, cache.shape[-1])[:cl]
+            k, v = self._expand(kv)
+            qi = q[start : start + ql].transpose(0, 1).unsqueeze(0)  # [1, nh, ql, dq]
+            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            if cl == ql:
+                o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=self.scale)
+            else:
+                qpos = torch.arange(ql, device=q.device)[:, None] + (cl - ql)
+                mask = torch.arange(cl, device=q.device)[None, :] <= qpos
+                o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=self.scale)
+            outs.append(o.squeeze(0).transpose(0, 1))
+            start += ql
+        return torch.cat(outs, dim=0)
+
+    def _prefill_padded(self, q, kv_new, meta: AttentionMetadata, idx: torch.Tensor) -> torch.Tensor:
+        """Fresh sequences of similar length: one causal SDPA over a right-padded [B, L] batch. Causal
+        masking alone is exact for real rows (padding only ever sits after them); padded rows are
+        dropped when gathering back to the packed layout."""
+        B, L = len(meta.query_lens), max(meta.query_lens)
+        k, v = self._expand(kv_new)  # expand only the real tokens
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(B * L, *x.shape[1:]).index_copy_(0, idx, x)
+            return out.view(B, L, *x.shape[1:]).transpose(1, 2)  # [B, nh, L, d]
+
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=self.scale)
+        return o.transpose(1, 2).reshape(B * L, self.n_heads, self.v_dim).index_select(0, idx)
+
+    def _decode_absorbed(self, q_nope, q_pe, bias, meta: AttentionMetadata, cache) -> torch.Tensor:
+        kv = self._gather(cache, meta.block_tables)  # [B, S, r + dr]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [nh, dn, r], [nh, dv, r]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, nh, r]
+        q_cat = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, r + dr]
+        # scores in the model dtype, softmax in fp32 (as transformers' eager attention)
+        scores = torch.baddbmm(bias, q_cat, kv.transpose(1, 2), alpha=self.scale)  # [B, nh, S]
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+        o_lat = torch.bmm(p, kv[..., : self.kv_lora_rank])  # [B, nh, r]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
+
+    def _decode_expanded(self, q_nope, q_pe, bias, meta: AttentionMetadata, cache) -> torch.Tensor:
+        kv = self._gather(cache, meta.block_tables)
+        k, v = self._expand(kv)  # [B, S, nh, *]
+        q = torch.cat([q_nope, q_pe], dim=-1).unsqueeze(2)  # [B, nh, 1, dq]
+        o = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias[:, None], scale=self.scale
+        )
+        return o.squeeze(2)
+
+
+def decode_bias(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, S] additive mask (0 / -inf) over the gathered block-table slots, built once per step.
+    Padded rows (context 0) still see one (scratch) slot, so no row is all -inf."""
+    B, S = meta.block_tables.shape[0], meta.block_tables.shape[1] * block_size
+    ctx = meta.context_lens.clamp(min=1)
+    hidden = torch.arange(S, device=ctx.device)[None, :] >= ctx[:, None]
+    return torch.zeros(B, 1, S, dtype=dtype, device=ctx.device).masked_fill_(hidden[:, None], float("-inf"))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rotary, rope, meta, cache, bias=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, rope, meta, cache, bias)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """The whole model. ``forward`` returns logits (model dtype) for the rows in ``logits_indices``
+    (all rows when None): prefill usually asks only for each sequence's last token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.rotary = RotaryEmbedding(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent state (after ``to_empty``): rotary frequencies, load counters."""
+        self.rotary.reset_buffers()
+        for _, m in self.moe_layers():
+            m.reset_buffers()
+
+    def set_moe_impl(self, impl: str) -> None:
+        if impl not in ("auto", "grouped", "loop"):
+            raise ValueError(f"moe impl {impl!r}; allowed: auto, grouped, loop")
+        for _, m in self.moe_layers():
+            m.impl = impl
+
+    def set_absorb(self, absorb: bool) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.absorb = absorb
+
+    # -- expert-load statistics (for the service's metrics) -------------------------------------
+    def expert_load(self) -> dict[int, torch.Tensor]:
+        """Tokens routed to each expert since the last reset, per MoE layer index (device tensors)."""
+        return {i: m.expert_counts() for i, m in self.moe_layers()}
+
+    def expert_load_imbalance(self) -> dict[int, float]:
+        """max/mean tokens per expert, per MoE layer (1.0 = perfectly balanced; 0 when no tokens)."""
+        loads = self.expert_load()
+        if not loads:
+            return {}
+        stacked = torch.stack(list(loads.values())).float()
+        mean = stacked.mean(dim=1)
+        ratio = torch.where(mean > 0, stacked.max(dim=1).values / mean.clamp(min=1e-9), 0.0)
+        return dict(zip(loads.keys(), ratio.tolist(), strict=True))
+
+    def reset_expert_load(self) -> None:
+        for _, m in self.moe_layers():
+            m.expert_load_cum.zero_()
+
+    # -- compute --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        kv_cache: PagedKVCache | None = None,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] (packed). Returns logits [len(logits_indices) or T, vocab]."""
+        meta = attn_metadata
+        if kv_cache is None and (meta.is_decode or meta.query_lens != meta.context_lens_cpu):
+            raise ValueError("a decode step or a cached prefix needs kv_cache")
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rotary(positions)
+        bias = decode_bias(meta, kv_cache.block_size, x.dtype) if meta.is_decode else None
+        for i, layer in enumerate(self.model.layers):
+            cache = None if kv_cache is None else kv_cache.layer(i)
+            x = layer(x, self.rotary, rope, meta, cache, bias)
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)
+        return self.lm_head(self.model.norm(x))
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """No-op ``torch.nn.init`` while building on meta: nothing is initialized there anyway, and
+    ``normal_`` on meta alone costs ~2.5 s the first time (it pulls in torch._dynamo)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def build_model(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> DeepseekForCausalLM:
+    """An uninitialized model on ``device``: built on the meta device then materialized, so no time is
+    spent on random init that the checkpoint overwrites (and no CPU detour for GPU models)."""
+    with torch.device("meta"), _skip_init():
+        model = DeepseekForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers()
+    model.requires_grad_(False)
+    return model.eval()

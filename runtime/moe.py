@@ -1,0 +1,211 @@
+"""DeepSeekMoE: router (all DeepSeek routing variants), routed experts with sorted dispatch, shared experts.
+
+Weight storage: the checkpoint names every expert separately (``mlp.experts.E.gate_proj.weight`` ...),
+but the fast path wants one stacked tensor per projection. We keep both views of the *same memory*:
+stacked non-persistent buffers ``w13`` ``[E, 2·I, H]`` (gate rows then up rows) and ``w2`` ``[E, H, I]``,
+and per-expert ``Parameter`` objects that are views into them. ``state_dict()`` therefore shows exactly
+the checkpoint names, loading a tensor into an expert parameter fills the stack, and no copy exists.
+``_apply`` is overridden so ``.to()`` / ``.to_empty()`` move the stacks and re-create the views instead
+of duplicating each expert.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (dense layers and shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router. Runs in fp32 whatever the model dtype (as DeepSeek and transformers do): the weight and
+    the correction bias are kept fp32 by ``_apply``.
+
+    Returns ``(topk_ids [T, k] int64, topk_weights [T, k] fp32)``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scale_after_norm = config.scale_weights_after_norm
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size, dtype=torch.float32))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Gate:
+        return super()._apply(lambda t: _keep_fp32(fn(t)), recurse)
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """[T, G] group scores → [T, E] bool mask of experts in the ``topk_group`` best groups."""
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        T = group_scores.shape[0]
+        return mask.unsqueeze(-1).expand(T, self.n_group, self.n_experts // self.n_group).reshape(T, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.scoring_func == "softmax":
+            scores = logits.softmax(dim=-1, dtype=torch.float32)
+        else:
+            scores = logits.sigmoid()
+        T, G = scores.shape[0], self.n_group
+        if self.topk_method == "greedy":
+            weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        elif self.topk_method == "group_limited_greedy":
+            group_scores = scores.view(T, G, -1).max(dim=-1).values
+            masked = scores.masked_fill(~self._group_mask(group_scores), 0.0)
+            weights, ids = torch.topk(masked, k=self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: the bias only steers the choice; weights come from the raw scores
+            choice = scores + self.e_score_correction_bias
+            group_scores = choice.view(T, G, -1).topk(2, dim=-1)[0].sum(dim=-1)
+            choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
+            ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.scale_after_norm:
+                weights = weights * self.routed_scaling_factor
+        elif self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return ids, weights
+
+
+def _keep_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
+
+
+class _Proj(nn.Module):
+    """Holds one expert projection's ``weight`` (a view into the stacked buffer)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+
+class _ExpertView(nn.Module):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = _Proj(w13[:inter])
+        self.up_proj = _Proj(w13[inter:])
+        self.down_proj = _Proj(w2)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """``torch._grouped_mm``'s fast CUDA kernel needs bf16 on Hopper (sm90) or newer."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
+
+
+class MoE(nn.Module):
+    """Routed experts (sorted dispatch) + shared experts; counts tokens per expert on device."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, H, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts, self.top_k, self.inter = E, config.num_experts_per_tok, inter
+        self.gate = Gate(config)
+        self.register_buffer("w13", torch.empty(E, 2 * inter, H), persistent=False)
+        self.register_buffer("w2", torch.empty(E, H, inter), persistent=False)
+        self.experts = nn.ModuleList()
+        self._tie_expert_views()
+        self.shared_experts = MLP(H, inter * config.n_shared_experts) if config.n_shared_experts > 0 else None
+        self.register_buffer("expert_load_cum", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.register_buffer("expert_range", torch.arange(E), persistent=False)
+        # "auto": grouped GEMM where supported, else a loop over active experts; tests force either.
+        self.impl = "auto"
+
+    def _tie_expert_views(self) -> None:
+        views = [_ExpertView(self.w13[e], self.w2[e], self.inter) for e in range(self.n_experts)]
+        self._modules["experts"] = nn.ModuleList(views)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> MoE:
+        # Move only the stacks (and gate / shared experts); then rebuild the per-expert views.
+        order = list(self._modules)
+        experts = self._modules.pop("experts")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["experts"] = experts
+            self._modules = OrderedDict((k, self._modules[k]) for k in order)
+        self._tie_expert_views()
+        return self
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last reset ([E] int64, on device, no sync)."""
+        cum = self.expert_load_cum
+        return torch.diff(cum, prepend=cum.new_zeros(1))
+
+    def reset_buffers(self) -> None:
+        self.expert_load_cum.zero_()
+        self.expert_range.copy_(torch.arange(self.n_experts, device=self.expert_range.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        y = self.routed(x, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl == "grouped":
+            return True
+        if self.impl == "loop":
+            return False
+        return grouped_mm_supported(x.device, x.dtype)
+
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
+        scale by the routing weight and scatter-add back. No host sync on the grouped path."""
+        sorted_ids, order = ids.reshape(-1).sort(stable=True)
+        token_idx = order // self.top_k
+        # end offset of each expert's slice; summing offsets over steps sums the counts (see expert_counts)
+        offs = torch.searchsorted(sorted_ids, self.expert_range, right=True, out_int32=True)
+        self.expert_load_cum += offs
+        xs = x.index_select(0, token_idx)
+        if self._use_grouped(x):
+            h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
+            g, u = h.split(self.inter, dim=-1)
+            out = torch._grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
+        else:
+            out = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(torch.diff(offs, prepend=offs.new_zeros(1)).tolist()):
+                if n == 0:
+                    continue
+                seg = xs[start : start + n]
+                g, u = F.linear(seg, self.w13[e]).split(self.inter, dim=-1)
+                out[start : start + n] = F.linear(F.silu(g) * u, self.w2[e])
+                start += n
+        w = weights.reshape(-1).index_select(0, order)
+        out = (out.float() * w[:, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_idx, out)
