@@ -33,7 +33,7 @@ help:
 	@echo "make deploy ENV=e cdktf deploy for one environment"
 	@echo "make lint         ruff"
 
-$(STAMP): pyproject.toml package.json package-lock.json scripts/setup.sh
+$(STAMP): pyproject.toml package.json package-lock.json scripts/setup.sh scripts/tools-requirements.txt
 	bash scripts/setup.sh
 	@touch $(STAMP)
 

@@ -25,6 +25,13 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 .venv/bin/python -m pip install --quiet -e '.[infra,runtime,dev]'
 
+# Static checkers pin many libraries of their own (checkov pins boto3 & co.); a separate tools venv keeps
+# them from moving the project's dependencies.
+if [ ! -x .venv-tools/bin/python ]; then
+  "$PYTHON" -m venv .venv-tools
+fi
+.venv-tools/bin/python -m pip install --quiet -r scripts/tools-requirements.txt
+
 echo "setup: installing the pinned cdktf CLI into node_modules"
 if [ ! -x node_modules/.bin/cdktf ] || ! cmp -s package-lock.json node_modules/.package-lock.json.src 2>/dev/null; then
   npm ci --no-audit --no-fund --loglevel=error

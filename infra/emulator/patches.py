@@ -1,0 +1,136 @@
+"""Small, documented corrections to moto 5.2 so a real `terraform apply` → `plan` round-trips cleanly.
+
+Each patch names the moto behaviour, why it matters to Terraform, and what we do. They change what the
+emulator *reports*, never what our stacks ask for.
+
+1. EKS add-ons / access entries / Pod Identity associations are missing in moto → `eks_extras`.
+2. DescribeCluster has no `accessConfig` → Terraform sees `access_config` missing and plans a cluster
+   replacement. We remember the request's `accessConfig` and report its `authenticationMode`.
+3. Node groups always carry `remoteAccess {ec2SshKey = "eksKeypair"}` → with a launch template (where AWS
+   forbids remote access) Terraform plans a replacement. We drop it for launch-template node groups.
+4. Node groups come back without `updateConfig` → a permanent in-place diff. We report the request's.
+5. Clusters have no `clusterSecurityGroupId` (EKS creates one per cluster, and managed nodes join it) →
+   launch templates get a null security group. We create that group in moto's EC2 backend, in the
+   cluster's VPC, report its id, and delete it with the cluster.
+6. EC2 placement groups are missing → `ec2_extras`.
+7. CreateLaunchTemplate copies the template's own tags (ResourceType `launch-template`) into the template
+   *data*'s TagSpecifications → a permanent in-place diff. We keep them off the data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+_lock = threading.Lock()
+_access_configs: dict[tuple[str, str], dict[str, Any]] = {}
+_cluster_groups: dict[tuple[str, str], str] = {}
+_update_configs: dict[tuple[str, str, str], dict[str, Any]] = {}
+ACCOUNT_ID = "123456789012"
+
+_CLUSTERS = re.compile(r"^/clusters(/(?P<name>[^/]+))?$")
+_NODEGROUP = re.compile(r"^/clusters/(?P<cluster>[^/]+)/node-groups(/(?P<name>[^/]+)(/update-config)?)?$")
+
+_patched = False
+
+
+def apply_model_patches() -> None:
+    """Patch 7 (in-process, once)."""
+    global _patched
+    if _patched:
+        return
+    from moto.ec2.models.launch_templates import LaunchTemplateBackend
+
+    original = LaunchTemplateBackend.create_launch_template
+
+    def create_launch_template(self, name, description, template_data, tag_spec):  # type: ignore[no-untyped-def]
+        specs = template_data.get("TagSpecifications") or []
+        template_data["TagSpecifications"] = [s for s in specs if s.get("ResourceType") != "launch-template"]
+        return original(self, name, description, template_data, tag_spec)
+
+    LaunchTemplateBackend.create_launch_template = create_launch_template
+    _patched = True
+
+
+def reset() -> None:
+    with _lock:
+        _access_configs.clear()
+        _cluster_groups.clear()
+        _update_configs.clear()
+
+
+def _ec2(region: str):  # type: ignore[no-untyped-def]
+    from moto.ec2.models import ec2_backends
+
+    return ec2_backends[ACCOUNT_ID][region]
+
+
+def wants_eks_rewrite(path: str) -> bool:
+    return bool(_CLUSTERS.match(path) or _NODEGROUP.match(path))
+
+
+def remember_request(path: str, method: str, region: str, body: dict[str, Any]) -> None:
+    if method == "POST" and path == "/clusters" and "name" in body:
+        name = body["name"]
+        with _lock:
+            _access_configs[(region, name)] = body.get("accessConfig") or {"authenticationMode": "CONFIG_MAP"}
+        subnets = (body.get("resourcesVpcConfig") or {}).get("subnetIds") or []
+        if subnets and (region, name) not in _cluster_groups:
+            vpc_id = _ec2(region).get_subnet(subnets[0]).vpc_id
+            group = _ec2(region).create_security_group(
+                f"eks-cluster-sg-{name}", "EKS created security group (emulated)", vpc_id,
+                tags={f"kubernetes.io/cluster/{name}": "owned"},
+            )  # fmt: skip
+            with _lock:
+                _cluster_groups[(region, name)] = group.id
+    m = _NODEGROUP.match(path)
+    if m and method == "POST" and not m["name"] and "nodegroupName" in body and body.get("updateConfig"):
+        with _lock:
+            _update_configs[(region, m["cluster"], body["nodegroupName"])] = body["updateConfig"]
+    if m and method == "POST" and m["name"] and body.get("updateConfig"):  # UpdateNodegroupConfig
+        with _lock:
+            _update_configs[(region, m["cluster"], m["name"])] = body["updateConfig"]
+
+
+def forget_cluster(region: str, name: str) -> None:
+    with _lock:
+        _access_configs.pop((region, name), None)
+        group_id = _cluster_groups.pop((region, name), None)
+    if group_id:
+        _ec2(region).delete_security_group(group_id=group_id)
+
+
+def rewrite_eks_response(path: str, region: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Patches 2 and 3 on a moto JSON response."""
+    cluster = payload.get("cluster")
+    if isinstance(cluster, dict) and "name" in cluster:
+        with _lock:
+            config = _access_configs.get((region, cluster["name"]))
+            group_id = _cluster_groups.get((region, cluster["name"]))
+        if config is not None:
+            cluster["accessConfig"] = {"authenticationMode": config.get("authenticationMode", "CONFIG_MAP")}
+        if group_id:
+            cluster.setdefault("resourcesVpcConfig", {})["clusterSecurityGroupId"] = group_id
+        if path.startswith("/clusters/") and cluster.get("status") == "DELETING":
+            forget_cluster(region, cluster["name"])
+    nodegroup = payload.get("nodegroup")
+    if isinstance(nodegroup, dict):
+        if nodegroup.get("launchTemplate"):
+            nodegroup.pop("remoteAccess", None)
+        with _lock:
+            update_config = _update_configs.get((region, nodegroup.get("clusterName"), nodegroup.get("nodegroupName")))
+        if update_config:
+            nodegroup["updateConfig"] = update_config
+    return payload
+
+
+def rewrite_body(path: str, region: str, body: bytes) -> bytes:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(payload, dict):
+        return body
+    return json.dumps(rewrite_eks_response(path, region, payload)).encode()

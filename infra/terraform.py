@@ -1,0 +1,98 @@
+"""Run the real terraform binary on a synthesized stack (tests, the demo, plan summaries)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TerraformError(RuntimeError):
+    """terraform exited non-zero; the message carries the command and the tail of its output."""
+
+
+def terraform_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment terraform runs with: the project's CLI config (provider mirror) when setup wrote
+    one, a plugin cache inside the project, no telemetry. Otherwise the caller's settings stand."""
+    env = dict(os.environ if base is None else base)
+    tfrc = PROJECT_ROOT / ".tfrc"
+    if tfrc.exists():
+        env["TF_CLI_CONFIG_FILE"] = str(tfrc)
+    env.setdefault("TF_PLUGIN_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "terraform" / "plugins"))
+    Path(env["TF_PLUGIN_CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
+    env["CHECKPOINT_DISABLE"] = "1"
+    env["TF_IN_AUTOMATION"] = "1"
+    env["TF_INPUT"] = "0"
+    return env
+
+
+@dataclass
+class Terraform:
+    """A working directory holding one stack's cdk.tf.json."""
+
+    workdir: Path
+    env: dict[str, str] = field(default_factory=terraform_env)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_stack(cls, stack_dir: Path, workdir: Path) -> Terraform:
+        """Copy a synthesized stack into its own folder so state never lands in cdktf.out."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stack_dir / "cdk.tf.json", workdir / "cdk.tf.json")
+        return cls(workdir)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        start = time.monotonic()
+        proc = subprocess.run(
+            ["terraform", *args, "-no-color"],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        self.timings[args[0]] = self.timings.get(args[0], 0.0) + time.monotonic() - start
+        if check and proc.returncode != 0:
+            tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()
+            raise TerraformError(
+                f"terraform {' '.join(args)} failed in {self.workdir} (exit {proc.returncode}):\n{tail}"
+            )
+        return proc
+
+    def init(self) -> None:
+        self.run("init", "-input=false")
+
+    def validate(self) -> None:
+        self.run("validate")
+
+    def apply(self) -> None:
+        self.run("apply", "-auto-approve", "-input=false")
+
+    def destroy(self) -> None:
+        self.run("destroy", "-auto-approve", "-input=false")
+
+    def plan(self, out: str = "tfplan") -> int:
+        """Plan into a file; returns 0 (no changes) or 2 (changes), as -detailed-exitcode does."""
+        proc = self.run("plan", "-input=false", "-detailed-exitcode", f"-out={out}", check=False)
+        if proc.returncode not in (0, 2):
+            raise TerraformError(f"terraform plan failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return proc.returncode
+
+    def show_json(self, plan_file: str = "tfplan") -> dict[str, Any]:
+        return json.loads(self.run("show", "-json", plan_file).stdout)
+
+    def outputs(self) -> dict[str, Any]:
+        raw = json.loads(self.run("output", "-json").stdout)
+        return {key: value["value"] for key, value in raw.items()}
+
+    def state_resources(self) -> list[dict[str, Any]]:
+        proc = self.run("show", "-json")
+        values = json.loads(proc.stdout).get("values") or {}
+        return (values.get("root_module") or {}).get("resources") or []

@@ -1,0 +1,144 @@
+"""environments.toml validation: every bad input gets one clear message naming env, field, value, allowed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from infra.config import DEFAULT_ENVIRONMENTS_FILE, ConfigError, load_environments
+
+GOOD = """
+[environments.dev]
+size = "devtest"
+region = "us-east-1"
+azs = ["us-east-1a", "us-east-1b"]
+vpc_cidr = "10.20.0.0/16"
+kubernetes_version = "1.33"
+state = { kind = "local" }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "environments.toml"
+    path.write_text(text)
+    return path
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_environments(write(tmp_path, text))
+    return str(info.value)
+
+
+def test_shipped_environments_load() -> None:
+    envs = load_environments(DEFAULT_ENVIRONMENTS_FILE)
+    assert set(envs) == {"local", "dev", "staging", "prod"}
+    assert {e.name: e.size.value for e in envs.values()} == {
+        "local": "devtest",
+        "dev": "devtest",
+        "staging": "medium",
+        "prod": "large",
+    }
+    assert envs["local"].emulated and not envs["prod"].emulated
+
+
+def test_minimal_environment_gets_defaults(tmp_path: Path) -> None:
+    env = load_environments(write(tmp_path, GOOD))["dev"]
+    assert env.gpu_instance_type == "g6e.4xlarge"
+    assert env.gpu_node_counts == (0, 0, 1)
+    public, private = env.subnets()
+    assert len(public) == len(private) == 2
+
+
+@pytest.mark.parametrize(
+    ("replace", "expected"),
+    [
+        (
+            ('size = "devtest"', 'size = "huge"'),
+            r"environment 'dev': field 'size' = 'huge': allowed: devtest, medium, large",
+        ),
+        (
+            ('vpc_cidr = "10.20.0.0/16"', 'vpc_cidr = "10.20.0.0/33"'),
+            r"field 'vpc_cidr' = '10.20.0.0/33': not a valid IPv4 CIDR",
+        ),
+        (
+            ('vpc_cidr = "10.20.0.0/16"', 'vpc_cidr = "8.8.0.0/16"'),
+            r"field 'vpc_cidr' = '8.8.0.0/16': the VPC range must be private",
+        ),
+        (('region = "us-east-1"', 'region = "moon-1"'), r"field 'region' = 'moon-1': expected an AWS region"),
+        (
+            ('kubernetes_version = "1.33"', 'kubernetes_version = "1.20"'),
+            r"field 'kubernetes_version' = '1.20': allowed: 1.31, 1.32, 1.33, 1.34",
+        ),
+        (
+            ('azs = ["us-east-1a", "us-east-1b"]', 'azs = ["us-east-1a", "eu-west-1b"]'),
+            r"'eu-west-1b' is not an availability zone of region 'us-east-1'",
+        ),
+        (
+            ('state = { kind = "local" }', 'state = { kind = "s3" }'),
+            r"field 'state': backend kind 's3' needs 'bucket' and 'key'",
+        ),
+        (
+            ('state = { kind = "local" }', 'state = { kind = "local" }\nflavour = "x"'),
+            r"field 'flavour' = 'x': unknown key",
+        ),
+    ],
+)
+def test_bad_field_is_named(tmp_path: Path, replace: tuple[str, str], expected: str) -> None:
+    message = error_for(tmp_path, GOOD.replace(*replace))
+    assert re.search(expected, message), message
+
+
+def test_instance_type_that_fails_the_size_lists_the_reasons_and_alternatives(tmp_path: Path) -> None:
+    message = error_for(tmp_path, GOOD + 'overrides = { instance_type = "g5.xlarge" }\n')
+    assert "environment 'dev'" in message
+    assert "instance type 'g5.xlarge' fails size devtest" in message
+    assert "A10G has 24 GB per GPU, size devtest needs ≥ 40 GB" in message
+    assert "allowed for devtest: g6e.4xlarge" in message
+
+
+def test_overlapping_subnets_are_rejected(tmp_path: Path) -> None:
+    text = (
+        GOOD
+        + 'public_subnets = ["10.20.0.0/24", "10.20.1.0/24"]\nprivate_subnets = ["10.20.0.0/20", "10.20.16.0/20"]\n'
+    )
+    message = error_for(tmp_path, text)
+    assert "environment 'dev': subnets 10.20.0.0/24 and 10.20.0.0/20 overlap" in message
+
+
+def test_subnet_outside_vpc_is_rejected(tmp_path: Path) -> None:
+    message = error_for(tmp_path, GOOD + 'private_subnets = ["10.99.0.0/20", "10.20.16.0/20"]\n')
+    assert "private_subnets: 10.99.0.0/20 is not inside vpc_cidr 10.20.0.0/16" in message
+
+
+def test_open_api_and_remote_emulator_are_refused(tmp_path: Path) -> None:
+    message = error_for(
+        tmp_path,
+        GOOD + 'api_access_cidrs = ["0.0.0.0/0"]\npublic_api_endpoint = true\naws_endpoint = "http://10.0.0.5:4566"\n',
+    )
+    assert "0.0.0.0/0 would open the cluster API to the internet" in message
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD + GOOD.replace("[environments.dev]", "[environments.prod]").replace('size = "devtest"', 'size = "xl"')
+    text = text.replace('region = "us-east-1"', 'region = "nowhere"', 1)
+    message = error_for(tmp_path, text)
+    assert "2 problem(s)" in message
+    assert "environment 'dev'" in message and "environment 'prod'" in message
+
+
+def test_bad_capacity_reservation_and_node_counts(tmp_path: Path) -> None:
+    message = error_for(
+        tmp_path,
+        GOOD + 'overrides = { capacity_reservation_id = "res-1", gpu_nodes = { min = 3, max = 1 } }\n',
+    )
+    assert "field 'overrides.capacity_reservation_id' = 'res-1': expected an EC2 capacity reservation id" in message
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    assert "not valid TOML" in error_for(tmp_path, "[environments.dev\n")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_environments(tmp_path / "nope.toml")
+    assert "no [environments.<name>] tables found" in error_for(tmp_path, "")
