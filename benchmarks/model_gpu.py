@@ -3,7 +3,8 @@
 One run, one card: builds transformers' model directly on the GPU (random init), copies its weights into
 ours (so both compute the same function - checked), then measures
   * decode tok/s at batch 1, 8, 32, 64 (prompt 128, 64 new tokens; greedy; host reads every token as a
-    real engine does) - ours eager, ours with CUDA graphs, transformers default and static cache;
+    real engine does) - ours without and with CUDA graphs (both through the torch.compile'd layer regions
+    unless ``--no-compile``), transformers default and static cache;
   * prefill 1×512 and 8×512;
   * copy bandwidth, and each decode figure as a fraction of the HBM roofline (DESIGN.md §5).
 The table is printed last. ``--smoke`` runs a 4-layer model with correctness checks only.
@@ -203,9 +204,7 @@ class OursBench:
             pos = ctx.clone()
             blk = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)
             ctx = ctx + 1
-            meta = AttentionMetadata(
-                context_lens=ctx, block_tables=tables, slot_mapping=blk * BLOCK + pos % BLOCK
-            )
+            meta = AttentionMetadata(context_lens=ctx, block_tables=tables, slot_mapping=blk * BLOCK + pos % BLOCK)
             step = self.graphs if graphs else (lambda i, p, m: self.model(i, p, m, self.cache))
             logits = step(tokens, pos, meta)
             tokens = logits.argmax(-1)
@@ -223,7 +222,7 @@ class OursBench:
     def prefill_s(self, B: int, P: int) -> float:
         prompts = torch.randint(0, self.model.config.vocab_size, (B, P), device=DEV)
         self.prefill(prompts)
-        return min(sync_time(lambda: self.prefill(prompts)) for _ in range(3))
+        return min(sync_time(lambda: self.prefill(prompts)) for _ in range(5))
 
 
 # ---- transformers ----------------------------------------------------------------------------------
@@ -255,9 +254,7 @@ def hf_decode_tok_s(hf, B: int, static: bool) -> float:
         hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **kw)  # warm-up (and compile, if any)
         log(f"  transformers warm-up B={B} static={static}: {time.perf_counter() - t:.1f} s")
         clock = _StepClock()
-        hf.generate(
-            prompts, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kw
-        )
+        hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kw)
     steps = len(clock.stamps) - 1
     return B * steps / (clock.stamps[-1] - clock.stamps[0])
 
@@ -266,7 +263,7 @@ def hf_prefill_s(hf, B: int, P: int) -> float:
     prompts = torch.randint(0, hf.config.vocab_size, (B, P), device=DEV)
     with torch.inference_mode():
         hf(prompts, logits_to_keep=1)
-        return min(sync_time(lambda: hf(prompts, logits_to_keep=1)) for _ in range(3))
+        return min(sync_time(lambda: hf(prompts, logits_to_keep=1)) for _ in range(5))
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -277,7 +274,8 @@ def rel(a, b) -> float:
 
 
 def check(ours: DeepseekForCausalLM, hf, bench: OursBench) -> dict:
-    """Same weights ⇒ same logits (bf16 tolerance), eager decode == graph decode, grouped == loop."""
+    """Same weights ⇒ same logits (bf16 tolerance), eager decode == graph decode, grouped == loop,
+    compiled == uncompiled."""
     res = {}
     g = torch.Generator(device=DEV).manual_seed(0)
     L = PROMPT
@@ -298,10 +296,16 @@ def check(ours: DeepseekForCausalLM, hf, bench: OursBench) -> dict:
         if bench.graphs is not None:
             graphed = bench.graphs(tok, torch.full((2,), L, device=DEV), _meta(tables, L))
             res["graph_vs_eager_rel_err"] = rel(graphed, eager)
+        compiled = ours.compile_enabled
+        ours.set_compile(False)
+        plain = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
+        if compiled:
+            res["compiled_vs_uncompiled_rel_err"] = rel(eager, plain)
         ours.set_moe_impl("loop")
         looped = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
         ours.set_moe_impl("auto")
-        res["grouped_vs_loop_rel_err"] = rel(eager, looped)
+        ours.set_compile(compiled)
+        res["grouped_vs_loop_rel_err"] = rel(plain, looped)
         res["greedy_next_token_equal"] = bool((eager.argmax(-1) == ref2.argmax(-1)).all())
     return res
 
@@ -313,6 +317,42 @@ def _meta(tables: torch.Tensor, pos: int) -> AttentionMetadata:
     return AttentionMetadata(context_lens=p + 1, block_tables=tables, slot_mapping=slot)
 
 
+def profile_graph(bench: OursBench, B: int) -> dict:
+    """GPU time of one captured decode step (graph replay alone, CUDA events) and its kernels (profiler)."""
+    graph, _ = bench.graphs.graphs[B]
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(30):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    res = {"replay_ms_median": sorted(times)[len(times) // 2]}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+        kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        res["kernels_per_step"] = len(kern) / 3
+        res["kernel_us_per_step"] = sum(e.device_time for e in kern) / 3
+        agg: dict[str, list[float]] = {}
+        for e in kern:
+            a = agg.setdefault(e.name[:60], [0, 0.0])
+            a[0] += 1
+            a[1] += e.device_time / 3
+        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:10]
+        res["top"] = [(n, c // 3, round(t, 1)) for n, (c, t) in top]
+    except Exception as exc:  # the profiler is a nice-to-have
+        res["profiler_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="4 layers, correctness only")
@@ -320,6 +360,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining transformers runs after this")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU: exercises the script")
+    ap.add_argument("--no-compile", action="store_true", help="eager layers (no torch.compile'd regions)")
     args = ap.parse_args()
     global DEV, PROMPT, NEW
     if args.cpu_dry_run:
@@ -356,13 +397,13 @@ def main() -> int:
     ours = build_model(config, torch.bfloat16, DEV)
     copy_from_hf(ours, hf)
     log(f"ours filled from it in {time.perf_counter() - t:.1f} s; moe layers {len(ours.moe_layers())}")
-    assert all(
-        isinstance(layer.mlp, MoE) == config.is_moe_layer(i) for i, layer in enumerate(ours.model.layers)
-    )
+    assert all(isinstance(layer.mlp, MoE) == config.is_moe_layer(i) for i, layer in enumerate(ours.model.layers))
     n_params = sum(p.numel() for p in ours.state_dict().values())
     mem = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     log(f"params {n_params / 1e9:.2f} B, GPU mem {mem:.1f} GiB")
 
+    if not args.no_compile:
+        ours.set_compile(True)
     bench = OursBench(ours, max(batches), max_len=max(512, PROMPT + NEW + 8), decode_len=PROMPT + NEW + 8)
     try:
         if DEV != "cuda":
@@ -370,12 +411,17 @@ def main() -> int:
         t = time.perf_counter()
         with torch.inference_mode():
             bench.capture(batches)
-        log(f"CUDA graphs captured for {batches} in {time.perf_counter() - t:.1f} s")
+        log(f"CUDA graphs captured for {batches} in {time.perf_counter() - t:.1f} s (compile included)")
     except Exception:
         traceback.print_exc()
         log("CUDA graph capture FAILED; graph rows will be missing")
         bench.graphs = None
     checks = check(ours, hf, bench)
+    from runtime import model as model_mod
+
+    checks["compiled"] = ours.compile_enabled
+    if model_mod._compile_failed:
+        checks["compile_failed"] = model_mod._compile_failed[0][:300]
     log("checks:", json.dumps(checks))
 
     bw = copy_bandwidth()
@@ -390,9 +436,27 @@ def main() -> int:
                 r["ours_graph"] = bench.decode_tok_s(B, graphs=True)
             log("decode", r)
             rows.append(r)
+        prof = {}
+        if bench.graphs is not None:
+            prof = profile_graph(bench, 1)
+            log("batch-1 graph profile:", json.dumps(prof))
         prefills = []
         for B, P in ((1, 512), (8, 512)):
             prefills.append({"shape": f"{B}x{P}", "tokens": B * P, "ours_s": bench.prefill_s(B, P)})
+        if ours.compile_enabled:  # the same without the compiled regions (what set_compile buys)
+            ours.set_compile(False)
+            for p in prefills:
+                B, P = map(int, p["shape"].split("x"))
+                p["ours_uncompiled_s"] = bench.prefill_s(B, P)
+            if bench.graphs is not None:
+                compiled_graphs = bench.graphs
+                try:
+                    bench.capture([1])
+                    rows[0]["ours_graph_uncompiled"] = bench.decode_tok_s(1, graphs=True)
+                    log("decode batch 1, CUDA graph without compile:", rows[0]["ours_graph_uncompiled"])
+                finally:
+                    bench.graphs = compiled_graphs
+            ours.set_compile(True)
     ours_mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     del bench, ours
     gc.collect()
@@ -425,10 +489,12 @@ def main() -> int:
         f"{bw / 1e12:.2f} TB/s, peak GPU memory with ours {ours_mem:.1f} GiB"
     )
     log(f"checks: {json.dumps(checks)}")
+    if prof:
+        log(f"batch-1 graph: {json.dumps(prof)}")
     log("")
     log(f"Decode (prompt {PROMPT}, {NEW} new tokens, greedy), tokens/s and fraction of HBM roofline:")
     log(
-        "| batch | roofline tok/s | ours (CUDA graph) | ours (eager) | transformers default | "
+        "| batch | roofline tok/s | ours (CUDA graph) | ours (no graph) | transformers default | "
         "transformers static cache | ours best / best transformers |"
     )
     log("|---:|---:|---:|---:|---:|---:|---:|")
@@ -442,7 +508,7 @@ def main() -> int:
 
         best_ours = max(r.get("ours_graph", 0), r["ours_eager"])
         hf_vals = [v for v in (r.get("hf_default"), r.get("hf_static")) if v and not math.isnan(v)]
-        ratio = f"{best_ours / max(hf_vals):.1f}×" if hf_vals else "n/a"
+        ratio = f"{best_ours / max(hf_vals):.2f}×" if hf_vals else "n/a"
         log(
             f"| {r['batch']} | {r['roofline_tok_s']:,.0f} | {cell('ours_graph')} | {cell('ours_eager')} | "
             f"{cell('hf_default')} | {cell('hf_static')} | {ratio} |"
@@ -454,11 +520,16 @@ def main() -> int:
     for p in prefills:
         log(
             f"| {p['shape']} | {1e3 * p['ours_s']:.1f} | {p['tokens'] / p['ours_s']:,.0f} | "
-            f"{1e3 * p['hf_s']:.1f} | {p['tokens'] / p['hf_s']:,.0f} | {p['hf_s'] / p['ours_s']:.1f}× |"
+            f"{1e3 * p['hf_s']:.1f} | {p['tokens'] / p['hf_s']:,.0f} | {p['hf_s'] / p['ours_s']:.2f}× |"
         )
+    for p in prefills:
+        if "ours_uncompiled_s" in p:
+            log(f"{p['shape']} prefill without the compiled regions: {1e3 * p['ours_uncompiled_s']:.1f} ms")
+    if "ours_graph_uncompiled" in rows[0]:
+        log(f"batch-1 decode, CUDA graph without the compiled regions: {rows[0]['ours_graph_uncompiled']:.1f} tok/s")
     if args.json:
         args.json.write_text(
-            json.dumps({"card": card, "checks": checks, "decode": rows, "prefill": prefills})
+            json.dumps({"card": card, "checks": checks, "decode": rows, "prefill": prefills, "profile": prof})
         )
     return 0
 

@@ -100,6 +100,10 @@ class RotaryEmbedding(nn.Module):
             xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
             return torch.view_as_real(xc * cis.view(shape)).flatten(-2).to(x.dtype)
         c, s = cos.view(shape), sin.view(shape)
+        if self.interleave:  # no cis: the compiled path, where the complex multiply is spelled out
+            xp = x.float().unflatten(-1, (-1, 2))
+            a, b = xp[..., 0], xp[..., 1]
+            return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
         xf = x.float()
         x1, x2 = xf[..., : self.dim // 2], xf[..., self.dim // 2 :]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
@@ -149,26 +153,37 @@ class MLAttention(nn.Module):
         cache: torch.Tensor | None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        q_nope, q_pe, kv_new = self.project(x, rotary, rope)
+        return self.o_proj(self.attend(q_nope, q_pe, kv_new, meta, cache, bias))
+
+    def project(self, x: torch.Tensor, rotary: RotaryEmbedding, rope: tuple):
+        """x [T, H] (normed) → q_nope [T, nh, dn], q_pe [T, nh, dr] (roped), kv_new [T, r + dr]."""
         T = x.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.n_heads, self.q_head_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         q_pe = rotary.apply(q_pe, rope)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_new = torch.cat([self.kv_a_layernorm(latent), rotary.apply(k_pe, rope)], dim=-1)  # [T, D]
+        return q_nope, q_pe, kv_new
+
+    def attend(self, q_nope, q_pe, kv_new, meta: AttentionMetadata, cache, bias, compiled: bool = False):
+        """Cache write + attention core → [T, nh·dv] (the input of ``o_proj``)."""
+        T = q_nope.shape[0]
         if cache is not None:
             cache.view(-1, cache.shape[-1]).index_copy_(0, meta.slot_mapping, kv_new)
         if meta.is_decode:
             if self.absorb:
-                out = self._decode_absorbed(q_nope, q_pe, bias, meta, cache)
+                kv = self._gather(cache, meta.block_tables)  # [B, S, r + dr]
+                if compiled:
+                    out = _compiled("decode", _decode_absorbed)(self, q_nope, q_pe, kv, bias)
+                else:
+                    out = _decode_absorbed(self, q_nope, q_pe, kv, bias)
             else:
                 out = self._decode_expanded(q_nope, q_pe, bias, meta, cache)
         else:
             out = self._prefill(q_nope, q_pe, kv_new, meta, cache)
-        return self.o_proj(out.reshape(T, self.n_heads * self.v_dim))
+        return out.reshape(T, self.n_heads * self.v_dim)
 
     # -- helpers --------------------------------------------------------------------------------
     def _expand(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,18 +239,6 @@ class MLAttention(nn.Module):
         o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=self.scale)
         return o.transpose(1, 2).reshape(B * L, self.n_heads, self.v_dim).index_select(0, idx)
 
-    def _decode_absorbed(self, q_nope, q_pe, bias, meta: AttentionMetadata, cache) -> torch.Tensor:
-        kv = self._gather(cache, meta.block_tables)  # [B, S, r + dr]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [nh, dn, r], [nh, dv, r]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, nh, r]
-        q_cat = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, r + dr]
-        # scores in the model dtype, softmax in fp32 (as transformers' eager attention)
-        scores = torch.baddbmm(bias, q_cat, kv.transpose(1, 2), alpha=self.scale)  # [B, nh, S]
-        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
-        o_lat = torch.bmm(p, kv[..., : self.kv_lora_rank])  # [B, nh, r]
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
-
     def _decode_expanded(self, q_nope, q_pe, bias, meta: AttentionMetadata, cache) -> torch.Tensor:
         kv = self._gather(cache, meta.block_tables)
         k, v = self._expand(kv)  # [B, S, nh, *]
@@ -244,6 +247,66 @@ class MLAttention(nn.Module):
             q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias[:, None], scale=self.scale
         )
         return o.squeeze(2)
+
+
+def _decode_absorbed(attn: MLAttention, q_nope, q_pe, kv, bias) -> torch.Tensor:
+    """Absorbed MLA decode over the gathered latent cache ``kv`` [B, S, r + dr] → [B, nh, dv]."""
+    r = attn.kv_lora_rank
+    w = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, r)
+    w_uk, w_uv = w[:, : attn.nope], w[:, attn.nope :]  # [nh, dn, r], [nh, dv, r]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, nh, r]
+    q_cat = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, r + dr]
+    # scores in the model dtype, softmax in fp32 (as transformers' eager attention)
+    scores = torch.baddbmm(bias, q_cat, kv.transpose(1, 2), alpha=attn.scale)  # [B, nh, S]
+    p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+    o_lat = torch.bmm(p, kv[..., :r])  # [B, nh, r]
+    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
+
+
+def _layer_in(layer: DecoderLayer, x, rotary: RotaryEmbedding, rope: tuple):
+    """input norm + q / kv projections + rope: everything of a layer before the cache write."""
+    return layer.self_attn.project(layer.input_layernorm(x), rotary, rope)
+
+
+def _layer_in_real(layer: DecoderLayer, x, rotary: RotaryEmbedding, cos, sin):
+    return _layer_in(layer, x, rotary, (cos, sin, None))  # compiled: rope without complex tensors
+
+
+def _layer_out(layer: DecoderLayer, x, attn_out, grouped: bool):
+    """o_proj + residual + post-attention norm + MLP / MoE + residual."""
+    x = x + layer.self_attn.o_proj(attn_out)
+    h = layer.post_attention_layernorm(x)
+    return x + (layer.mlp(h, grouped) if isinstance(layer.mlp, MoE) else layer.mlp(h))
+
+
+# torch.compile'd regions (see DeepseekForCausalLM.set_compile). Each function takes its module as an
+# argument, so one compiled graph serves every layer (parameters are graph inputs); dynamic=True gives
+# one graph for all token counts > 1 (prefill and every decode batch) plus one specialised to 1 token.
+_COMPILED: dict[str, object] = {}
+_COMPILE_FNS = {"in": _layer_in_real, "out": _layer_out, "decode": _decode_absorbed}
+_compile_failed: list[str] = []
+
+
+def _compiled(name: str, fn):
+    if _compile_failed:
+        return fn
+    c = _COMPILED.get(name)
+    if c is None:
+        c = _COMPILED[name] = torch.compile(_COMPILE_FNS[name], dynamic=True)
+
+    def call(*args):
+        if _compile_failed:
+            return fn(*args)
+        try:
+            return c(*args)
+        except Exception as exc:  # never lose a step to the compiler: fall back to eager for good
+            import warnings
+
+            _compile_failed.append(f"{type(exc).__name__}: {exc}"[:500])
+            warnings.warn(f"torch.compile failed ({_compile_failed[0]}); running eager", stacklevel=2)
+            return fn(*args)
+
+    return call
 
 
 def decode_bias(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -265,10 +328,19 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.compiled = False  # DeepseekForCausalLM.set_compile
 
     def forward(self, x, rotary, rope, meta, cache, bias=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, rope, meta, cache, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # Two compiled regions around the cache write and the attention core (which need the metadata's
+        # host-side lists for prefill); the absorbed decode core is a third. Eager otherwise.
+        attn, c = self.self_attn, self.compiled
+        grouped = self.mlp.use_grouped(x, compiled=c) if isinstance(self.mlp, MoE) else False
+        if c:
+            q_nope, q_pe, kv_new = _compiled("in", _layer_in_real)(self, x, rotary, rope[0], rope[1])
+        else:
+            q_nope, q_pe, kv_new = _layer_in(self, x, rotary, rope)
+        o = attn.attend(q_nope, q_pe, kv_new, meta, cache, bias, compiled=c)
+        return (_compiled("out", _layer_out) if c else _layer_out)(self, x, o, grouped)
 
 
 class DeepseekModel(nn.Module):
@@ -311,10 +383,29 @@ class DeepseekForCausalLM(nn.Module):
             m.reset_buffers()
 
     def set_moe_impl(self, impl: str) -> None:
-        if impl not in ("auto", "grouped", "loop"):
-            raise ValueError(f"moe impl {impl!r}; allowed: auto, grouped, loop")
+        if impl not in ("auto", "grouped", "loop", "gather"):
+            raise ValueError(f"moe impl {impl!r}; allowed: auto, grouped, loop, gather")
         for _, m in self.moe_layers():
             m.impl = impl
+
+    def set_compile(self, enabled: bool = True) -> None:
+        """Run each layer through torch.compile'd regions (inductor, default mode): norms, rope,
+        routing and the MoE epilogue fuse into a few kernels. Meant for CUDA, under CUDAGraphDecoder
+        (compile first, then capture: the warm-up calls compile) and for prefill; the first call per
+        shape class (1 token / more) compiles, about a minute in all. Falls back to eager if the
+        compiler fails. On CPU it needs a C++ compiler (used by the tests)."""
+        if enabled:
+            import torch._dynamo
+
+            for _, m in self.moe_layers():  # stacked expert buffers: static shapes (params already are)
+                torch._dynamo.mark_static(m.w13)
+                torch._dynamo.mark_static(m.w2)
+        for layer in self.model.layers:
+            layer.compiled = enabled
+
+    @property
+    def compile_enabled(self) -> bool:
+        return bool(self.model.layers) and self.model.layers[0].compiled and not _compile_failed
 
     def set_absorb(self, absorb: bool) -> None:
         for layer in self.model.layers:

@@ -70,10 +70,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight.float())
-        if self.scoring_func == "softmax":
-            scores = logits.softmax(dim=-1, dtype=torch.float32)
-        else:
-            scores = logits.sigmoid()
+        scores = logits.softmax(dim=-1, dtype=torch.float32) if self.scoring_func == "softmax" else logits.sigmoid()
         T, G = scores.shape[0], self.n_group
         if self.topk_method == "greedy":
             weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
@@ -141,7 +138,8 @@ class MoE(nn.Module):
         self.shared_experts = MLP(H, inter * config.n_shared_experts) if config.n_shared_experts > 0 else None
         self.register_buffer("expert_load_cum", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.register_buffer("expert_range", torch.arange(E), persistent=False)
-        # "auto": grouped GEMM where supported, else a loop over active experts; tests force either.
+        # "auto": grouped GEMM where supported, else a loop over active experts (eager) or the gather
+        # path (compiled); "grouped", "loop", "gather" force one (tests).
         self.impl = "auto"
 
     def _tie_expert_views(self) -> None:
@@ -169,30 +167,48 @@ class MoE(nn.Module):
         self.expert_load_cum.zero_()
         self.expert_range.copy_(torch.arange(self.n_experts, device=self.expert_range.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+        """``grouped``: the dispatch chosen by :meth:`use_grouped` (decided outside compiled code)."""
+        if grouped is None:
+            grouped = self.use_grouped(x)
         ids, weights = self.gate(x)
-        y = self.routed(x, ids, weights)
+        y = self.routed(x, ids, weights, grouped)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
 
-    def _use_grouped(self, x: torch.Tensor) -> bool:
+    def use_grouped(self, x: torch.Tensor, compiled: bool = False) -> bool | str:
+        """True: grouped GEMM; False: loop over active experts (host sync, eager only); "gather": each
+        (token, expert) pair against its gathered expert weights (static shapes, for compiled code
+        where the grouped GEMM is unsupported; reads k·T expert copies, so only for small T)."""
         if self.impl == "grouped":
             return True
-        if self.impl == "loop":
+        if self.impl == "loop" and not compiled:
             return False
-        return grouped_mm_supported(x.device, x.dtype)
+        if self.impl == "gather":
+            return "gather"
+        if grouped_mm_supported(x.device, x.dtype):
+            return True
+        return "gather" if compiled else False
 
-    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def routed(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grouped: bool | str | None = None
+    ) -> torch.Tensor:
         """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
         scale by the routing weight and scatter-add back. No host sync on the grouped path."""
+        if grouped is None:
+            grouped = self.use_grouped(x)
         sorted_ids, order = ids.reshape(-1).sort(stable=True)
         token_idx = order // self.top_k
         # end offset of each expert's slice; summing offsets over steps sums the counts (see expert_counts)
         offs = torch.searchsorted(sorted_ids, self.expert_range, right=True, out_int32=True)
         self.expert_load_cum += offs
         xs = x.index_select(0, token_idx)
-        if self._use_grouped(x):
+        if grouped == "gather":
+            h = torch.bmm(self.w13.index_select(0, sorted_ids), xs[:, :, None]).squeeze(-1)
+            g, u = h.split(self.inter, dim=-1)
+            out = torch.bmm(self.w2.index_select(0, sorted_ids), (F.silu(g) * u)[:, :, None]).squeeze(-1)
+        elif grouped:
             h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
             g, u = h.split(self.inter, dim=-1)
             out = torch._grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
