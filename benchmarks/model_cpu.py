@@ -70,9 +70,7 @@ def main() -> int:
             plist = prompts.tolist()
             gen.generate(plist, SamplingParams(max_new_tokens=2, ignore_eos=True))
             t_total = best(lambda g=gen, p=plist, sp=params: g.generate(p, sp))
-            t_pre = best(
-                lambda g=gen, p=plist: g.generate(p, SamplingParams(max_new_tokens=1, ignore_eos=True))
-            )
+            t_pre = best(lambda g=gen, p=plist: g.generate(p, SamplingParams(max_new_tokens=1, ignore_eos=True)))
             ours_dec = B * NEW / (t_total - t_pre)
             kw = dict(do_sample=False, eos_token_id=None, pad_token_id=2, max_new_tokens=NEW + 1)
             kw["min_new_tokens"] = NEW + 1
@@ -95,9 +93,7 @@ def main() -> int:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}"
     )
-    print(
-        f"tiny v2 checkpoint (fp32, hidden 64, 4 layers, 8 experts top-2); prompt {PROMPT}, {NEW} new tokens"
-    )
+    print(f"tiny v2 checkpoint (fp32, hidden 64, 4 layers, 8 experts top-2); prompt {PROMPT}, {NEW} new tokens")
     print()
     print(
         "| batch | prefill ours tok/s | prefill transformers tok/s | ratio | decode ours tok/s | "

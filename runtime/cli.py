@@ -4,6 +4,7 @@ service adds ``serve`` the same way. Heavy imports happen inside the handlers, s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +27,138 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v else None
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from runtime import contract as c
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI API, risk score, metrics)")
+    p.add_argument(
+        "--model",
+        default=os.environ.get(c.ENV_MODEL_PATH),
+        help=f"checkpoint folder (default: ${c.ENV_MODEL_PATH})",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=os.environ.get(c.ENV_MODEL_NAME),
+        help="id in /v1/models (default: the folder name)",
+    )
+    p.add_argument("--host", default=os.environ.get(c.ENV_HOST, c.DEFAULT_HOST))
+    p.add_argument("--port", type=int, default=_env_int(c.ENV_PORT) or c.DEFAULT_PORT)
+    p.add_argument("--device", default=os.environ.get(c.ENV_DEVICE, "auto"), help="auto, cpu, cuda, cuda:N")
+    p.add_argument(
+        "--dtype",
+        default=os.environ.get(c.ENV_DTYPE, "auto"),
+        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=_env_int(c.ENV_KV_BLOCKS),
+        help="KV pool size in blocks (default: --kv-memory-fraction of free GPU memory; on CPU room for a full batch)",
+    )
+    p.add_argument("--kv-memory-fraction", type=float, default=0.5)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="largest running batch")
+    p.add_argument(
+        "--max-queue", type=int, default=_env_int(c.ENV_MAX_QUEUE) or 256, help="waiting requests before 429"
+    )
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run decode eagerly")
+    p.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled layer regions")
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    p.add_argument(
+        "--accuracy-baseline",
+        type=float,
+        default=float(os.environ[c.ENV_ACCURACY_BASELINE]) if os.environ.get(c.ENV_ACCURACY_BASELINE) else None,
+        help="reference accuracy for the drift alert",
+    )
+    p.add_argument("--accuracy-window", type=int, default=500, help="labels in the rolling accuracy")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1)
+    p.add_argument("--shm-min-bytes", type=int, default=_env_int(c.ENV_SHM_MIN_BYTES) or c.DEFAULT_SHM_MIN_BYTES)
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from runtime.server.lifecycle import ShmError, check_shm
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.model:
+        print("error: --model PATH (or MODEL_PATH) is required", file=sys.stderr)
+        return 2
+    if not (Path(args.model) / "config.json").is_file():
+        print(
+            f"error: --model {args.model}: no config.json there (not a Hugging Face checkpoint folder)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.world_size > 1:
+        try:
+            check_shm(min_bytes=args.shm_min_bytes)
+        except ShmError as exc:
+            print(f"error: world size {args.world_size}: {exc}", file=sys.stderr)
+            return 2
+    import torch
+
+    from runtime.server.lifecycle import serve
+    from runtime.server.state import Settings
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        settings = Settings(
+            model_path=args.model,
+            served_model_name=args.served_model_name,
+            device=device,
+            dtype=dtype,
+            kv_blocks=args.kv_blocks,
+            kv_memory_fraction=args.kv_memory_fraction,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_queue=args.max_queue,
+            max_prefill_tokens=args.max_prefill_tokens,
+            max_model_len=args.max_model_len,
+            cuda_graphs=not args.no_cuda_graphs,
+            compile=not args.no_compile,
+            grace_period_s=args.grace_period,
+            accuracy_baseline=args.accuracy_baseline,
+            accuracy_window=args.accuracy_window,
+            warmup=not args.no_warmup,
+        )
+        from runtime.engine import EngineConfig
+
+        EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_queue=args.max_queue,
+            max_prefill_tokens=args.max_prefill_tokens,
+            block_size=args.block_size,
+            kv_blocks=args.kv_blocks,
+            kv_memory_fraction=args.kv_memory_fraction,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, args.host, args.port, args.log_level)
+
+
 # name → function adding the subparser; append to extend the CLI.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

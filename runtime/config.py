@@ -247,9 +247,7 @@ class ModelConfig:
             if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
                 raise ConfigError("topk_group", topk_group, f"an integer in [1, n_group={n_group}]")
             if topk_group * (E // n_group) < k:
-                raise ConfigError(
-                    "topk_group", topk_group, f"enough groups to hold num_experts_per_tok={k} experts"
-                )
+                raise ConfigError("topk_group", topk_group, f"enough groups to hold num_experts_per_tok={k} experts")
             if d["topk_method"] == "noaux_tc" and E // n_group < 2:
                 raise ConfigError("n_group", n_group, "groups of at least 2 experts for noaux_tc")
 

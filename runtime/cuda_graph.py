@@ -56,9 +56,7 @@ class CUDAGraphDecoder:
         model.reset_expert_load()  # drop warm-up counts
 
     def _meta(self, B: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            context_lens=self.ctx[:B], block_tables=self.tables[:B], slot_mapping=self.slots[:B]
-        )
+        return AttentionMetadata(context_lens=self.ctx[:B], block_tables=self.tables[:B], slot_mapping=self.slots[:B])
 
     def bucket(self, b: int) -> int:
         for size in self.batch_sizes:
@@ -66,9 +64,7 @@ class CUDAGraphDecoder:
                 return size
         raise ValueError(f"batch {b} > largest captured batch {self.batch_sizes[-1]}")
 
-    def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Same contract as ``model(input_ids, positions, meta, kv_cache)`` for a decode step."""
         b = input_ids.shape[0]
         n = self.bucket(b)

@@ -94,9 +94,7 @@ class Generator:
             logits = self.model(ids, pos, meta, self.cache, logits_indices=last)
             next_tokens = sample(logits, plist, gens).tolist()
             active = list(range(len(results)))
-            max_blocks = -(
-                -max(n + p.max_new_tokens for n, p in zip(lens, plist, strict=True)) // self.block_size
-            )
+            max_blocks = -(-max(n + p.max_new_tokens for n, p in zip(lens, plist, strict=True)) // self.block_size)
             while True:
                 still = []
                 for j, i in enumerate(active):

@@ -45,9 +45,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.kv_lora_rank = config.kv_lora_rank
         self.dim = config.kv_cache_dim
-        self.tensor = torch.zeros(
-            (self.num_layers, num_blocks, block_size, self.dim), dtype=dtype, device=device
-        )
+        self.tensor = torch.zeros((self.num_layers, num_blocks, block_size, self.dim), dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -129,9 +129,7 @@ def _ignored(name: str, config: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= config.num_hidden_layers
 
 
-def check_names(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], config: ModelConfig
-) -> None:
+def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], config: ModelConfig) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(n for n in set(found) - set(expected) if not _ignored(n, config))
     misshaped = sorted(

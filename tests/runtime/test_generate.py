@@ -26,9 +26,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(gen: Generator) -
     a = gen.generate(PROMPTS, p)
     b = gen.generate(PROMPTS[::-1], p)[::-1]
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    other = gen.generate(
-        PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0, seed=99, ignore_eos=True)
-    )
+    other = gen.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0, seed=99, ignore_eos=True))
     greedy = gen.generate(PROMPTS, SamplingParams(max_new_tokens=10, ignore_eos=True))
     assert [r.token_ids for r in other] != [r.token_ids for r in a]
     assert [r.token_ids for r in a] != [r.token_ids for r in greedy]
@@ -36,12 +34,8 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(gen: Generator) -
 
 def test_top_k_1_and_tiny_top_p_are_greedy(gen: Generator) -> None:
     greedy = gen.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
-    k1 = gen.generate(
-        PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
-    )
-    p0 = gen.generate(
-        PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True)
-    )
+    k1 = gen.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
+    p0 = gen.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True))
     assert [r.token_ids for r in k1] == [r.token_ids for r in greedy] == [r.token_ids for r in p0]
 
 
@@ -61,9 +55,7 @@ def test_stop_token_ids_and_max_tokens(gen: Generator) -> None:
     assert free.finish_reason == "length" and len(free.token_ids) == 6
     stop_at = free.token_ids[3]
     first = free.token_ids.index(stop_at)
-    r = gen.generate(
-        PROMPTS[:1], SamplingParams(max_new_tokens=6, stop_token_ids=[stop_at], ignore_eos=True)
-    )[0]
+    r = gen.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, stop_token_ids=[stop_at], ignore_eos=True))[0]
     assert r.finish_reason == "stop" and r.token_ids == free.token_ids[:first]
 
 

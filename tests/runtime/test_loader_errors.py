@@ -162,9 +162,7 @@ def test_bad_rope_scaling(ckpt: Path) -> None:
 def test_no_weights(ckpt: Path) -> None:
     for f in ckpt.glob("model*"):
         f.unlink()
-    with pytest.raises(
-        CheckpointError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"
-    ):
+    with pytest.raises(CheckpointError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):
         load_model(ckpt)
 
 

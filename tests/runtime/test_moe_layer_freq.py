@@ -21,9 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_placement_rule() -> None:
-    cfg = ModelConfig.from_dict(
-        tiny_config("v2", num_hidden_layers=7, first_k_dense_replace=1, moe_layer_freq=2)
-    )
+    cfg = ModelConfig.from_dict(tiny_config("v2", num_hidden_layers=7, first_k_dense_replace=1, moe_layer_freq=2))
     assert [cfg.is_moe_layer(i) for i in range(7)] == [False, False, True, False, True, False, True]
     cfg = ModelConfig.from_dict(tiny_config("v3", num_hidden_layers=5, first_k_dense_replace=3))
     assert [cfg.is_moe_layer(i) for i in range(5)] == [False, False, False, True, True]
@@ -50,9 +48,7 @@ def _hf_with_our_rule(path: Path, config: ModelConfig):
             out[name] = t
     for prefix, experts in packed.items():
         order = sorted(experts)
-        out[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[e]["gate"], experts[e]["up"]]) for e in order]
-        )
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate"], experts[e]["up"]]) for e in order])
         out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down"] for e in order])
     hf.load_state_dict(out, strict=True)
     return hf
@@ -71,7 +67,5 @@ def test_moe_layer_freq_matches_reference(tmp_path: Path) -> None:
     ids = list(range(3, 40))
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
-        out = ours(
-            torch.tensor(ids), torch.arange(len(ids)), prefill_metadata([len(ids)], [len(ids)], None, None)
-        )
+        out = ours(torch.tensor(ids), torch.arange(len(ids)), prefill_metadata([len(ids)], [len(ids)], None, None))
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4

@@ -183,9 +183,7 @@ def test_padded_batched_prefill_equals_per_sequence(models) -> None:
     meta = prefill_metadata(lens, lens, None, None)
     assert meta.padded_index() is not None
     with torch.inference_mode():
-        packed = ours(
-            torch.tensor([t for s in seqs for t in s]), torch.cat([torch.arange(n) for n in lens]), meta
-        )
+        packed = ours(torch.tensor([t for s in seqs for t in s]), torch.cat([torch.arange(n) for n in lens]), meta)
         alone = torch.cat(
             [
                 ours(torch.tensor(s), torch.arange(len(s)), prefill_metadata([len(s)], [len(s)], None, None))
@@ -207,7 +205,5 @@ def test_v3_rope_interleave_false(tmp_path: Path) -> None:
     ids = list(range(7, 40))
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
-        out = ours(
-            torch.tensor(ids), torch.arange(len(ids)), prefill_metadata([len(ids)], [len(ids)], None, None)
-        )
+        out = ours(torch.tensor(ids), torch.arange(len(ids)), prefill_metadata([len(ids)], [len(ids)], None, None))
     assert rel(out, ref) < TOL

@@ -1,0 +1,192 @@
+"""What the runtime service exposes to the outside world: the one source of truth for infra.
+
+Alert rules, dashboards, Kubernetes objects, the ServiceMonitor and the local demo import the names
+below instead of repeating strings, so a renamed metric or path breaks a test, not a pager. This module
+must stay importable without torch, fastapi or prometheus-client (stdlib only): the infrastructure
+tooling imports it and never installs the runtime's heavy dependencies (DESIGN.md §3).
+
+Metric names follow vLLM's (``vllm:e2e_request_latency_seconds`` → ``moe_e2e_request_latency_seconds``)
+where vLLM has one, so existing dashboards and habits carry over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# ---- network ------------------------------------------------------------------------------------
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8000
+PORT_NAME = "http"  # container / service port name the ServiceMonitor selects
+
+# ---- endpoint paths -----------------------------------------------------------------------------
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+RISK_PATH = "/v1/risk/predict"
+RISK_ALIAS_PATH = "/risk_predict"  # the seed's original path
+FEEDBACK_PATH = "/v1/feedback"
+HEALTH_PATH = "/healthz"  # liveness: the process answers
+READY_PATH = "/readyz"  # readiness: model loaded, warmed up, not draining
+METRICS_PATH = "/metrics"
+
+LIVENESS_PROBE_PATH = HEALTH_PATH
+READINESS_PROBE_PATH = READY_PATH
+
+API_PATHS = (
+    COMPLETIONS_PATH,
+    CHAT_COMPLETIONS_PATH,
+    MODELS_PATH,
+    RISK_PATH,
+    RISK_ALIAS_PATH,
+    FEEDBACK_PATH,
+)
+ALL_PATHS = (*API_PATHS, HEALTH_PATH, READY_PATH, METRICS_PATH)
+
+# ---- environment variables ----------------------------------------------------------------------
+
+ENV_MODEL_PATH = "MODEL_PATH"  # as in the seed's image: MODEL_PATH=/opt/deepseek/model_weights
+ENV_MODEL_NAME = "MOE_MODEL_NAME"  # name served in /v1/models (default: the folder name)
+ENV_HOST = "MOE_HOST"
+ENV_PORT = "MOE_PORT"
+ENV_DEVICE = "MOE_DEVICE"
+ENV_DTYPE = "MOE_DTYPE"
+ENV_KV_BLOCKS = "MOE_KV_BLOCKS"
+ENV_MAX_QUEUE = "MOE_MAX_QUEUE"
+ENV_ACCURACY_BASELINE = "MOE_ACCURACY_BASELINE"
+ENV_WORLD_SIZE = "WORLD_SIZE"  # torchrun / LeaderWorkerSet convention
+ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
+
+DEFAULT_MODEL_PATH = "/opt/deepseek/model_weights"
+SHM_PATH = "/dev/shm"
+DEFAULT_SHM_MIN_BYTES = 1 << 30  # NCCL wants far more than Docker's 64 MiB default
+
+# ---- labels -------------------------------------------------------------------------------------
+
+APP_NAME = "moe-runtime"
+POD_LABEL_KEYS = {"name": "app.kubernetes.io/name", "component": "app.kubernetes.io/component"}
+
+LABEL_FINISH_REASON = "finish_reason"  # stop | length | abort
+LABEL_REASON = "reason"  # rejection / error reason
+LABEL_LAYER = "layer"  # MoE layer index
+LABEL_GPU = "gpu"  # NVML device index
+
+REJECT_REASONS = ("queue_full", "shutting_down", "context_length", "invalid_request")
+FINISH_REASONS = ("stop", "length", "abort")
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+MetricType = Literal["counter", "gauge", "histogram"]
+
+#: Latency buckets (seconds) fine enough around the 500 ms P99 threshold to tell 0.4 from 0.6.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """One exposed series family. ``name`` is the full exposed name (counters end in ``_total``)."""
+
+    name: str
+    help: str
+    type: MetricType
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+
+
+def _m(name: str, help: str, type: MetricType, labels: tuple[str, ...] = (), buckets=None) -> MetricDef:
+    return MetricDef(name, help, type, labels, buckets)
+
+
+E2E_LATENCY = _m(
+    "moe_e2e_request_latency_seconds",
+    "End-to-end latency of a generation request, from admission to last token.",
+    "histogram",
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = _m(
+    "moe_time_to_first_token_seconds",
+    "Time from admission to the first generated token.",
+    "histogram",
+    buckets=LATENCY_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = _m(
+    "moe_time_per_output_token_seconds",
+    "Mean time between generated tokens after the first, per request.",
+    "histogram",
+    buckets=TPOT_BUCKETS,
+)
+REQUESTS_RUNNING = _m("moe_num_requests_running", "Sequences in the running batch.", "gauge")
+REQUESTS_WAITING = _m("moe_num_requests_waiting", "Sequences admitted but waiting to start.", "gauge")
+BATCH_SIZE = _m("moe_batch_size", "Sequences in the last decode step.", "gauge")
+PROMPT_TOKENS = _m("moe_prompt_tokens_total", "Prompt tokens prefilled.", "counter")
+GENERATION_TOKENS = _m("moe_generation_tokens_total", "Tokens generated.", "counter")
+KV_CACHE_USAGE = _m("moe_kv_cache_usage_perc", "Fraction of the KV-cache block pool in use (1 = full).", "gauge")
+KV_CACHE_BLOCKS = _m("moe_kv_cache_blocks", "Usable blocks in the KV-cache pool (fixed at start-up).", "gauge")
+PADDING_RATIO = _m(
+    "moe_padding_ratio",
+    "Padded token slots / all token slots over recent forward passes (prefill attention padding and "
+    "CUDA-graph batch-bucket padding).",
+    "gauge",
+)
+REQUESTS_REJECTED = _m(
+    "moe_requests_rejected_total", "Requests refused before admission, by reason.", "counter", (LABEL_REASON,)
+)
+REQUEST_SUCCESS = _m(
+    "moe_request_success_total",
+    "Finished generation sequences by finish reason.",
+    "counter",
+    (LABEL_FINISH_REASON,),
+)
+REQUEST_ERRORS = _m(
+    "moe_request_errors_total",
+    "Requests that failed on the server side (HTTP 5xx), by reason. Error rate = this / "
+    "(this + moe_request_success_total).",
+    "counter",
+    (LABEL_REASON,),
+)
+EXPERT_LOAD_IMBALANCE = _m(
+    "moe_expert_load_imbalance",
+    "max/mean tokens per routed expert over the last window, per MoE layer (1 = balanced).",
+    "gauge",
+    (LABEL_LAYER,),
+)
+RISK_PREDICTIONS = _m("moe_risk_predictions_total", "Risk predictions served.", "counter")
+FEEDBACK = _m("moe_feedback_total", "Ground-truth labels received on /v1/feedback.", "counter")
+ACCURACY_ROLLING = _m("moe_accuracy_rolling", "Accuracy of risk predictions over the last feedback window.", "gauge")
+ACCURACY_BASELINE = _m("moe_accuracy_baseline", "Configured reference accuracy; drift = rolling - baseline.", "gauge")
+GPU_UTILIZATION = _m("moe_gpu_utilization_perc", "GPU utilisation from NVML, 0-100, per device.", "gauge", (LABEL_GPU,))
+GPU_MEMORY_USED = _m("moe_gpu_memory_used_bytes", "GPU memory in use from NVML.", "gauge", (LABEL_GPU,))
+PROCESS_RESIDENT_MEMORY = _m(
+    "moe_process_resident_memory_bytes", "Resident memory of the server process (leak alert).", "gauge"
+)
+MODEL_READY = _m("moe_model_ready", "1 when the model is loaded, warmed up and admitting.", "gauge")
+
+METRICS: tuple[MetricDef, ...] = (
+    E2E_LATENCY,
+    TIME_TO_FIRST_TOKEN,
+    TIME_PER_OUTPUT_TOKEN,
+    REQUESTS_RUNNING,
+    REQUESTS_WAITING,
+    BATCH_SIZE,
+    PROMPT_TOKENS,
+    GENERATION_TOKENS,
+    KV_CACHE_USAGE,
+    KV_CACHE_BLOCKS,
+    PADDING_RATIO,
+    REQUESTS_REJECTED,
+    REQUEST_SUCCESS,
+    REQUEST_ERRORS,
+    EXPERT_LOAD_IMBALANCE,
+    RISK_PREDICTIONS,
+    FEEDBACK,
+    ACCURACY_ROLLING,
+    ACCURACY_BASELINE,
+    GPU_UTILIZATION,
+    GPU_MEMORY_USED,
+    PROCESS_RESIDENT_MEMORY,
+    MODEL_READY,
+)
+METRICS_BY_NAME = {m.name: m for m in METRICS}

@@ -1,0 +1,97 @@
+"""Scheduling policy, kept free of torch so it can be reasoned about (and tested) on its own.
+
+Per step the engine (1) continues chunked prefills of running sequences, (2) admits waiting sequences
+first-come-first-served while the batch, the KV pool (counting blocks already promised to running
+sequences) and the per-step prefill-token budget allow, then (3) decodes every prefilled sequence.
+The prefill budget is what keeps a long prompt from stalling everyone's decode: it is split into
+chunks across steps, and each step still decodes the whole running batch. Admission never skips the
+head of the queue, so a large request cannot be starved by a stream of small ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+#: a padded prefill group must be at least this full of real tokens (the model's own rule for its
+#: batched-attention path; below it, it loops over sequences with no padding at all)
+MIN_FILL = 0.75
+
+
+@dataclass
+class PrefillChunk:
+    seq: object  # runtime.engine.sequence.Sequence
+    start: int  # first prompt position in this chunk
+    length: int
+
+    @property
+    def fresh(self) -> bool:
+        """Whole prompt in one go, no cached prefix: eligible for padded batched attention."""
+        return self.start == 0 and self.length == self.seq.prompt_len
+
+
+def group_by_length(chunks: Seq[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Length-aware grouping (the seed's "dynamic padding"): sort by length and cut a new group when
+    adding the next chunk would make the right-padded group less than ``MIN_FILL`` real tokens.
+    Chunks with a cached prefix go into one group of their own (attention loops over them unpadded)."""
+    fresh = sorted((c for c in chunks if c.fresh), key=lambda c: -c.length)
+    rest = [c for c in chunks if not c.fresh]
+    groups: list[list[PrefillChunk]] = []
+    cur: list[PrefillChunk] = []
+    total = 0
+    for c in fresh:
+        if cur and (total + c.length) < MIN_FILL * (len(cur) + 1) * cur[0].length:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(c)
+        total += c.length
+    if cur:
+        groups.append(cur)
+    if rest:
+        groups.append(rest)
+    return groups
+
+
+def padded_slots(lengths: Seq[int], contexts: Seq[int]) -> int:
+    """Padding the model's prefill attention really adds for one forward (mirrors
+    ``AttentionMetadata.padded_index``: padded only for ≥ 2 fresh sequences that are ≥ 75% full)."""
+    ql, cl = list(lengths), list(contexts)
+    if len(ql) < 2 or ql != cl or sum(ql) < MIN_FILL * len(ql) * max(ql):
+        return 0
+    return len(ql) * max(ql) - sum(ql)
+
+
+def plan_prefill(
+    partial: Seq[object],
+    waiting: Seq[object],
+    *,
+    budget: int,
+    free_seq_slots: int,
+    free_blocks: int,
+    block_size: int,
+) -> tuple[list[PrefillChunk], int]:
+    """Chunks to prefill this step and how many sequences from the head of ``waiting`` to admit.
+
+    ``partial``: running sequences whose prompt is not fully cached yet (served first, in order).
+    ``free_blocks``: pool blocks not held and not promised to running sequences."""
+    chunks: list[PrefillChunk] = []
+    for s in partial:
+        if budget <= 0:
+            break
+        n = min(s.prompt_len - s.num_computed, budget)
+        chunks.append(PrefillChunk(s, s.num_computed, n))
+        budget -= n
+    admitted = 0
+    for s in waiting:
+        if budget <= 0 or free_seq_slots <= 0:
+            break
+        need = s.total_blocks(block_size)
+        if need > free_blocks:
+            break  # FCFS: wait for room rather than let later requests overtake
+        n = min(s.prompt_len, budget)
+        chunks.append(PrefillChunk(s, 0, n))
+        budget -= n
+        free_blocks -= need
+        free_seq_slots -= 1
+        admitted += 1
+    return chunks, admitted

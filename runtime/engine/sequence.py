@@ -1,0 +1,77 @@
+"""What the engine knows about one generation sequence, and the events it streams back.
+
+An HTTP request with ``n`` choices becomes ``n`` sequences. The engine thread owns every field except
+``on_event`` (set by the submitter) and reads ``params`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runtime.kv_cache import SequenceBlocks
+from runtime.sampling import SamplingParams
+
+
+class EngineError(RuntimeError):
+    """Base for refusals the HTTP layer maps to a status code."""
+
+
+class QueueFullError(EngineError):
+    """The bounded admission queue is full (HTTP 429 with Retry-After)."""
+
+
+class ShuttingDownError(EngineError):
+    """The engine is draining or stopped (HTTP 503)."""
+
+
+class RequestTooLargeError(EngineError, ValueError):
+    """The request can never run: context or KV pool limit (HTTP 400, message names the limit)."""
+
+
+@dataclass
+class TokenEvent:
+    """New tokens for one sequence since the previous event; ``finish_reason`` set on the last one.
+
+    ``text`` is set only when a stop string cut the output: it is then the final text (the stop
+    string and what follows are not part of it, as in OpenAI's API)."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    text: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[TokenEvent], None] = field(default=lambda ev: None, repr=False)
+    arrival: float = field(default_factory=time.monotonic)
+
+    # engine-owned state
+    output_ids: list[int] = field(default_factory=list)
+    blocks: SequenceBlocks | None = field(default=None, repr=False)
+    generator: object | None = field(default=None, repr=False)
+    num_computed: int = 0  # prompt tokens already in the KV cache (chunked prefill progress)
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= self.prompt_len
+
+    def total_blocks(self, block_size: int) -> int:
+        """Blocks this sequence may ever hold: reserved at admission so decode never runs out."""
+        return math.ceil((self.prompt_len + self.params.max_new_tokens) / block_size)
+
+    def outstanding_blocks(self, block_size: int) -> int:
+        held = len(self.blocks.blocks) if self.blocks is not None else 0
+        return self.total_blocks(block_size) - held

@@ -1,0 +1,149 @@
+"""The FastAPI application: OpenAI routes, the seed's risk case, feedback, probes and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from runtime import contract as c
+from runtime import risk
+from runtime.engine import QueueFullError, ShuttingDownError
+from runtime.metrics import CONTENT_TYPE_LATEST
+from runtime.server import errors
+from runtime.server.errors import APIError
+from runtime.server.openai_api import ready_state, router
+from runtime.server.schemas import (
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    Health,
+    RiskRequest,
+    RiskResponse,
+)
+from runtime.server.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+RISK_ERRORS = {s: {"model": ErrorResponse} for s in (400, 422, 429, 503)}
+
+
+def create_app(state: ServiceState, load: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load:
+            state.start_loading(asyncio.get_running_loop())
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(
+        title="MoE Fleet runtime",
+        version="0.1.0",
+        description="OpenAI-compatible MoE inference with continuous batching, and the risk-score case.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    errors.install(app, state.metrics)
+    app.include_router(router)
+
+    @app.get(c.HEALTH_PATH, response_model=Health)
+    async def healthz() -> Health:
+        """Liveness: the process answers (a slow model load is not a reason to restart)."""
+        return Health(status="ok")
+
+    @app.get(c.READY_PATH, response_model=Health, responses={503: {"model": Health}})
+    async def readyz():
+        """Readiness: loaded and warmed up, and not draining."""
+        if state.ready and not state.draining:
+            return Health(status="ready")
+        status = "draining" if state.draining else ("failed: " + state.fatal if state.fatal else "loading")
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get(
+        c.METRICS_PATH,
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def risk_predict(body: RiskRequest, request: Request) -> RiskResponse:
+        st = ready_state(request)
+        tok, engine = st.tokenizer, st.engine
+        features = dict(body.features)
+        prompts = [tok.encode(p) for p in risk.leave_one_out_prompts(features)]
+        longest = max(len(p) for p in prompts)
+        if longest > engine.max_model_len:
+            st.metrics.rejected.labels("context_length").inc()
+            raise APIError(
+                400,
+                f"the rendered features take {longest} tokens; this model's maximum context "
+                f"length is {engine.max_model_len}",
+                "features",
+                "context_length_exceeded",
+            )
+        try:
+            fut = engine.score(prompts, list(st.label_ids))
+        except QueueFullError as exc:
+            st.metrics.rejected.labels("queue_full").inc()
+            raise APIError(
+                429, str(exc), code="queue_full", headers={"Retry-After": str(st.settings.retry_after_s)}
+            ) from exc
+        except ShuttingDownError as exc:
+            st.metrics.rejected.labels("shutting_down").inc()
+            raise APIError(503, str(exc), code="shutting_down") from exc
+        lps = await asyncio.wrap_future(fut)
+        scores = [risk.score_from_logprobs(a, b) for a, b in lps]
+        rid = body.request_id or st.new_id("risk")
+        st.feedback.record(rid, scores[0])
+        st.metrics.risk_predictions.inc()
+        return RiskResponse(
+            request_id=rid,
+            model=st.settings.model_name,
+            risk_score=scores[0],
+            label="fraud" if scores[0] >= risk.THRESHOLD else "legit",
+            factors=[
+                {"name": f.name, "value": f.value, "impact": f.impact} for f in risk.rank_factors(features, scores)
+            ],
+        )
+
+    for path in (c.RISK_PATH, c.RISK_ALIAS_PATH):
+        app.post(
+            path,
+            response_model=RiskResponse,
+            responses=RISK_ERRORS,
+            summary="Risk score and factors (the seed's /risk_predict)",
+        )(risk_predict)
+
+    @app.post(
+        c.FEEDBACK_PATH,
+        response_model=FeedbackResponse,
+        responses={s: {"model": ErrorResponse} for s in (400, 404, 422)},
+    )
+    async def feedback(body: FeedbackRequest) -> FeedbackResponse:
+        got = state.feedback.label(body.request_id, bool(body.label))
+        if got is None:
+            raise APIError(
+                404,
+                f"no stored prediction for request_id '{body.request_id}' (unknown, evicted or already labelled)",
+                "request_id",
+                "not_found",
+            )
+        correct, acc = got
+        state.metrics.feedback.inc()
+        state.metrics.accuracy_rolling.set(acc)
+        base = state.settings.accuracy_baseline
+        return FeedbackResponse(
+            request_id=body.request_id,
+            correct=correct,
+            rolling_accuracy=0.0 if math.isnan(acc) else acc,
+            labelled=state.feedback.labelled,
+            baseline=base,
+        )
+
+    return app
