@@ -141,16 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
             accuracy_window=args.accuracy_window,
             warmup=not args.no_warmup,
         )
-        from runtime.engine import EngineConfig
-
-        EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_queue=args.max_queue,
-            max_prefill_tokens=args.max_prefill_tokens,
-            block_size=args.block_size,
-            kv_blocks=args.kv_blocks,
-            kv_memory_fraction=args.kv_memory_fraction,
-        )
+        settings.engine_config()  # validate the engine's limits before loading anything
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse, Response
 
 from runtime import contract as c
 from runtime import risk
-from runtime.engine import QueueFullError, ShuttingDownError
 from runtime.metrics import CONTENT_TYPE_LATEST
 from runtime.server import errors
 from runtime.server.errors import APIError
-from runtime.server.openai_api import ready_state, router
+from runtime.server.openai_api import engine_refusals, ready_state, router
 from runtime.server.schemas import (
     ErrorResponse,
     FeedbackRequest,
@@ -87,16 +86,8 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
                 "features",
                 "context_length_exceeded",
             )
-        try:
+        with engine_refusals(st):
             fut = engine.score(prompts, list(st.label_ids))
-        except QueueFullError as exc:
-            st.metrics.rejected.labels("queue_full").inc()
-            raise APIError(
-                429, str(exc), code="queue_full", headers={"Retry-After": str(st.settings.retry_after_s)}
-            ) from exc
-        except ShuttingDownError as exc:
-            st.metrics.rejected.labels("shutting_down").inc()
-            raise APIError(503, str(exc), code="shutting_down") from exc
         lps = await asyncio.wrap_future(fut)
         scores = [risk.score_from_logprobs(a, b) for a, b in lps]
         rid = body.request_id or st.new_id("risk")

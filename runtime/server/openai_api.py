@@ -10,9 +10,10 @@ return to the pool on the next engine step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -71,9 +72,15 @@ def check_model(st: ServiceState, model: str | None) -> None:
 
 
 def submit(st: ServiceState, seqs: list[Sequence]) -> None:
+    with engine_refusals(st):
+        st.engine.submit(seqs)
+
+
+@contextlib.contextmanager
+def engine_refusals(st: ServiceState) -> Iterator[None]:
     """Engine refusals → HTTP status (429 with Retry-After, 503, 400 naming the limit)."""
     try:
-        st.engine.submit(seqs)
+        yield
     except QueueFullError as exc:
         st.metrics.rejected.labels("queue_full").inc()
         raise APIError(

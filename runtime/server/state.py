@@ -48,6 +48,22 @@ class Settings:
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_path).resolve().name
 
+    def engine_config(self):  # type: ignore[no-untyped-def]  # -> runtime.engine.EngineConfig
+        """The engine's share of the settings; constructing it validates them (the CLI calls this early)."""
+        from runtime.engine import EngineConfig
+
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_queue=self.max_queue,
+            max_prefill_tokens=self.max_prefill_tokens,
+            block_size=self.block_size,
+            kv_blocks=self.kv_blocks,
+            kv_memory_fraction=self.kv_memory_fraction,
+            max_model_len=self.max_model_len,
+            cuda_graphs=self.cuda_graphs,
+            compile=self.compile,
+        )
+
 
 @dataclass
 class ServiceState:
@@ -81,7 +97,7 @@ class ServiceState:
         try:
             import torch
 
-            from runtime.engine import Engine, EngineConfig
+            from runtime.engine import Engine
             from runtime.loader import load_model, load_tokenizer
             from runtime.risk import label_token_ids
 
@@ -89,17 +105,7 @@ class ServiceState:
             t0 = time.perf_counter()
             model = load_model(s.model_path, dtype=s.dtype, device=s.device)
             tok = load_tokenizer(s.model_path)
-            cfg = EngineConfig(
-                max_num_seqs=s.max_num_seqs,
-                max_queue=s.max_queue,
-                max_prefill_tokens=s.max_prefill_tokens,
-                block_size=s.block_size,
-                kv_blocks=s.kv_blocks,
-                kv_memory_fraction=s.kv_memory_fraction,
-                max_model_len=s.max_model_len,
-                cuda_graphs=s.cuda_graphs,
-                compile=s.compile,
-            )
+            cfg = s.engine_config()
             engine = Engine(model, tok, cfg, metrics=self.metrics)
             self.label_ids = label_token_ids(tok)
             engine.start()
