@@ -104,8 +104,12 @@ def _destroy(tf: Terraform) -> None:
         print(f"    destroy failed: {err}", file=sys.stderr, flush=True)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C
+
+
 def _wait_for_interrupt(sleep: Callable[[float], None] = time.sleep) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             sleep(3600)
