@@ -109,6 +109,8 @@ def _interrupt(*_: object) -> None:
 
 
 def _wait_for_interrupt(sleep: Callable[[float], None] = time.sleep) -> None:
+    # Explicit for SIGINT too: a shell that starts us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -42,3 +43,32 @@ def test_demo_names_the_failed_step_when_the_port_is_taken(tmp_path: Path) -> No
         proc = demo("--once", "--port", str(port), "--workdir", str(tmp_path))
     assert proc.returncode == 1
     assert f"step 'start emulated AWS' failed: port {port} on 127.0.0.1 is already in use" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.terraform
+def test_demo_stays_up_until_interrupted_then_tears_down(tmp_path: Path) -> None:
+    """Without --once the demo waits; Ctrl-C (SIGINT) destroys the stack and stops the emulator."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.demo", "--port", str(port), "--workdir", str(tmp_path)],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        assert port_in_use(port), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest
+    assert "stack destroyed" in rest and "nothing left running" in rest
+    assert not port_in_use(port)
