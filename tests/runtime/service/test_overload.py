@@ -33,7 +33,10 @@ def test_flood_beyond_the_queue_gets_429_and_loses_nothing(small_server):
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 429}, codes
     ok, busy = [r for r in rs if r.status_code == 200], [r for r in rs if r.status_code == 429]
-    assert len(busy) >= 10 and len(ok) >= 8  # 4 running + 4 queued at most at any moment
+    # The queue (4) starts empty, so at least 4 are accepted; how many more join the running batch before
+    # the flood ends depends on scheduling (CI saw 5 of 60). Far fewer than 60 fit: the rest get 429.
+    assert len(ok) + len(busy) == 60
+    assert len(busy) >= 10 and len(ok) >= 4
     assert all(r.headers["Retry-After"] == "1" for r in busy)
     assert all(r.json()["error"]["code"] == "queue_full" for r in busy)
     texts = {r.json()["choices"][0]["text"] for r in ok}
