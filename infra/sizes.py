@@ -63,6 +63,27 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
 SYSTEM_INSTANCE_TYPES: dict[str, float] = {"m6i.large": 0.096, "m6i.xlarge": 0.192, "m6i.2xlarge": 0.384}
 
 
+class HotTierKind(StrEnum):
+    EBS_GP3 = "ebs-gp3"  # per-pod volume, devtest
+    FSX_LUSTRE = "fsx-lustre"  # shared file system linked to the cold tier, medium and large
+
+
+@dataclass(frozen=True)
+class StorageTiers:
+    """Where a size keeps its weights between S3 (cold) and GPU memory, and how fast each tier reads.
+
+    Read bandwidths are the documented ceilings the model-load time is bounded by (DESIGN.md §5)."""
+
+    hot_kind: HotTierKind
+    hot_capacity_gib: int
+    hot_read_mb_s: int
+    #: FSx for Lustre PERSISTENT_2 throughput per TiB (125, 250, 500 or 1000 MB/s/TiB).
+    fsx_throughput_per_tib: int | None = None
+    #: Third, fastest tier: node-local NVMe RAID0 (large only).
+    nvme_read_mb_s: int | None = None
+    cold_noncurrent_days: int = 30
+
+
 class SizeName(StrEnum):
     DEVTEST = "devtest"
     MEDIUM = "medium"
@@ -102,6 +123,7 @@ class Size:
     rationale: str
     alternatives: tuple[str, ...]
     model: str  # the model this size is meant to serve
+    storage: StorageTiers
     system_instance_type: str = "m6i.xlarge"
     system_nodes: tuple[int, int, int] = (2, 2, 4)  # min, desired, max
     root_volume_gib: int = 200  # CUDA images are 10-20 GB; room for two versions during rollout
@@ -146,6 +168,8 @@ SIZES: dict[SizeName, Size] = {
         ),
         alternatives=("p5.4xlarge", "g6e.12xlarge"),
         model="deepseek-ai/DeepSeek-V2-Lite (bf16, 31 GB)",
+        # gp3 with 1,000 MB/s provisioned: 31 GB of weights in ~35 s; no shared file system to pay for.
+        storage=StorageTiers(hot_kind=HotTierKind.EBS_GP3, hot_capacity_gib=200, hot_read_mb_s=1000),
         system_instance_type="m6i.large",
         system_nodes=(1, 2, 3),
     ),
@@ -170,6 +194,10 @@ SIZES: dict[SizeName, Size] = {
         ),
         alternatives=("p5.48xlarge",),
         model="DeepSeek-V2 class (236B, FP8/INT8) or several V2-Lite replicas",
+        # 4.8 TiB × 500 MB/s/TiB ≈ 2.3 GB/s: a 240 GB checkpoint in under 2 minutes, shared by replicas.
+        storage=StorageTiers(
+            hot_kind=HotTierKind.FSX_LUSTRE, hot_capacity_gib=4800, hot_read_mb_s=2400, fsx_throughput_per_tib=500
+        ),
     ),
     SizeName.LARGE: Size(
         name=SizeName.LARGE,
@@ -192,6 +220,15 @@ SIZES: dict[SizeName, Size] = {
         ),
         alternatives=(),
         model="deepseek-ai/DeepSeek-V3 / R1 (671B, FP8)",
+        # 9.6 TiB × 1,000 MB/s/TiB ≈ 9.4 GB/s from FSx (671 GB in ~70 s), then node NVMe RAID0 (8 disks,
+        # ~16 GB/s) for restarts on the same node.
+        storage=StorageTiers(
+            hot_kind=HotTierKind.FSX_LUSTRE,
+            hot_capacity_gib=9600,
+            hot_read_mb_s=9400,
+            fsx_throughput_per_tib=1000,
+            nvme_read_mb_s=16000,
+        ),
         system_instance_type="m6i.2xlarge",
         uses_efa=True,
         uses_placement_group=True,

@@ -7,13 +7,25 @@ from cdktf_cdktf_provider_aws.data_aws_caller_identity import DataAwsCallerIdent
 from cdktf_cdktf_provider_aws.data_aws_partition import DataAwsPartition
 from constructs import Construct
 
+from infra.alerts import Thresholds, alert_rules
 from infra.cluster import Cluster, ClusterProps
 from infra.config import Environment
+from infra.identities import WorkloadRole, WorkloadRoleProps, ebs_csi_key_policy, fsx_csi_policy, runtime_policy
 from infra.kms import EncryptionKey, EncryptionKeyProps
 from infra.labels import SIZE_LABEL, SYSTEM_POOL
+from infra.monitoring import Monitoring, MonitoringProps
 from infra.network import Network, NetworkProps
 from infra.node_pools import GpuNodePool, GpuPoolProps, NodePool, NodePoolProps, node_role
 from infra.provider import aws_provider, standard_tags
+from infra.registry import Registry, RegistryProps
+from infra.sizes import HotTierKind
+from infra.storage import MODELS_PREFIX, ColdTier, ColdTierProps, FsxHotTier, FsxHotTierProps
+from infra.workloads import (
+    EBS_CSI_SERVICE_ACCOUNT,
+    FSX_CSI_SERVICE_ACCOUNT,
+    RUNTIME_NAMESPACE,
+    RUNTIME_SERVICE_ACCOUNT,
+)
 
 
 def cluster_name(env: Environment) -> str:
@@ -134,7 +146,99 @@ class EnvironmentStack(TerraformStack):
             depends_on=attachments,
         )
         self.cluster.add_core_addons(after=[self.system_pool.node_group])
+        self._storage(env, name, account_id, partition)
+        self.registry = Registry(
+            self, "registry", RegistryProps(name=name, account_id=account_id, partition=partition, region=env.region)
+        )
+        self.monitoring = Monitoring(
+            self,
+            "monitoring",
+            MonitoringProps(
+                name=name,
+                account_id=account_id,
+                partition=partition,
+                region=env.region,
+                rules=alert_rules(Thresholds()),
+                logs_key_arn=self.logs_key.arn,
+                alarm_email=env.alarm_email,
+            ),
+        )
         self._outputs()
+
+    def _storage(self, env: Environment, name: str, account_id: str, partition: str) -> None:
+        """Cold tier everywhere; hot tier per size; the identities that read them."""
+        size = env.size_spec
+        self.cold = ColdTier(
+            self,
+            "cold-tier",
+            ColdTierProps(
+                name=name,
+                account_id=account_id,
+                partition=partition,
+                region=env.region,
+                noncurrent_days=size.storage.cold_noncurrent_days,
+                force_destroy=env.emulated,
+            ),
+        )
+        pod_identity = [self.cluster.addons["eks-pod-identity-agent"]]
+        self.runtime_role = WorkloadRole(
+            self,
+            "runtime-identity",
+            WorkloadRoleProps(
+                cluster_name=self.cluster.name,
+                role_name=f"{name}-runtime",
+                namespace=RUNTIME_NAMESPACE,
+                service_account=RUNTIME_SERVICE_ACCOUNT,
+                policy=runtime_policy(self.cold.bucket.arn, self.cold.key.arn),
+            ),
+            depends_on=pod_identity,
+        )
+        self.ebs_csi_role = WorkloadRole(
+            self,
+            "ebs-csi-identity",
+            WorkloadRoleProps(
+                cluster_name=self.cluster.name,
+                role_name=f"{name}-ebs-csi",
+                namespace=EBS_CSI_SERVICE_ACCOUNT[0],
+                service_account=EBS_CSI_SERVICE_ACCOUNT[1],
+                policy=ebs_csi_key_policy(self.volume_key.arn),
+                managed_policies=("service-role/AmazonEBSCSIDriverPolicy",),
+                partition=partition,
+            ),
+            depends_on=pod_identity,
+        )
+        self.hot: FsxHotTier | None = None
+        if size.storage.hot_kind is HotTierKind.FSX_LUSTRE:
+            self.hot = FsxHotTier(
+                self,
+                "hot-tier",
+                FsxHotTierProps(
+                    name=name,
+                    account_id=account_id,
+                    partition=partition,
+                    region=env.region,
+                    vpc_id=self.network.vpc.id,
+                    # The GPU pool of the large size lives in the first private subnet (placement group).
+                    subnet_id=self.network.private_subnet_ids[0],
+                    client_security_group_id=self.cluster.security_group_id,
+                    capacity_gib=size.storage.hot_capacity_gib,
+                    throughput_per_tib=size.storage.fsx_throughput_per_tib or 250,
+                    bucket_name=self.cold.bucket.bucket,
+                ),
+            )
+            self.fsx_csi_role = WorkloadRole(
+                self,
+                "fsx-csi-identity",
+                WorkloadRoleProps(
+                    cluster_name=self.cluster.name,
+                    role_name=f"{name}-fsx-csi",
+                    namespace=FSX_CSI_SERVICE_ACCOUNT[0],
+                    service_account=FSX_CSI_SERVICE_ACCOUNT[1],
+                    policy=fsx_csi_policy(self.hot.file_system.arn),
+                ),
+                depends_on=pod_identity,
+            )
+            self.cluster.add_addon("aws-fsx-csi-driver", after=[self.system_pool.node_group])
 
     def _backend(self, env: Environment) -> None:
         if env.state.kind == "local":
@@ -163,7 +267,26 @@ class EnvironmentStack(TerraformStack):
             "private_subnet_ids": self.network.private_subnet_ids,
             "public_subnet_ids": self.network.public_subnet_ids,
             "deployment_size": self.env.size.value,
+            "models_bucket": self.cold.bucket.bucket,
+            "models_prefix": MODELS_PREFIX,
+            "models_kms_key_arn": self.cold.key.arn,
+            "access_log_bucket": self.cold.log_bucket.bucket,
+            "volume_kms_key_arn": self.volume_key.arn,
+            "ecr_repository_url": self.registry.repository_url,
+            "amp_workspace_id": self.monitoring.workspace.id,
+            "amp_remote_write_url": self.monitoring.remote_write_url,
+            "amp_query_url": self.monitoring.query_url,
+            "alerts_topic_arn": self.monitoring.topic.arn,
+            "runtime_role_arn": self.runtime_role.arn,
+            "hot_tier_kind": self.env.size_spec.storage.hot_kind.value,
             "region": self.env.region,
         }
+        if self.hot is not None:
+            outputs |= {
+                "fsx_file_system_id": self.hot.file_system.id,
+                "fsx_dns_name": self.hot.file_system.dns_name,
+                "fsx_mount_name": self.hot.file_system.mount_name,
+                "fsx_kms_key_arn": self.hot.key.arn,
+            }
         for key, value in outputs.items():
             TerraformOutput(self, key, value=value)

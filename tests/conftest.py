@@ -21,7 +21,7 @@ from infra.emulator.process import Emulator
 
 #: Test-only environments appended to the real file: they exercise, against the emulator, what the
 #: standard `local` (devtest) environment does not — multi-node GPU (EFA, placement group, NVMe RAID0,
-#: capacity reservation).
+#: capacity reservation) and the FSx hot tier (medium).
 TEST_ENVIRONMENTS = """
 [environments.large-emu]
 size = "large"
@@ -33,6 +33,17 @@ aws_endpoint = "http://127.0.0.1:4566"
 tags = { owner = "tests" }
 state = { kind = "local" }
 overrides = { capacity_reservation_id = "cr-0123456789abcdef0", gpu_nodes = { min = 0, max = 2 } }
+
+[environments.medium-emu]
+size = "medium"
+region = "us-east-1"
+azs = ["us-east-1a", "us-east-1b"]
+vpc_cidr = "10.78.0.0/16"
+kubernetes_version = "1.33"
+aws_endpoint = "http://127.0.0.1:4566"
+tags = { owner = "tests" }
+state = { kind = "local" }
+alarm_email = "oncall@example.com"
 """
 
 STANDARD_ENVIRONMENTS = ("local", "dev", "staging", "prod")

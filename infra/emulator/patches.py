@@ -13,6 +13,13 @@ emulator *reports*, never what our stacks ask for.
    launch templates get a null security group. We create that group in moto's EC2 backend, in the
    cluster's VPC, report its id, and delete it with the cluster.
 6. EC2 placement groups are missing → `ec2_extras`.
+8. AMP workspaces come back without `kmsKeyArn` → Terraform plans a workspace replacement. We report
+   the request's key.
+10. S3 lifecycle configurations come back without the `x-amz-transition-default-minimum-object-size`
+   header → the provider polls for about a minute per bucket waiting for its setting to show. We
+   echo the value the PUT carried (S3's default otherwise).
+9. FSx file-system gaps and data repository associations → `fsx_extras`; the AMP alert manager
+   definition → `amp_extras`.
 7. CreateLaunchTemplate copies the template's own tags (ResourceType `launch-template`) into the template
    *data*'s TagSpecifications → a permanent in-place diff. We keep them off the data.
 """
@@ -28,6 +35,9 @@ _lock = threading.Lock()
 _access_configs: dict[tuple[str, str], dict[str, Any]] = {}
 _cluster_groups: dict[tuple[str, str], str] = {}
 _update_configs: dict[tuple[str, str, str], dict[str, Any]] = {}
+_workspace_keys: dict[tuple[str, str], str] = {}
+_pending_workspace_key: dict[str, str] = {}
+_WORKSPACE = re.compile(r"^/workspaces(/(?P<id>[^/]+))?$")
 ACCOUNT_ID = "123456789012"
 
 _CLUSTERS = re.compile(r"^/clusters(/(?P<name>[^/]+))?$")
@@ -59,6 +69,7 @@ def reset() -> None:
         _access_configs.clear()
         _cluster_groups.clear()
         _update_configs.clear()
+        _workspace_keys.clear()
 
 
 def _ec2(region: str):  # type: ignore[no-untyped-def]
@@ -69,6 +80,51 @@ def _ec2(region: str):  # type: ignore[no-untyped-def]
 
 def wants_eks_rewrite(path: str) -> bool:
     return bool(_CLUSTERS.match(path) or _NODEGROUP.match(path))
+
+
+_lifecycle_sizes: dict[str, str] = {}
+
+
+def lifecycle_header(environ: dict[str, Any], start_response):  # type: ignore[no-untyped-def]
+    """Patch 10, as a start_response wrapper."""
+    bucket = environ.get("PATH_INFO", "/").strip("/").split("/")[0]
+    sent = environ.get("HTTP_X_AMZ_TRANSITION_DEFAULT_MINIMUM_OBJECT_SIZE")
+    with _lock:
+        if environ.get("REQUEST_METHOD") == "PUT":
+            _lifecycle_sizes[bucket] = sent or "all_storage_classes_128K"
+        value = _lifecycle_sizes.get(bucket, "all_storage_classes_128K")
+
+    def wrapped(status: str, headers: list, exc_info: Any = None):  # type: ignore[no-untyped-def]
+        if status.startswith("2"):
+            headers = [*headers, ("x-amz-transition-default-minimum-object-size", value)]
+        return start_response(status, headers, exc_info)
+
+    return wrapped
+
+
+def wants_amp_rewrite(path: str) -> bool:
+    return bool(_WORKSPACE.match(path))
+
+
+def rewrite_amp_body(path: str, method: str, region: str, request: bytes, body: bytes) -> bytes:
+    """Patch 8: remember a workspace's key on create, report it on describe."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if method == "POST" and path == "/workspaces":
+        key = (json.loads(request or b"{}")).get("kmsKeyArn")
+        if key and "workspaceId" in payload:
+            with _lock:
+                _workspace_keys[(region, payload["workspaceId"])] = key
+        return body
+    workspace = payload.get("workspace")
+    if isinstance(workspace, dict):
+        with _lock:
+            key = _workspace_keys.get((region, workspace.get("workspaceId", "")))
+        if key:
+            workspace["kmsKeyArn"] = key
+    return json.dumps(payload).encode()
 
 
 def remember_request(path: str, method: str, region: str, body: dict[str, Any]) -> None:

@@ -37,12 +37,14 @@ class PatchedMoto:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        from infra.emulator import ec2_extras, eks_extras, patches
+        from infra.emulator import amp_extras, ec2_extras, eks_extras, fsx_extras, patches
 
         path = environ.get("PATH_INFO", "")
         if path == "/moto-api/reset":
             eks_extras.reset()
             ec2_extras.reset()
+            fsx_extras.reset()
+            amp_extras.reset()
             patches.reset()
             return self.app(environ, start_response)
         service, region = _service_and_region(environ)
@@ -52,6 +54,16 @@ class PatchedMoto:
                 return self._json(environ, start_response, routed, region, eks_extras)
             if patches.wants_eks_rewrite(path):
                 return self._rewritten(environ, start_response, path, region, patches)
+        if service == "aps":
+            routed = amp_extras.match(path)
+            if routed:
+                return self._json(environ, start_response, routed, region, amp_extras)
+            if patches.wants_amp_rewrite(path):
+                return self._rewritten(environ, start_response, path, region, patches, service="aps")
+        if service == "fsx":
+            return self._fsx(environ, start_response, region, fsx_extras)
+        if service == "s3" and "lifecycle" in environ.get("QUERY_STRING", ""):
+            return self.app(environ, patches.lifecycle_header(environ, start_response))
         if service == "ec2" and environ.get("REQUEST_METHOD") == "POST":
             return self._ec2(environ, start_response, region, ec2_extras)
         return self.app(environ, start_response)
@@ -77,12 +89,57 @@ class PatchedMoto:
         start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
         return [data]
 
-    def _rewritten(self, environ, start_response, path, region, patches) -> Iterable[bytes]:
+    def _fsx(self, environ, start_response, region, module) -> Iterable[bytes]:
+        """FSx: data repository associations served here; file-system answers completed (see fsx_extras)."""
+        action = environ.get("HTTP_X_AMZ_TARGET", "").removeprefix(module.TARGET_PREFIX)
         length = int(environ.get("CONTENT_LENGTH") or 0)
         raw = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(raw)
-        with contextlib.suppress(ValueError):
-            patches.remember_request(path, environ["REQUEST_METHOD"], region, json.loads(raw) if raw else {})
+        body = json.loads(raw) if raw else {}
+
+        def reply(status: str, payload: dict) -> Iterable[bytes]:
+            data = json.dumps(payload).encode()
+            start_response(status, [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(data)))])
+            return [data]
+
+        if action in module.DRA_ACTIONS:
+            try:
+                return reply("200 OK", module.handle(action, region, body))
+            except module.ApiError as err:
+                return reply("400 Bad Request", {"__type": err.code, "message": err.message})
+        if action not in ("CreateFileSystem", "DescribeFileSystems"):
+            return self.app(environ, start_response)
+        captured: dict[str, Any] = {}
+
+        def capture(status: str, headers: list, exc_info: Any = None) -> Callable:
+            captured["status"] = status
+            return lambda data: None
+
+        raw_out = b"".join(self.app(environ, capture))
+        if not captured["status"].startswith("2"):
+            start_response(captured["status"], [("Content-Length", str(len(raw_out)))])
+            return [raw_out]
+        payload = json.loads(raw_out)
+        if action == "CreateFileSystem":
+            module.remember_create(region, body, payload)
+            module.complete_file_system(region, payload["FileSystem"])
+            return reply("200 OK", payload)
+        missing = module.missing_file_systems(body.get("FileSystemIds") or [], payload.get("FileSystems") or [])
+        if missing:
+            return reply(
+                "400 Bad Request", {"__type": "FileSystemNotFound", "message": f"File system {missing[0]} not found"}
+            )
+        for fs in payload.get("FileSystems") or []:
+            module.complete_file_system(region, fs)
+        return reply("200 OK", payload)
+
+    def _rewritten(self, environ, start_response, path, region, patches, service="eks") -> Iterable[bytes]:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(raw)
+        if service == "eks":
+            with contextlib.suppress(ValueError):
+                patches.remember_request(path, environ["REQUEST_METHOD"], region, json.loads(raw) if raw else {})
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list, exc_info: Any = None) -> Callable:
@@ -91,7 +148,10 @@ class PatchedMoto:
 
         body = b"".join(self.app(environ, capture))
         if captured["status"].startswith("2"):
-            body = patches.rewrite_body(path, region, body)
+            if service == "eks":
+                body = patches.rewrite_body(path, region, body)
+            else:
+                body = patches.rewrite_amp_body(path, environ["REQUEST_METHOD"], region, raw, body)
         headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
         start_response(captured["status"], [*headers, ("Content-Length", str(len(body)))])
         return [body]
