@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infra.alerts import Thresholds
 from infra.sizes import (
     INSTANCE_TYPES,
     SIZES,
@@ -102,6 +103,14 @@ class Environment(Strict):
     #: Only for the embedded default: the emulated AWS endpoint (moto server on loopback).
     aws_endpoint: str | None = None
     alarm_email: str | None = None
+    #: Per-environment overrides of infra.alerts.Thresholds, e.g. { p99_latency_seconds = 0.8 }.
+    alert_thresholds: dict[str, float | str] = Field(default_factory=dict)
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _alert_thresholds(cls, value: dict[str, float | str]) -> dict[str, float | str]:
+        Thresholds().with_overrides(value)  # raises naming the threshold, the value and the allowed names
+        return value
 
     @field_validator("region")
     @classmethod
@@ -182,6 +191,10 @@ class Environment(Strict):
     @property
     def size_spec(self) -> Size:
         return SIZES[self.size]
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds().with_overrides(self.alert_thresholds)
 
     @property
     def emulated(self) -> bool:

@@ -219,10 +219,16 @@ class ColdTier(Construct):
                             noncurrent_days=props.noncurrent_expire_days
                         )
                     ],
+                ),
+                # Bucket-wide: an interrupted 671 GB upload anywhere otherwise bills its parts forever.
+                S3BucketLifecycleConfigurationRule(
+                    id="abort-incomplete-uploads",
+                    status="Enabled",
+                    filter=[S3BucketLifecycleConfigurationRuleFilter(prefix="")],
                     abort_incomplete_multipart_upload=[
                         S3BucketLifecycleConfigurationRuleAbortIncompleteMultipartUpload(days_after_initiation=7)
                     ],
-                )
+                ),
             ],
         )
         S3BucketLoggingA(

@@ -7,7 +7,7 @@ from cdktf_cdktf_provider_aws.data_aws_caller_identity import DataAwsCallerIdent
 from cdktf_cdktf_provider_aws.data_aws_partition import DataAwsPartition
 from constructs import Construct
 
-from infra.alerts import Thresholds, alert_rules
+from infra.alerts import alert_rules
 from infra.cluster import Cluster, ClusterProps
 from infra.config import Environment
 from infra.identities import WorkloadRole, WorkloadRoleProps, ebs_csi_key_policy, fsx_csi_policy, runtime_policy
@@ -158,7 +158,7 @@ class EnvironmentStack(TerraformStack):
                 account_id=account_id,
                 partition=partition,
                 region=env.region,
-                rules=alert_rules(Thresholds()),
+                rules=alert_rules(env.thresholds),
                 logs_key_arn=self.logs_key.arn,
                 alarm_email=env.alarm_email,
             ),

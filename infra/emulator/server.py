@@ -37,7 +37,7 @@ class PatchedMoto:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        from infra.emulator import amp_extras, ec2_extras, eks_extras, fsx_extras, patches
+        from infra.emulator import amp_extras, ec2_extras, eks_extras, fsx_extras, ops_extras, patches
 
         path = environ.get("PATH_INFO", "")
         if path == "/moto-api/reset":
@@ -45,9 +45,13 @@ class PatchedMoto:
             ec2_extras.reset()
             fsx_extras.reset()
             amp_extras.reset()
+            ops_extras.reset()
             patches.reset()
             return self.app(environ, start_response)
         service, region = _service_and_region(environ)
+        answered = ops_extras.dispatch(environ, start_response, service, region)
+        if answered is not None:
+            return answered
         if service == "eks":
             routed = eks_extras.match(path)
             if routed:
@@ -107,7 +111,7 @@ class PatchedMoto:
                 return reply("200 OK", module.handle(action, region, body))
             except module.ApiError as err:
                 return reply("400 Bad Request", {"__type": err.code, "message": err.message})
-        if action not in ("CreateFileSystem", "DescribeFileSystems"):
+        if action not in ("CreateFileSystem", "DescribeFileSystems", "DeleteFileSystem"):
             return self.app(environ, start_response)
         captured: dict[str, Any] = {}
 
@@ -120,6 +124,11 @@ class PatchedMoto:
             start_response(captured["status"], [("Content-Length", str(len(raw_out)))])
             return [raw_out]
         payload = json.loads(raw_out)
+        if action == "DeleteFileSystem":
+            # Deleted at once in moto; answering "not found" makes the provider skip a wait that, against
+            # moto, never polls again (see module docstring).
+            fs_id = body.get("FileSystemId", "")
+            return reply("400 Bad Request", {"__type": "FileSystemNotFound", "message": f"File system {fs_id} deleted"})
         if action == "CreateFileSystem":
             module.remember_create(region, body, payload)
             module.complete_file_system(region, payload["FileSystem"])
