@@ -1,39 +1,92 @@
-"""Alert rules, defined once: the seed's four thresholds plus "metrics missing".
+"""Alert rules, defined once: the seed's four thresholds plus the failure modes that page before users do.
 
-Rendered into the AMP rule-group namespace here (and, by the monitoring issue, into a PrometheusRule
-object and a plain rules file for the local Prometheus). Metric names come from the runtime's contract,
-so renaming a metric breaks a test, not a pager.
+One list of :class:`AlertRule` is rendered three ways — the AMP rule-group namespace
+(:func:`rules_yaml`, used by :mod:`infra.monitoring`), a plain Prometheus rules file for a local
+Prometheus (:func:`write_rules_file`, same format) and a Prometheus Operator ``PrometheusRule`` object
+(:func:`prometheus_rule_object`). Metric names come from the runtime's contract, so renaming a metric
+breaks a test, not a pager; every threshold lives in :class:`Thresholds` so environments can override
+it and the promtool tests follow it (tests/infra/test_alert_rules.py generates its inputs from here).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import yaml
 
 from runtime import contract
 
-#: Scrape job names the rules (and the scrape configs) use.
+#: Scrape job names the rules (and the scrape configs / monitors) use.
 RUNTIME_JOB = contract.APP_NAME
 GPU_EXPORTER_JOB = "dcgm-exporter"
-RUNBOOK_URL = "docs/runbook.md"  # repository-relative: one runbook entry per alert
+RUNBOOK_URL = "docs/runbook.md"  # repository-relative: one runbook section per alert
+RULE_GROUP = "moe-fleet"
+
+#: DCGM exporter fields we use (dashboard and alerts), with type and help as dcgm-exporter's counters
+#: CSV spells them. The exporter is configured with exactly this list (infra.monitoring_objects), so
+#: "a documented exporter metric" and "what the exporter emits" are the same list.
+DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
+DCGM_FB_USED = "DCGM_FI_DEV_FB_USED"
+DCGM_FB_FREE = "DCGM_FI_DEV_FB_FREE"
+DCGM_METRICS: dict[str, tuple[str, str]] = {
+    DCGM_GPU_UTIL: ("gauge", "GPU utilization (in %)."),
+    "DCGM_FI_DEV_MEM_COPY_UTIL": ("gauge", "Memory utilization (in %)."),
+    DCGM_FB_USED: ("gauge", "Framebuffer memory used (in MiB)."),
+    DCGM_FB_FREE: ("gauge", "Framebuffer memory free (in MiB)."),
+    "DCGM_FI_DEV_GPU_TEMP": ("gauge", "GPU temperature (in C)."),
+    "DCGM_FI_DEV_POWER_USAGE": ("gauge", "Power draw (in W)."),
+    "DCGM_FI_DEV_XID_ERRORS": ("gauge", "Value of the last XID error encountered."),
+}
+
+_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The seed's thresholds (DESIGN.md §1); environments may override any of them."""
+    """Every number the alert rules use (DESIGN.md §1 for the seed's four); environments override any.
+
+    ``*_for`` fields are Prometheus ``for:`` durations (how long the condition must hold before the
+    alert fires); ``*_window`` fields are the range-vector windows the expressions smooth over.
+    """
 
     gpu_utilization_perc: float = 90.0
-    gpu_utilization_for: str = "15m"  # "sustained"
+    gpu_utilization_for: str = "15m"  # the seed says "sustained"
+    gpu_window: str = "5m"
     p99_latency_seconds: float = 0.5
-    latency_for: str = "5m"
-    accuracy_drift: float = 0.03  # ±3 percentage points of accuracy
+    latency_for: str = "10m"  # longer than rate_window: a burst shorter than for - window does not page
+    rate_window: str = "5m"  # latency histogram, error and rejection rates
+    accuracy_drift: float = 0.03  # ±3 percentage points of accuracy (rolling - baseline)
+    accuracy_min_labels: float = 100  # fewer labelled predictions than this: too noisy to page on
     accuracy_for: str = "15m"
     memory_growth_bytes_per_hour: float = 1e9  # 1 GB per hour
+    memory_window: str = "1h"
     memory_for: str = "30m"
     metrics_missing_for: str = "5m"
+    kv_cache_usage: float = 0.95  # fraction of the KV block pool in use
+    kv_cache_for: str = "10m"
+    queue_fill: float = 0.8  # waiting / admission-queue capacity
+    queue_rejected_ratio: float = 0.01  # share of requests refused with 429 (queue_full)
+    queue_for: str = "5m"
+    error_rate: float = 0.05  # server-side failures / all finished requests
+    error_for: str = "10m"  # longer than rate_window, as for latency
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_for", "_window")):
+                if not isinstance(value, str) or not _DURATION.match(value):
+                    problems.append(f"{f.name} = {value!r}: expected a Prometheus duration like '30s', '5m', '1h'")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                problems.append(f"{f.name} = {value!r}: expected a positive number")
+        if problems:
+            raise ValueError("invalid alert threshold(s): " + "; ".join(problems))
 
     def with_overrides(self, overrides: dict[str, float | str] | None) -> Thresholds:
+        """A copy with per-environment overrides applied; unknown names and bad values raise with the
+        field, the value and what is allowed."""
         unknown = set(overrides or {}) - set(asdict(self))
         if unknown:
             raise ValueError(f"unknown alert threshold(s) {sorted(unknown)}; allowed: {sorted(asdict(self))}")
@@ -50,6 +103,11 @@ class AlertRule:
     description: str
     labels: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def runbook_anchor(self) -> str:
+        """The GitHub anchor of the alert's heading in docs/runbook.md (the heading is the alert name)."""
+        return self.name.lower()
+
     def to_prometheus(self) -> dict:
         return {
             "alert": self.name,
@@ -59,65 +117,185 @@ class AlertRule:
             "annotations": {
                 "summary": self.summary,
                 "description": self.description,
-                "runbook_url": f"{RUNBOOK_URL}#{self.name.lower()}",
+                "runbook_url": f"{RUNBOOK_URL}#{self.runbook_anchor}",
             },
         }
 
 
-def alert_rules(t: Thresholds | None = None) -> list[AlertRule]:
+def _num(x: float) -> str:
+    """A threshold as PromQL and people write it (0.5, 90, 1e+09 → 1000000000)."""
+    return f"{x:.10g}" if abs(x) < 1e6 else f"{x:.0f}"
+
+
+def _missing(job: str) -> str:
+    return f'up{{job="{job}"}} == 0 or absent(up{{job="{job}"}})'
+
+
+def alert_rules(t: Thresholds | None = None, *, gpu_exporter: bool = True) -> list[AlertRule]:
+    """The rules. ``gpu_exporter=False`` leaves out the DCGM-exporter target alert (a local Prometheus
+    has no exporter; the GPU utilisation alert still works there on the runtime's NVML gauge)."""
     t = t or Thresholds()
-    latency = contract.E2E_LATENCY.name
-    return [
+    c = contract
+    w = t.rate_window
+    finished = (
+        f"sum without ({c.LABEL_FINISH_REASON}) (rate({c.REQUEST_SUCCESS.name}[{w}]))"
+        f" + rate({c.RISK_PREDICTIONS.name}[{w}])"
+    )
+    errors = f"sum without ({c.LABEL_REASON}) (rate({c.REQUEST_ERRORS.name}[{w}]))"
+    queue_full = (
+        f'sum without ({c.LABEL_REASON}) (rate({c.REQUESTS_REJECTED.name}{{{c.LABEL_REASON}="queue_full"}}[{w}]))'
+    )
+    rules = [
         AlertRule(
             name="MoeGpuUtilizationHigh",
             expr=(
-                f"max by (instance, gpu) (avg_over_time(DCGM_FI_DEV_GPU_UTIL[5m])) > {t.gpu_utilization_perc}"
-                f" or max by (instance, gpu) (avg_over_time({contract.GPU_UTILIZATION.name}[5m]))"
-                f" > {t.gpu_utilization_perc}"
+                f"avg_over_time({DCGM_GPU_UTIL}[{t.gpu_window}]) > {_num(t.gpu_utilization_perc)}"
+                f" or avg_over_time({c.GPU_UTILIZATION.name}[{t.gpu_window}]) > {_num(t.gpu_utilization_perc)}"
             ),
             for_=t.gpu_utilization_for,
             severity="warning",
-            summary=f"GPU utilisation above {t.gpu_utilization_perc:.0f}% for {t.gpu_utilization_for}",
-            description='GPU {{ $labels.gpu }} on {{ $labels.instance }} is at {{ $value | printf "%.0f" }}%.',
+            summary=f"GPU utilisation above {_num(t.gpu_utilization_perc)}% for {t.gpu_utilization_for}",
+            description=(
+                'GPU {{ $labels.gpu }} on {{ $labels.instance }} averaged {{ $value | printf "%.1f" }}% over '
+                f"{t.gpu_window} (threshold {_num(t.gpu_utilization_perc)}%): the replica is saturated."
+            ),
         ),
         AlertRule(
             name="MoeP99LatencyHigh",
-            expr=(f"histogram_quantile(0.99, sum by (le) (rate({latency}_bucket[5m]))) > {t.p99_latency_seconds}"),
+            expr=(
+                f"histogram_quantile(0.99, sum without (instance, pod) (rate({c.E2E_LATENCY.name}_bucket[{w}])))"
+                f" > {_num(t.p99_latency_seconds)}"
+            ),
             for_=t.latency_for,
             severity="critical",
             summary=f"P99 request latency above {t.p99_latency_seconds * 1000:.0f} ms",
-            description="P99 end-to-end latency is {{ $value | humanizeDuration }}.",
+            description=(
+                'P99 end-to-end latency of job {{ $labels.job }} is {{ $value | printf "%.3f" }} s over '
+                f"{w} (threshold {_num(t.p99_latency_seconds)} s)."
+            ),
         ),
         AlertRule(
             name="MoeAccuracyDrift",
-            expr=(f"abs({contract.ACCURACY_ROLLING.name} - {contract.ACCURACY_BASELINE.name}) > {t.accuracy_drift}"),
+            expr=(
+                f"abs({c.ACCURACY_ROLLING.name} - {c.ACCURACY_BASELINE.name}) > {_num(t.accuracy_drift)}"
+                f" and {c.ACCURACY_BASELINE.name} > 0"
+                f" and {c.FEEDBACK.name} >= {_num(t.accuracy_min_labels)}"
+            ),
             for_=t.accuracy_for,
             severity="warning",
-            summary=f"Risk-model accuracy drifted beyond ±{t.accuracy_drift * 100:.0f}% of its baseline",
-            description="Rolling accuracy differs from the baseline by {{ $value | humanizePercentage }}.",
+            summary=f"Risk-model accuracy drifted beyond ±{t.accuracy_drift * 100:.0f} points of its baseline",
+            description=(
+                "Rolling accuracy on {{ $labels.instance }} differs from the baseline by "
+                '{{ $value | printf "%.3f" }} (threshold ' + _num(t.accuracy_drift) + ")."
+            ),
         ),
         AlertRule(
             name="MoeMemoryLeak",
-            expr=(f"deriv({contract.PROCESS_RESIDENT_MEMORY.name}[1h]) * 3600 > {t.memory_growth_bytes_per_hour:.0f}"),
+            expr=(
+                f"deriv({c.PROCESS_RESIDENT_MEMORY.name}[{t.memory_window}]) * 3600 / 1e9"
+                f" > {_num(t.memory_growth_bytes_per_hour / 1e9)}"
+            ),
             for_=t.memory_for,
             severity="warning",
-            summary=f"Runtime memory grows faster than {t.memory_growth_bytes_per_hour / 1e9:.0f} GB per hour",
-            description="Resident memory of {{ $labels.instance }} grows {{ $value | humanize1024 }}B per hour.",
+            summary=f"Runtime memory grows faster than {_num(t.memory_growth_bytes_per_hour / 1e9)} GB per hour",
+            description=(
+                'Resident memory of {{ $labels.instance }} grows {{ $value | printf "%.2f" }} GB per hour '
+                f"(trend over {t.memory_window}; threshold {_num(t.memory_growth_bytes_per_hour / 1e9)} GB/h)."
+            ),
         ),
         AlertRule(
-            name="MoeMetricsMissing",
-            expr=f'up{{job="{RUNTIME_JOB}"}} == 0 or absent(up{{job="{RUNTIME_JOB}"}})',
+            name="MoeRuntimeMetricsMissing",
+            expr=_missing(RUNTIME_JOB),
             for_=t.metrics_missing_for,
             severity="critical",
             summary="The runtime's metrics are not being scraped",
-            description=f"Prometheus has no healthy scrape of job {RUNTIME_JOB} (target down or missing).",
+            description=(
+                f"Prometheus has no healthy scrape of job {RUNTIME_JOB} "
+                "(instance {{ $labels.instance }}, up = {{ $value }}; an absent target reports 1 with no instance)."
+            ),
+        ),
+        AlertRule(
+            name="MoeKvCacheNearlyFull",
+            expr=f"{c.KV_CACHE_USAGE.name} > {_num(t.kv_cache_usage)}",
+            for_=t.kv_cache_for,
+            severity="warning",
+            summary=f"KV-cache block pool above {t.kv_cache_usage * 100:.0f}% for {t.kv_cache_for}",
+            description=(
+                'The KV-cache pool of {{ $labels.instance }} is {{ $value | printf "%.3f" }} full '
+                f"(threshold {_num(t.kv_cache_usage)}): new sequences wait for blocks."
+            ),
+        ),
+        AlertRule(
+            name="MoeAdmissionQueueSaturated",
+            expr=(
+                f"{c.REQUESTS_WAITING.name} / ({c.QUEUE_CAPACITY.name} > 0) > {_num(t.queue_fill)}"
+                f" or {queue_full} / ({finished} + {queue_full}) > {_num(t.queue_rejected_ratio)}"
+            ),
+            for_=t.queue_for,
+            severity="warning",
+            summary="The admission queue is saturated (requests queue up or are refused with 429)",
+            description=(
+                'Admission on {{ $labels.instance }} at {{ $value | printf "%.3f" }}: queue fill above '
+                f"{_num(t.queue_fill)} or share of requests refused as queue_full above {_num(t.queue_rejected_ratio)}."
+            ),
+        ),
+        AlertRule(
+            name="MoeErrorRateHigh",
+            expr=f"{errors} / ({errors} + {finished}) > {_num(t.error_rate)}",
+            for_=t.error_for,
+            severity="critical",
+            summary=f"More than {t.error_rate * 100:.0f}% of requests fail on the server",
+            description=(
+                '{{ $value | printf "%.3f" }} of requests on {{ $labels.instance }} failed with a server error '
+                f"over {w} (threshold {_num(t.error_rate)})."
+            ),
         ),
     ]
+    if gpu_exporter:
+        rules.append(
+            AlertRule(
+                name="MoeGpuMetricsMissing",
+                # Only while a runtime is up: a GPU pool scaled to zero has no exporter pods, rightly.
+                expr=f'({_missing(GPU_EXPORTER_JOB)}) and on () (count(up{{job="{RUNTIME_JOB}"}} == 1) > 0)',
+                for_=t.metrics_missing_for,
+                severity="critical",
+                summary="GPU metrics (DCGM exporter) are not being scraped while the runtime runs",
+                description=(
+                    f"Prometheus has no healthy scrape of job {GPU_EXPORTER_JOB} "
+                    "(instance {{ $labels.instance }}, value {{ $value }}): "
+                    "GPU utilisation alerts and panels are blind."
+                ),
+            )
+        )
+    return rules
 
 
 def rule_groups(rules: list[AlertRule]) -> dict:
-    return {"groups": [{"name": "moe-fleet", "rules": [rule.to_prometheus() for rule in rules]}]}
+    return {"groups": [{"name": RULE_GROUP, "rules": [rule.to_prometheus() for rule in rules]}]}
 
 
 def rules_yaml(rules: list[AlertRule]) -> str:
+    """The rules in Prometheus's rule-file format: the AMP namespace's ``data`` and a local rules file."""
     return yaml.safe_dump(rule_groups(rules), sort_keys=False)
+
+
+def write_rules_file(path: Path, rules: list[AlertRule]) -> Path:
+    """A plain rules file for a local Prometheus (``rule_files:`` in its config)."""
+    path.write_text(rules_yaml(rules))
+    return path
+
+
+def prometheus_rule_object(
+    rules: list[AlertRule], *, name: str, namespace: str, labels: dict[str, str] | None = None
+) -> dict:
+    """The rules as a Prometheus Operator ``PrometheusRule`` (monitoring.coreos.com/v1), a plain dict.
+
+    ``labels`` must match the Prometheus object's ``ruleSelector`` (kube-prometheus-stack selects
+    ``release: <name>`` by default), or the operator silently ignores the rules.
+    """
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+        "spec": rule_groups(rules),
+    }

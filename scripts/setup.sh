@@ -13,6 +13,21 @@ need node "Node.js >= 20 for the cdktf CLI"
 need npm "npm, comes with Node.js"
 need terraform "Terraform 1.11.x"
 
+# Prometheus + promtool for the alert-rule tests and the local Prometheus: Debian's package, installed
+# only when promtool is missing. RUNLEVEL=1 keeps invoke-rc.d from starting its service (we run the
+# binary ourselves, on loopback ports of our choosing).
+if ! command -v promtool >/dev/null 2>&1; then
+  need apt-get "or install Prometheus 2.x yourself so that promtool and prometheus are on the PATH"
+  echo "setup: installing Debian's prometheus package (promtool; its service is not started)"
+  install_prometheus() {
+    RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null
+  }
+  install_prometheus || { apt-get update -qq && install_prometheus; } || {
+    echo "setup: 'apt-get install prometheus' failed; install Prometheus 2.x so promtool is on the PATH" >&2
+    exit 1
+  }
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
