@@ -23,7 +23,7 @@ ifneq ($(wildcard $(CURDIR)/.tfrc),)
 export TF_CLI_CONFIG_FILE := $(CURDIR)/.tfrc
 endif
 
-.PHONY: help setup test test-fast lint synth diff deploy destroy demo bench-synth clean
+.PHONY: help setup test test-fast lint synth diff deploy destroy demo bench-synth clean image push render install
 
 help:
 	@echo "make demo         deploy the 'local' environment to emulated AWS (moto) and show it (ARGS=--once to exit)"
@@ -32,6 +32,10 @@ help:
 	@echo "make diff ENV=e   cdktf diff for one environment"
 	@echo "make deploy ENV=e cdktf deploy for one environment"
 	@echo "make lint         ruff"
+	@echo "make image        build the runtime image (docker buildx; tag: git describe)"
+	@echo "make push ENV=e   push it to the environment's ECR repository"
+	@echo "make render ENV=e render its Kubernetes objects into build/rendered/<env>/ (OUT=dir)"
+	@echo "make install ENV=e install the runtime on the environment's cluster (ARGS=--dry-run)"
 
 $(STAMP): pyproject.toml package.json package-lock.json scripts/setup.sh scripts/tools-requirements.txt
 	bash scripts/setup.sh
@@ -65,6 +69,28 @@ demo: setup
 
 bench-synth: setup
 	$(BIN)/python benchmarks/synth_time.py
+
+# ---- runtime image and Kubernetes install (images/runtime, infra/kube, docs/install.md) ----------------
+IMAGE_NAME ?= moe-runtime
+IMAGE_TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+OUT ?= build/rendered/$(ENV)
+
+image:
+	@command -v docker >/dev/null || { echo "make image: no docker CLI on the PATH; install Docker with the buildx plugin"; exit 2; }
+	@docker info >/dev/null 2>&1 || { echo "make image: the docker CLI is here but no Docker engine answers (docker info failed): start dockerd or set DOCKER_HOST"; exit 2; }
+	@docker buildx version >/dev/null 2>&1 || { echo "make image: the docker buildx plugin is missing"; exit 2; }
+	docker buildx build --load -f images/runtime/Dockerfile \
+	  --build-arg VERSION=$(IMAGE_TAG) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  -t $(IMAGE_NAME):$(IMAGE_TAG) .
+
+push: setup
+	$(BIN)/python -m infra.kube.push --env $(ENV) --tag $(IMAGE_TAG) --image $(IMAGE_NAME)
+
+render: setup
+	$(BIN)/moefleet render $(ENV) --tag $(IMAGE_TAG) --out $(OUT) $(ARGS)
+
+install: setup
+	$(BIN)/moefleet install $(ENV) --tag $(IMAGE_TAG) $(ARGS)
 
 clean:
 	rm -rf cdktf.out .gen .pytest_cache .ruff_cache

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from infra.kube.cli import register as register_kube_commands
+from infra.ops.cli import OPS_COMMANDS
 from infra.plan_summary import (
     STATEFUL_RESOURCE_TYPES,
     PlanError,
@@ -154,7 +156,11 @@ def _synth_one(env: str, environments_file: Path, outdir: Path, endpoint: str | 
 # ---- entry point ------------------------------------------------------------------------------------
 
 #: Each entry adds one subcommand (its parser sets `handler`). Other issues append theirs here.
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_plan_summary]
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_plan_summary,
+    *OPS_COMMANDS,  # envs, preflight, weights, cost, status (infra/ops/cli.py)
+    register_kube_commands,  # render, install (infra/kube/cli.py)
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

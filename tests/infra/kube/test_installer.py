@@ -1,0 +1,156 @@
+"""Installer: server-side apply, rollout wait, rollback and dry run, over real HTTP against the fake API
+(tests/infra/kube/fake_api.py; no API server runs on these machines), through the `kubernetes` client."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.cli import main
+from infra.kube.installer import FIELD_MANAGER, Installer, InstallError, object_path
+from infra.kube.outputs import representative_outputs
+from infra.kube.render import render
+from tests.infra.kube.fake_api import FakeKubeAPI
+from tests.infra.kube.inputs import make_input
+
+
+def _client(url: str):
+    from kubernetes import client
+
+    config = client.Configuration(host=url)
+    config.api_key = {"BearerToken": "Bearer test-token"}
+    return client.ApiClient(config)
+
+
+class Clock:
+    """Manual time: sleep advances it, so timeouts are tested without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _installer(api: FakeKubeAPI, timeout: float = 60.0) -> tuple[Installer, io.StringIO]:
+    out = io.StringIO()
+    clock = Clock()
+    return Installer(_client(api.url), out=out, timeout_s=timeout, poll_s=1.0, sleep=clock.sleep, clock=clock), out
+
+
+def _image(api: FakeKubeAPI, obj: dict) -> str:
+    stored = api.objects[object_path(obj)]
+    spec = stored["spec"]
+    template = spec["template"] if stored["kind"] == "Deployment" else spec["leaderWorkerTemplate"]["leaderTemplate"]
+    return template["spec"]["containers"][0]["image"]
+
+
+def test_first_install_applies_in_order_with_field_manager_and_is_idempotent(fake_api, environments):
+    objs = render(make_input(environments["staging"]))
+    installer, out = _installer(fake_api)
+    installer.install(objs)
+    applied = fake_api.applies(dry_run=False)
+    assert [path for path, _, _ in applied] == [object_path(o) for o in objs]
+    assert all(q["fieldManager"] == [FIELD_MANAGER] and q["force"] == ["true"] for _, q, _ in applied)
+    assert applied[0][0] == "/api/v1/namespaces/moe-fleet"  # namespace first
+    assert "rolled out deployment/moe-runtime" in out.getvalue()
+    generation = fake_api.objects[object_path(objs[-3])]["metadata"]["generation"]
+    installer.install(objs)  # same objects again: nothing changes
+    assert fake_api.objects[object_path(objs[-3])]["metadata"]["generation"] == generation
+
+
+def test_missing_crd_stops_before_anything_is_applied(fake_api, environments):
+    fake_api.crds.discard("leaderworkersets.leaderworkerset.x-k8s.io")
+    installer, _ = _installer(fake_api)
+    with pytest.raises(InstallError, match=r"leaderworkersets\.leaderworkerset\.x-k8s\.io.*LeaderWorkerSet"):
+        installer.install(render(make_input(environments["prod"])))
+    assert fake_api.applies() == []
+
+
+@pytest.mark.parametrize("env", ["dev", "staging", "prod"])
+def test_failed_rollout_restores_previous_template(fake_api, environments, env):
+    v1 = render(make_input(environments[env], "v1"))
+    v2 = render(make_input(environments[env], "v2-broken"))
+    workload = next(o for o in v2 if o["kind"] in ("Deployment", "LeaderWorkerSet"))
+    installer, out = _installer(fake_api)
+    installer.install(v1)
+    assert _image(fake_api, workload).endswith(":v1")
+    fake_api.outcome = lambda obj: "fail" if "broken" in json.dumps(obj["spec"]) else "ok"
+    with pytest.raises(InstallError, match="previous revision restored"):
+        installer.install(v2)
+    assert _image(fake_api, workload).endswith(":v1")
+    assert "restoring the previous template" in out.getvalue()
+
+
+def test_failed_first_install_says_there_is_nothing_to_roll_back_to(fake_api, environments):
+    fake_api.outcome = lambda obj: "fail"
+    installer, _ = _installer(fake_api)
+    with pytest.raises(InstallError, match="no previous revision"):
+        installer.install(render(make_input(environments["dev"])))
+
+
+def test_rollout_that_never_finishes_times_out(fake_api, environments):
+    fake_api.outcome = lambda obj: "pending"
+    installer, out = _installer(fake_api, timeout=30)
+    with pytest.raises(InstallError, match="not done after 30 s"):
+        installer.install(render(make_input(environments["dev"])))
+    assert "0/1 updated, 0/1 available" in out.getvalue()
+
+
+def test_dry_run_reports_changes_and_stores_nothing(fake_api, environments):
+    installer, out = _installer(fake_api)
+    first = installer.plan(render(make_input(environments["dev"], "v1")))
+    assert {action for _, action, _ in first} == {"create"}
+    assert fake_api.objects == {}
+    installer.install(render(make_input(environments["dev"], "v1")))
+    stored = json.dumps(fake_api.objects, sort_keys=True)
+    same = installer.plan(render(make_input(environments["dev"], "v1")))
+    assert {action for _, action, _ in same} == {"unchanged"}
+    plan = {
+        name: (action, paths) for name, action, paths in installer.plan(render(make_input(environments["dev"], "v2")))
+    }
+    assert json.dumps(fake_api.objects, sort_keys=True) == stored
+    action, paths = plan["deployment/moe-runtime -n moe-fleet"]
+    assert action == "change"
+    assert "spec.template.spec.containers[0].image" in paths
+    # Only the version label changes on the Service (its selector is version-free).
+    assert plan["service/moe-runtime -n moe-fleet"] == ("change", ["metadata.labels.app.kubernetes.io/version"])
+    assert "change    deployment/moe-runtime" in out.getvalue()
+    assert all("dryRun" in q for _, q, _ in fake_api.applies(dry_run=True))
+
+
+def test_cli_install_through_a_kubeconfig(fake_api, environments, tmp_path: Path, capsys):
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({k: {"value": v} for k, v in representative_outputs(environments["dev"]).items()}))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    args = ["install", "dev", "--outputs", str(outputs), "--kubeconfig", str(kubeconfig), "--tag", "v7", "--poll", "0"]
+    assert main(args) == 0
+    assert "install: dev is rolled out" in capsys.readouterr().err
+    assert any(path.endswith("/deployments/moe-runtime") for path, _, _ in fake_api.applies())
+    fake_api.outcome = lambda obj: "fail" if ":v8" in json.dumps(obj["spec"]) else "ok"
+    assert main([*args[:-4], "--tag", "v8", "--poll", "0", "--timeout", "1"]) == 1
+    assert "previous revision restored" in capsys.readouterr().err
+
+
+def test_cli_install_refuses_representative_outputs(environments, tmp_path, capsys):
+    code = main(["install", "prod", "--stack-dir", str(tmp_path)])
+    assert code == 2
+    assert "no stack outputs for 'prod'" in capsys.readouterr().err
