@@ -79,7 +79,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--accuracy-window", type=int, default=500, help="labels in the rolling accuracy")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1)
+    p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1, help="default: $WORLD_SIZE")
+    p.add_argument(
+        "--tp", type=int, default=_env_int(c.ENV_TP) or 1, help="tensor-parallel ranks: attention, dense MLPs"
+    )
+    p.add_argument("--ep", type=int, default=_env_int(c.ENV_EP) or 1, help="expert-parallel ranks: routed experts")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=float(os.environ.get(c.ENV_DIST_TIMEOUT) or c.DEFAULT_DIST_TIMEOUT_S),
+        help="seconds before a collective or a silent rank counts as failed (multi-GPU)",
+    )
     p.add_argument("--shm-min-bytes", type=int, default=_env_int(c.ENV_SHM_MIN_BYTES) or c.DEFAULT_SHM_MIN_BYTES)
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -108,6 +118,15 @@ def _serve(args: argparse.Namespace) -> int:
         except ShmError as exc:
             print(f"error: world size {args.world_size}: {exc}", file=sys.stderr)
             return 2
+    from runtime.config import ConfigError, ModelConfig
+    from runtime.parallel.layout import LayoutError, ParallelLayout
+
+    layout = ParallelLayout(args.tp, args.ep, args.world_size)
+    try:
+        layout.validate(ModelConfig.from_json_file(Path(args.model) / "config.json"))
+    except (LayoutError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from runtime.server.lifecycle import serve
@@ -121,6 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if layout.distributed and device == "cuda":
+        from runtime.parallel.dist import world_from_env
+
+        device = f"cuda:{world_from_env()[2]}"  # one GPU per rank: LOCAL_RANK
     try:
         settings = Settings(
             model_path=args.model,
@@ -145,7 +168,39 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return serve(settings, args.host, args.port, args.log_level)
+    if not layout.distributed:
+        return serve(settings, args.host, args.port, args.log_level)
+    from runtime.parallel.dist import init_distributed
+    from runtime.parallel.lockstep import serve_worker
+
+    try:
+        parallel = settings.parallel = init_distributed(layout, device, args.dist_timeout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    try:
+        code = serve(settings, args.host, args.port, args.log_level) if parallel.is_leader else None
+        code = serve_worker(settings, parallel) if code is None else code
+    except Exception as exc:  # e.g. a worker's load failed: never leave the group waiting on us
+        logging.getLogger("runtime").error("rank %d failed: %s: %s", parallel.rank, type(exc).__name__, exc)
+        code = 1
+    return _leave_group(code)
+
+
+def _leave_group(code: int) -> int:
+    """Normal exit: tear the process group down. Failure: exit now, without waiting on a dead peer."""
+    import logging
+
+    import torch.distributed as dist
+
+    if code == 0:
+        dist.destroy_process_group()
+        return 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # name → function adding the subparser; append to extend the CLI.

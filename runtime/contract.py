@@ -59,6 +59,21 @@ ENV_ACCURACY_BASELINE = "MOE_ACCURACY_BASELINE"
 ENV_WORLD_SIZE = "WORLD_SIZE"  # torchrun / LeaderWorkerSet convention
 ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
 
+# ---- multi-GPU / multi-node (docs/parallel.md) --------------------------------------------------
+
+DISTRIBUTED_PORT = 29500  # torchrun's --master-port on the leader (rendezvous + process-group store)
+ENV_RANK = "RANK"  # set by torchrun for each process
+ENV_LOCAL_RANK = "LOCAL_RANK"
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_LWS_LEADER_ADDRESS = "LWS_LEADER_ADDRESS"  # set by LeaderWorkerSet in every pod of a group
+ENV_LWS_GROUP_SIZE = "LWS_GROUP_SIZE"  # pods (nodes) per group → torchrun --nnodes
+ENV_LWS_WORKER_INDEX = "LWS_WORKER_INDEX"  # 0 on the leader → torchrun --node-rank
+ENV_TP = "MOE_TP"  # default of serve --tp
+ENV_EP = "MOE_EP"  # default of serve --ep
+ENV_DIST_TIMEOUT = "MOE_DIST_TIMEOUT_S"  # collective / heartbeat timeout, seconds
+DEFAULT_DIST_TIMEOUT_S = 120.0
+
 DEFAULT_MODEL_PATH = "/opt/deepseek/model_weights"
 SHM_PATH = "/dev/shm"
 DEFAULT_SHM_MIN_BYTES = 1 << 30  # NCCL wants far more than Docker's 64 MiB default
@@ -120,6 +135,11 @@ TIME_PER_OUTPUT_TOKEN = _m(
 )
 REQUESTS_RUNNING = _m("moe_num_requests_running", "Sequences in the running batch.", "gauge")
 REQUESTS_WAITING = _m("moe_num_requests_waiting", "Sequences admitted but waiting to start.", "gauge")
+QUEUE_CAPACITY = _m(
+    "moe_queue_capacity",
+    "Capacity of the admission queue (max_queue); queue fill = moe_num_requests_waiting / this. 0 until set.",
+    "gauge",
+)
 BATCH_SIZE = _m("moe_batch_size", "Sequences in the last decode step.", "gauge")
 PROMPT_TOKENS = _m("moe_prompt_tokens_total", "Prompt tokens prefilled.", "counter")
 GENERATION_TOKENS = _m("moe_generation_tokens_total", "Tokens generated.", "counter")
@@ -170,6 +190,7 @@ METRICS: tuple[MetricDef, ...] = (
     TIME_PER_OUTPUT_TOKEN,
     REQUESTS_RUNNING,
     REQUESTS_WAITING,
+    QUEUE_CAPACITY,
     BATCH_SIZE,
     PROMPT_TOKENS,
     GENERATION_TOKENS,

@@ -145,30 +145,50 @@ def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
 
 
+def _model_shapes(model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
 def load_model(
-    path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    parallel=None,  # runtime.parallel.dist.ParallelState
 ) -> DeepseekForCausalLM:
-    """Build the model for ``path``'s config.json and fill it from the safetensors shards."""
+    """Build the model for ``path``'s config.json and fill it from the safetensors shards.
+
+    With ``parallel``, the rank builds only its shard and reads only that from the memory-mapped files:
+    its own experts' tensors, and for tensor-parallel weights the rows / columns it owns
+    (``get_slice(name)[...]``). The checkpoint is still validated against the whole model first."""
     from safetensors import safe_open
 
     path = Path(path)
     config = load_config(path)
     dtype = parse_dtype(dtype)
     inv = _inventory(path)
-    model = build_model(config, dtype=dtype, device=device)
+    sharded = parallel is not None and parallel.world_size > 1
+    full = build_model(config, dtype=dtype, device="meta") if sharded else None
+    model = build_model(config, dtype=dtype, device=device, parallel=parallel)
+    check_names(_model_shapes(full or model), inv.shapes, config)
     params = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
         params.pop("lm_head.weight", None)
-    check_names({k: tuple(v.shape) for k, v in params.items()}, inv.shapes, config)
     by_file: dict[str, list[str]] = {}
     for name in params:
         by_file.setdefault(inv.where[name], []).append(name)
+    if sharded:
+        from runtime.parallel.shard import checkpoint_slice
     with torch.no_grad():
         for f, names in by_file.items():
             with safe_open(str(path / f), framework="pt") as sf:
                 for name in names:
                     dst = params[name]
-                    dst.copy_(sf.get_tensor(name).to(device=dst.device, dtype=dst.dtype))
+                    idx = checkpoint_slice(inv.shapes[name], tuple(dst.shape), parallel) if sharded else None
+                    src = sf.get_tensor(name) if idx is None else sf.get_slice(name)[idx]
+                    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
     return model
 
 

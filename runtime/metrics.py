@@ -80,6 +80,7 @@ class ServiceMetrics:
         self.tpot = m[c.TIME_PER_OUTPUT_TOKEN.name]
         self.running = m[c.REQUESTS_RUNNING.name]
         self.waiting = m[c.REQUESTS_WAITING.name]
+        self.queue_capacity = m[c.QUEUE_CAPACITY.name]
         self.batch_size = m[c.BATCH_SIZE.name]
         self.prompt_tokens = m[c.PROMPT_TOKENS.name]
         self.generation_tokens = m[c.GENERATION_TOKENS.name]

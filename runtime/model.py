@@ -470,12 +470,20 @@ def _skip_init() -> Iterator[None]:
 
 
 def build_model(
-    config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    parallel=None,  # runtime.parallel.dist.ParallelState: build only this rank's shard
 ) -> DeepseekForCausalLM:
     """An uninitialized model on ``device``: built on the meta device then materialized, so no time is
-    spent on random init that the checkpoint overwrites (and no CPU detour for GPU models)."""
+    spent on random init that the checkpoint overwrites (and no CPU detour for GPU models). With
+    ``parallel``, layers are cut to this rank's shard while still on meta, so only the shard is allocated."""
     with torch.device("meta"), _skip_init():
         model = DeepseekForCausalLM(config)
+    if parallel is not None and parallel.world_size > 1:
+        from runtime.parallel.shard import shard_model
+
+        shard_model(model, parallel)
     model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

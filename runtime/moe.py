@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.parallel.shard import all_reduce
 
 
 class MLP(nn.Module):
@@ -124,12 +125,19 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class MoE(nn.Module):
-    """Routed experts (sorted dispatch) + shared experts; counts tokens per expert on device."""
+    """Routed experts (sorted dispatch) + shared experts; counts tokens per expert on device.
+
+    Under expert parallelism (:meth:`shard_experts`) the module holds ``n_local`` experts with global ids
+    ``[expert_offset, expert_offset + n_local)``, computes their share for every token, and all-reduces
+    the partial sums over ``ep_group``; the router and the load statistics still cover all experts."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         E, H, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.n_experts, self.top_k, self.inter = E, config.num_experts_per_tok, inter
+        self.n_local, self.expert_offset = E, 0
+        self.ep_group = None  # process group summing the routed partials (runtime.parallel)
+        self.shared_partial = False  # shared experts' output is a TP partial summed with the routed one
         self.gate = Gate(config)
         self.register_buffer("w13", torch.empty(E, 2 * inter, H), persistent=False)
         self.register_buffer("w2", torch.empty(E, H, inter), persistent=False)
@@ -143,8 +151,18 @@ class MoE(nn.Module):
         self.impl = "auto"
 
     def _tie_expert_views(self) -> None:
-        views = [_ExpertView(self.w13[e], self.w2[e], self.inter) for e in range(self.n_experts)]
-        self._modules["experts"] = nn.ModuleList(views)
+        # keyed by global expert id, so a rank holding experts 8..15 still shows ``experts.8.*`` names
+        views = {
+            str(self.expert_offset + e): _ExpertView(self.w13[e], self.w2[e], self.inter) for e in range(self.n_local)
+        }
+        self._modules["experts"] = nn.ModuleDict(views)
+
+    def shard_experts(self, rank: int, n: int) -> None:
+        """Keep only this EP rank's ``E/n`` experts (on the meta device, before materializing)."""
+        self.n_local, self.expert_offset = self.n_experts // n, rank * (self.n_experts // n)
+        self.w13 = torch.empty(self.n_local, *self.w13.shape[1:], dtype=self.w13.dtype, device=self.w13.device)
+        self.w2 = torch.empty(self.n_local, *self.w2.shape[1:], dtype=self.w2.dtype, device=self.w2.device)
+        self._tie_expert_views()
 
     def _apply(self, fn: Callable, recurse: bool = True) -> MoE:
         # Move only the stacks (and gate / shared experts); then rebuild the per-expert views.
@@ -161,7 +179,8 @@ class MoE(nn.Module):
     def expert_counts(self) -> torch.Tensor:
         """Tokens routed to each expert since the last reset ([E] int64, on device, no sync)."""
         cum = self.expert_load_cum
-        return torch.diff(cum, prepend=cum.new_zeros(1))
+        counts = torch.diff(cum, prepend=cum.new_zeros(1))  # in dispatch-key order (see routed)
+        return counts.roll(self.expert_offset) if self.expert_offset else counts
 
     def reset_buffers(self) -> None:
         self.expert_load_cum.zero_()
@@ -173,9 +192,12 @@ class MoE(nn.Module):
             grouped = self.use_grouped(x)
         ids, weights = self.gate(x)
         y = self.routed(x, ids, weights, grouped)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        if self.shared_experts is None:
+            return all_reduce(y, self.ep_group)
+        s = self.shared_experts(x)
+        if self.shared_partial:
+            return all_reduce(y + s, self.ep_group)
+        return all_reduce(y, self.ep_group) + s
 
     def use_grouped(self, x: torch.Tensor, compiled: bool = False) -> bool | str:
         """True: grouped GEMM; False: loop over active experts (host sync, eager only); "gather": each
@@ -195,19 +217,25 @@ class MoE(nn.Module):
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grouped: bool | str | None = None
     ) -> torch.Tensor:
         """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
-        scale by the routing weight and scatter-add back. No host sync on the grouped path."""
+        scale by the routing weight and scatter-add back. No host sync on the grouped path.
+
+        Under EP the sort key is ``(id - expert_offset) mod E``: this rank's experts come first, in order,
+        and the pairs routed elsewhere trail behind them, computed by no expert and masked to zero."""
         if grouped is None:
             grouped = self.use_grouped(x)
-        sorted_ids, order = ids.reshape(-1).sort(stable=True)
+        key = ids if not self.expert_offset else (ids - self.expert_offset) % self.n_experts
+        sorted_ids, order = key.reshape(-1).sort(stable=True)
         token_idx = order // self.top_k
         # end offset of each expert's slice; summing offsets over steps sums the counts (see expert_counts)
-        offs = torch.searchsorted(sorted_ids, self.expert_range, right=True, out_int32=True)
-        self.expert_load_cum += offs
+        offs_all = torch.searchsorted(sorted_ids, self.expert_range, right=True, out_int32=True)
+        self.expert_load_cum += offs_all
+        offs = offs_all[: self.n_local]
         xs = x.index_select(0, token_idx)
         if grouped == "gather":
-            h = torch.bmm(self.w13.index_select(0, sorted_ids), xs[:, :, None]).squeeze(-1)
+            local = sorted_ids if self.n_local == self.n_experts else sorted_ids.clamp(max=self.n_local - 1)
+            h = torch.bmm(self.w13.index_select(0, local), xs[:, :, None]).squeeze(-1)
             g, u = h.split(self.inter, dim=-1)
-            out = torch.bmm(self.w2.index_select(0, sorted_ids), (F.silu(g) * u)[:, :, None]).squeeze(-1)
+            out = torch.bmm(self.w2.index_select(0, local), (F.silu(g) * u)[:, :, None]).squeeze(-1)
         elif grouped:
             h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
             g, u = h.split(self.inter, dim=-1)
@@ -223,5 +251,7 @@ class MoE(nn.Module):
                 out[start : start + n] = F.linear(F.silu(g) * u, self.w2[e])
                 start += n
         w = weights.reshape(-1).index_select(0, order)
-        out = (out.float() * w[:, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_idx, out)
+        out = out.float() * w[:, None]
+        if self.n_local < self.n_experts:  # rows of other ranks' experts hold no (or stale) values
+            out = torch.where((sorted_ids < self.n_local)[:, None], out, 0.0)
+        return torch.zeros_like(x).index_add_(0, token_idx, out.to(x.dtype))

@@ -103,8 +103,10 @@ class Engine:
             from runtime.cuda_graph import CUDAGraphDecoder
 
             sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < cfg.max_num_seqs]
+            # a distributed leader captures on every rank at once (runtime.parallel.lockstep)
+            make = getattr(model, "make_graph_decoder", None) or (lambda *a: CUDAGraphDecoder(model, *a))
             try:
-                self.graphs = CUDAGraphDecoder(model, self.cache, self.max_blocks_per_seq, [*sizes, cfg.max_num_seqs])
+                self.graphs = make(self.cache, self.max_blocks_per_seq, [*sizes, cfg.max_num_seqs])
             except RuntimeError as exc:  # e.g. an eager fp32 MoE loop syncs with the host: not capturable
                 log.warning("CUDA-graph capture failed, decoding eagerly: %s", str(exc).splitlines()[0])
                 torch.cuda.synchronize()

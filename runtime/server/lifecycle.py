@@ -107,6 +107,10 @@ def serve(settings, host: str, port: int, log_level: str = "info") -> int:
 
     state.on_fatal = fatal
     server.run()
+    if state.leader is not None and not state.fatal:
+        if state.engine is not None:
+            state.engine.stop()  # no step may be in flight when the workers are told to stop
+        state.leader.close()
     if state.fatal:
         log.error("exiting: %s", state.fatal)
         return 1

@@ -43,6 +43,7 @@ class Settings:
     accuracy_window: int = 500
     warmup: bool = True
     retry_after_s: int = 1
+    parallel: object | None = None  # runtime.parallel.dist.ParallelState of the leader (multi-GPU)
 
     @property
     def model_name(self) -> str:
@@ -79,10 +80,12 @@ class ServiceState:
     created: int = field(default_factory=lambda: int(time.time()))
     loop: asyncio.AbstractEventLoop | None = None
     on_fatal: object | None = None  # callable() asking the server to exit
+    leader: object | None = None  # runtime.parallel.lockstep.Leader (multi-GPU)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.feedback = FeedbackTracker(window=s.accuracy_window, baseline=s.accuracy_baseline)
+        self.metrics.queue_capacity.set(s.max_queue)
         if s.accuracy_baseline is not None:
             self.metrics.accuracy_baseline.set(s.accuracy_baseline)
 
@@ -103,7 +106,12 @@ class ServiceState:
 
             s = self.settings
             t0 = time.perf_counter()
-            model = load_model(s.model_path, dtype=s.dtype, device=s.device)
+            model = load_model(s.model_path, dtype=s.dtype, device=s.device, parallel=s.parallel)
+            if s.parallel is not None:  # every forward now runs on all ranks at once
+                from runtime.parallel.lockstep import Leader, startup_barrier
+
+                startup_barrier(s.parallel)
+                model = self.leader = Leader(model, s.parallel, on_failure=self.fail)
             tok = load_tokenizer(s.model_path)
             cfg = s.engine_config()
             engine = Engine(model, tok, cfg, metrics=self.metrics)
@@ -134,6 +142,16 @@ class ServiceState:
             log.error("model load failed: %s", self.fatal)
             if self.on_fatal is not None:
                 self.on_fatal()
+
+    def fail(self, message: str) -> None:
+        """The service can no longer serve (a rank of a multi-GPU replica is gone): unready, then exit 1."""
+        self.fatal = self.fatal or message
+        self.ready = False
+        self.metrics.ready.set(0)
+        if self.engine is not None:
+            self.engine.close_admission()
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _emit(self, events) -> None:
         """Engine thread → event loop: one wake-up per step carrying every sequence's events."""
