@@ -41,7 +41,7 @@ class EnvironmentStack(TerraformStack):
         aws_provider(self, env, endpoint_override)
         self._backend(env)
         account_id = DataAwsCallerIdentity(self, "account").account_id
-        partition = DataAwsPartition(self, "partition").partition
+        partition = self.partition = DataAwsPartition(self, "partition").partition
 
         # One key for every log group of the environment (control plane, flow logs, later the runtime).
         self.logs_key = EncryptionKey(
@@ -180,32 +180,16 @@ class EnvironmentStack(TerraformStack):
                 force_destroy=env.emulated,
             ),
         )
-        pod_identity = [self.cluster.addons["eks-pod-identity-agent"]]
-        self.runtime_role = WorkloadRole(
-            self,
-            "runtime-identity",
-            WorkloadRoleProps(
-                cluster_name=self.cluster.name,
-                role_name=f"{name}-runtime",
-                namespace=RUNTIME_NAMESPACE,
-                service_account=RUNTIME_SERVICE_ACCOUNT,
-                policy=runtime_policy(self.cold.bucket.arn, self.cold.key.arn),
-            ),
-            depends_on=pod_identity,
+        self.runtime_role = self._workload_role(
+            "runtime",
+            (RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT),
+            runtime_policy(self.cold.bucket.arn, self.cold.key.arn),
         )
-        self.ebs_csi_role = WorkloadRole(
-            self,
-            "ebs-csi-identity",
-            WorkloadRoleProps(
-                cluster_name=self.cluster.name,
-                role_name=f"{name}-ebs-csi",
-                namespace=EBS_CSI_SERVICE_ACCOUNT[0],
-                service_account=EBS_CSI_SERVICE_ACCOUNT[1],
-                policy=ebs_csi_key_policy(self.volume_key.arn),
-                managed_policies=("service-role/AmazonEBSCSIDriverPolicy",),
-                partition=partition,
-            ),
-            depends_on=pod_identity,
+        self.ebs_csi_role = self._workload_role(
+            "ebs-csi",
+            EBS_CSI_SERVICE_ACCOUNT,
+            ebs_csi_key_policy(self.volume_key.arn),
+            managed_policies=("service-role/AmazonEBSCSIDriverPolicy",),
         )
         self.hot: FsxHotTier | None = None
         if size.storage.hot_kind is HotTierKind.FSX_LUSTRE:
@@ -226,19 +210,29 @@ class EnvironmentStack(TerraformStack):
                     bucket_name=self.cold.bucket.bucket,
                 ),
             )
-            self.fsx_csi_role = WorkloadRole(
-                self,
-                "fsx-csi-identity",
-                WorkloadRoleProps(
-                    cluster_name=self.cluster.name,
-                    role_name=f"{name}-fsx-csi",
-                    namespace=FSX_CSI_SERVICE_ACCOUNT[0],
-                    service_account=FSX_CSI_SERVICE_ACCOUNT[1],
-                    policy=fsx_csi_policy(self.hot.file_system.arn),
-                ),
-                depends_on=pod_identity,
+            self.fsx_csi_role = self._workload_role(
+                "fsx-csi", FSX_CSI_SERVICE_ACCOUNT, fsx_csi_policy(self.hot.file_system.arn)
             )
             self.cluster.add_addon("aws-fsx-csi-driver", after=[self.system_pool.node_group])
+
+    def _workload_role(
+        self, role: str, service_account: tuple[str, str], policy: str, managed_policies: tuple[str, ...] = ()
+    ) -> WorkloadRole:
+        """An IAM role for one Kubernetes service account (Pod Identity), after the agent add-on exists."""
+        return WorkloadRole(
+            self,
+            f"{role}-identity",
+            WorkloadRoleProps(
+                cluster_name=self.cluster.name,
+                role_name=f"{cluster_name(self.env)}-{role}",
+                namespace=service_account[0],
+                service_account=service_account[1],
+                policy=policy,
+                managed_policies=managed_policies,
+                partition=self.partition,
+            ),
+            depends_on=[self.cluster.addons["eks-pod-identity-agent"]],
+        )
 
     def _backend(self, env: Environment) -> None:
         if env.state.kind == "local":

@@ -12,18 +12,14 @@ import uuid
 from typing import Any
 from xml.sax.saxutils import escape
 
+from infra.emulator.errors import ApiError
+
 ACCOUNT_ID = "123456789012"
 ACTIONS = {"CreatePlacementGroup", "DescribePlacementGroups", "DeletePlacementGroup"}
 _NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 
 _lock = threading.Lock()
 _groups: dict[tuple[str, str], dict[str, Any]] = {}
-
-
-class ApiError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def reset() -> None:

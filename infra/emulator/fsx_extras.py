@@ -20,6 +20,8 @@ import time
 import uuid
 from typing import Any
 
+from infra.emulator.errors import ApiError
+
 ACCOUNT_ID = "123456789012"
 TARGET_PREFIX = "AWSSimbaAPIService_v20180301."
 DRA_ACTIONS = {
@@ -32,12 +34,6 @@ DRA_ACTIONS = {
 _lock = threading.Lock()
 _associations: dict[tuple[str, str], dict[str, Any]] = {}
 _versions: dict[tuple[str, str], str] = {}
-
-
-class ApiError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def reset() -> None:

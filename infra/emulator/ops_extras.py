@@ -25,6 +25,8 @@ from typing import Any
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
+from infra.emulator.errors import ApiError
+
 ACCOUNT_ID = "123456789012"  # moto's default account
 QUOTA_TARGET_PREFIX = "ServiceQuotasV20190624."
 EC2_ACTIONS = {"CreateCapacityReservation", "DescribeCapacityReservations", "CancelCapacityReservation"}
@@ -41,12 +43,6 @@ START_VALUE = 64.0
 _lock = threading.Lock()
 _quota_values: dict[tuple[str, str], float] = {}
 _reservations: dict[str, dict[str, Any]] = {}
-
-
-class ApiError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def reset() -> None:

@@ -22,6 +22,9 @@ emulator *reports*, never what our stacks ask for.
    definition → `amp_extras`.
 7. CreateLaunchTemplate copies the template's own tags (ResourceType `launch-template`) into the template
    *data*'s TagSpecifications → a permanent in-place diff. We keep them off the data.
+11. Bucket policies: moto treats a `Bool` condition on `aws:SecureTransport` as matched, so our
+   deny-non-TLS statement denies every object request. Statements that apply only to insecure transport
+   are skipped (the emulator plays AWS's TLS endpoint); see `_secure_transport_for_bucket_policies`.
 """
 
 from __future__ import annotations
@@ -61,7 +64,35 @@ def apply_model_patches() -> None:
         return original(self, name, description, template_data, tag_spec)
 
     LaunchTemplateBackend.create_launch_template = create_launch_template
+    _secure_transport_for_bucket_policies()
     _patched = True
+
+
+def _insecure_transport_only(statement: dict[str, Any]) -> bool:
+    condition = statement.get("Condition") or {}
+    values = (condition.get("Bool") or {}).get("aws:SecureTransport")
+    return set(condition) == {"Bool"} and str(values).strip("[]'\" ").lower() == "false"
+
+
+def _secure_transport_for_bucket_policies() -> None:
+    """Patch 11 (in-process): moto evaluates bucket policies without request context and treats a
+    condition it cannot evaluate (`Bool` on `aws:SecureTransport`) as matched, so the deny-non-TLS
+    statement every bucket of ours carries denied every object request (403). The emulator stands in for
+    AWS's TLS endpoint (it only listens on loopback), so a statement that applies only to insecure
+    transport never matches here; every other statement is evaluated as before."""
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+    from moto.s3.models import FakeBucket
+
+    def get_permission(self, action: str, resource: str) -> Any:  # type: ignore[no-untyped-def]
+        if self.policy is None:
+            return PermissionResult.NEUTRAL
+        document = json.loads(self.policy.decode())
+        statements = document.get("Statement") or []
+        statements = statements if isinstance(statements, list) else [statements]
+        kept = [st for st in statements if not _insecure_transport_only(st)]
+        return IAMPolicy(json.dumps({**document, "Statement": kept})).is_action_permitted(action, resource)
+
+    FakeBucket.get_permission = get_permission
 
 
 def reset() -> None:

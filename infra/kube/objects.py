@@ -201,9 +201,23 @@ def service_account(inp: RenderInput) -> Obj:
     }
 
 
+#: NCCL over EFA between the nodes of a LeaderWorkerSet group (docs/parallel.md, "NCCL on EFA").
+EFA_NCCL_ENV = {
+    "FI_PROVIDER": "efa",
+    "FI_EFA_USE_DEVICE_RDMA": "1",  # GPUDirect RDMA (p4d/p5)
+    "FI_EFA_FORK_SAFE": "1",  # the runtime forks (torchrun, compile workers)
+    "NCCL_SOCKET_IFNAME": "eth0",  # bootstrap on the pod network
+    "GLOO_SOCKET_IFNAME": "eth0",  # the control group too
+}
+#: Any multi-GPU replica: a timed-out NCCL collective raises instead of hanging the rank.
+MULTI_GPU_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
 def runtime_config(inp: RenderInput) -> dict[str, str]:
     """The runtime's settings, by the environment variable names it reads (runtime.contract)."""
     return {
+        **(MULTI_GPU_ENV if inp.world_size > 1 else {}),
+        **(EFA_NCCL_ENV if inp.size.uses_efa and inp.multi_node else {}),
         c.ENV_MODEL_PATH: inp.model_path,
         c.ENV_MODEL_NAME: inp.model.name,
         c.ENV_HOST: c.DEFAULT_HOST,

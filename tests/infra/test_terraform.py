@@ -103,6 +103,11 @@ def check_cold_tier_and_runtime_role(emulator: str, outputs: dict) -> None:
     block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
     assert all(block.values()) and len(block) == 4
     assert s3.get_bucket_logging(Bucket=bucket)["LoggingEnabled"]["TargetBucket"] == outputs["access_log_bucket"]
+    # An object written with no encryption settings lands encrypted with the environment's key.
+    key = f"{MODELS_PREFIX}probe/rev/config.json"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    head = s3.head_object(Bucket=bucket, Key=key)
+    assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == outputs["models_kms_key_arn"]
 
     iam = aws("iam", emulator)
     role_name = outputs["runtime_role_arn"].rsplit("/", 1)[-1]

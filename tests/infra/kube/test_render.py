@@ -239,6 +239,11 @@ def test_multi_node_command_and_ports(inputs):
     assert cmd[cmd.index("--tp") + 1] == "8" and cmd[cmd.index("--ep") + 1] == "16"
     ports = lwt["leaderTemplate"]["spec"]["containers"][0]["ports"]
     assert {"name": o.DISTRIBUTED_PORT_NAME, "containerPort": o.DISTRIBUTED_PORT, "protocol": "TCP"} in ports
+    config = next(obj for obj in render(inp) if obj["kind"] == "ConfigMap")["data"]
+    assert {k: config[k] for k in o.EFA_NCCL_ENV} == o.EFA_NCCL_ENV, "NCCL must ride EFA between the nodes"
+    assert config["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    staging_config = next(obj for obj in render(inputs["staging"]) if obj["kind"] == "ConfigMap")["data"]
+    assert "FI_PROVIDER" not in staging_config and staging_config["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     medium = _workload(render(inputs["staging"]))["spec"]["template"]["spec"]["containers"][0]["command"]
     assert medium[:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"]
     assert _workload(render(inputs["dev"]))["spec"]["template"]["spec"]["containers"][0]["command"] == [

@@ -1,0 +1,3 @@
+from infra.demo import main
+
+main()
