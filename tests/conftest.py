@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 from infra.config import DEFAULT_ENVIRONMENTS_FILE
 from infra.emulator.process import Emulator
+from tests.e2e.demo_runs import DemoRun
 
 #: Test-only environments appended to the real file: they exercise, against the emulator, what the
 #: standard `local` (devtest) environment does not — multi-node GPU (EFA, placement group, NVMe RAID0,
@@ -75,3 +77,69 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory, emulator: str, environme
 @pytest.fixture(scope="session")
 def stacks(synth_dir: Path) -> dict[str, dict]:
     return {d.name: json.loads((d / "cdk.tf.json").read_text()) for d in sorted(synth_dir.iterdir())}
+
+
+# ---- long jobs that mostly wait, started at the beginning of the session ---------------------------
+#
+# Applying and destroying three environments and running the demo twice take ~15 minutes of wall time,
+# nearly all of it waiting on terraform's polling and on child processes. They start as soon as the
+# session does, and the tests that read their results run last, so the rest of the suite runs meanwhile.
+
+BACKGROUND_FIXTURES = ("once_demo", "stay_up_demo", "cdktf_cli_run", "lifecycles")
+
+
+@pytest.fixture(scope="session")
+def lifecycles(
+    synth_dir: Path, stacks: dict[str, dict], emulator: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[dict[str, float]]]]:
+    from tests.infra.lifecycle import LIVE_CHECKS, apply_replan_destroy
+
+    root = tmp_path_factory.mktemp("applied")
+    with ThreadPoolExecutor(max_workers=len(LIVE_CHECKS)) as pool:
+        yield {
+            env: pool.submit(
+                apply_replan_destroy,
+                synth_dir / env,
+                root / env,
+                stacks[env],
+                emulator,
+                lambda outputs, check=check: check(emulator, outputs),
+            )
+            for env, check in LIVE_CHECKS.items()
+        }
+
+
+@pytest.fixture(scope="session")
+def once_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    run = DemoRun.start(tmp_path_factory.mktemp("demo-once"), "--once")
+    yield run
+    run.stop()
+
+
+@pytest.fixture(scope="session")
+def stay_up_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[dict]]:
+    run = DemoRun.start(tmp_path_factory.mktemp("demo-stay-up"))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(run.explore_then_interrupt)
+        run.stop()
+
+
+@pytest.fixture(scope="session")
+def cdktf_cli_run(emulator: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[tuple]]:
+    from tests.infra.test_cdktf_cli import synth_then_diff
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(synth_then_diff, emulator, tmp_path_factory.mktemp("cdktf-cli") / "cdktf.out")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_background_jobs(request: pytest.FixtureRequest) -> None:
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    for name in BACKGROUND_FIXTURES:
+        if name in wanted:
+            request.getfixturevalue(name)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that collect background results go last (stable: the rest keep their order)."""
+    items.sort(key=lambda item: any(name in getattr(item, "fixturenames", ()) for name in BACKGROUND_FIXTURES))

@@ -210,10 +210,10 @@ def _traffic(runtime_url: str, prom_url: str) -> dict[str, Any]:
         )
         if served is None:
             raise RuntimeError("Prometheus has no samples of the runtime's latency histogram")
+        # Cumulative buckets since the runtime started (a rate() window would need two scrapes that
+        # straddle the traffic, which a fast demo may not give).
         results["prometheus"] = {
-            f"P{q}": traffic.prom_query(
-                prom_url, f"histogram_quantile(0.{q}, sum by (le) (increase({latency}_bucket[5m])))"
-            )
+            f"P{q}": traffic.prom_query(prom_url, f"histogram_quantile(0.{q}, sum by (le) ({latency}_bucket))")
             for q in (50, 99)
         }
         results["prometheus"]["requests seen"] = served

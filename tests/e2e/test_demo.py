@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from infra.emulator.process import free_port, port_in_use
 from infra.terraform import PROJECT_ROOT
+from tests.e2e.demo_runs import DemoRun
 
 
 def demo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -29,11 +27,6 @@ def demo(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=900,
     )
-
-
-def port_args() -> tuple[list[str], list[int]]:
-    ports = [free_port(), free_port(), free_port()]
-    return ["--port", str(ports[0]), "--runtime-port", str(ports[1]), "--prometheus-port", str(ports[2])], ports
 
 
 def test_demo_names_the_failed_step_when_the_port_is_taken(tmp_path: Path) -> None:
@@ -64,77 +57,25 @@ def test_demo_names_a_missing_tool(tmp_path: Path) -> None:
     assert "step 'check tools' failed: not on PATH: prometheus (Debian's prometheus package" in proc.stderr
 
 
-@dataclass
-class OnceDemo:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    workdir: Path
-    ports: list[int]
-
-
-@pytest.fixture(scope="module")
-def once_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnceDemo]:
-    """`--once` started in the background as soon as a test asks for it, so that its waits (terraform's
-    polling, the runtime's start) overlap the stay-up test's instead of doubling the suite's time."""
-    workdir = tmp_path_factory.mktemp("demo-once")
-    args, ports = port_args()
-    log = workdir.parent / f"{workdir.name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "infra.demo", "--once", *args, "--workdir", str(workdir)],
-            cwd=PROJECT_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield OnceDemo(proc, log, workdir, ports)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=600)
+@pytest.mark.slow
+@pytest.mark.terraform
+def test_demo_stays_up_until_interrupted_then_tears_down(stay_up_demo: Future[dict[str, Any]]) -> None:
+    """Without --once the demo waits; the API and Prometheus answer meanwhile; Ctrl-C (SIGINT) destroys
+    the stack and stops every process."""
+    seen = stay_up_demo.result()
+    assert all(seen["listening"]), seen["shown"][-3000:]
+    assert seen["models"] == ["tiny-deepseek"]
+    assert seen["targets"] == ["up"], "Prometheus scrapes the runtime"
+    assert seen["returncode"] == 0, seen["rest"][-3000:]
+    assert "stack destroyed" in seen["rest"] and "nothing left running" in seen["rest"]
+    assert not seen["still_listening"]
 
 
 @pytest.mark.slow
 @pytest.mark.terraform
-def test_demo_stays_up_until_interrupted_then_tears_down(tmp_path: Path, once_demo: OnceDemo) -> None:
-    """Without --once the demo waits; Ctrl-C (SIGINT) destroys the stack and stops every process.
-    (Asks for `once_demo` only to start it: the two run side by side.)"""
-    args, ports = port_args()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.demo", *args, "--workdir", str(tmp_path)],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        # Explore like a user would: the API, the metrics and Prometheus answer while the demo waits.
-        assert all(port_in_use(p) for p in ports), "".join(lines)
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v1/models", timeout=10) as response:
-            assert json.load(response)["data"][0]["id"] == "tiny-deepseek"
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/api/v1/targets", timeout=10) as response:
-            targets = json.load(response)["data"]["activeTargets"]
-        assert [t["health"] for t in targets] == ["up"]
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, rest
-    assert "stack destroyed" in rest and "nothing left running" in rest
-    assert not [p for p in ports if port_in_use(p)]
-
-
-@pytest.mark.slow
-@pytest.mark.terraform
-def test_demo_once_deploys_serves_monitors_and_tears_down(once_demo: OnceDemo) -> None:
+def test_demo_once_deploys_serves_monitors_and_tears_down(once_demo: DemoRun) -> None:
     once_demo.proc.wait(timeout=900)
-    out, tmp_path, ports = once_demo.log.read_text(), once_demo.workdir, once_demo.ports
+    out, tmp_path, ports = once_demo.output(), once_demo.workdir, once_demo.ports
     assert once_demo.proc.returncode == 0, out[-6000:]
     # Deployed, weights through the cold tier into the hot tier, served, scraped, alerts evaluated.
     assert "cluster_name" in out and "moefleet-local" in out and "models_bucket" in out

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
-import boto3
 import pytest
 
-from infra.storage import MODELS_PREFIX
 from infra.terraform import Terraform
-from tests.infra.helpers import resource_types
+from tests.infra.lifecycle import LIVE_CHECKS
 
 
 @pytest.mark.terraform
@@ -25,143 +20,12 @@ def test_validate_every_stack(synth_dir: Path, tmp_path: Path) -> None:
         tf.validate()
 
 
-def apply_replan_destroy(stack_dir: Path, workdir: Path, stack: dict, emulator: str, check_live) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    tf = Terraform.from_stack(stack_dir, workdir)
-    tf.init()
-    timings = {}
-    start = time.monotonic()
-    tf.apply()
-    timings["apply"] = time.monotonic() - start
-    try:
-        applied = {r["type"] for r in tf.state_resources() if r["mode"] == "managed"}
-        assert applied == resource_types(stack), "every emitted resource type must be applied"
-        check_live(tf.outputs())
-        assert tf.plan() == 0, "replan after apply must show no changes (see docs/emulator.md for patched drift)"
-    finally:
-        start = time.monotonic()
-        tf.destroy()
-        timings["destroy"] = time.monotonic() - start
-    assert not [r for r in tf.state_resources() if r["mode"] == "managed"]
-    return timings
-
-
-def aws(service: str, emulator: str):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        service,
-        endpoint_url=emulator,
-        region_name="us-east-1",
-        aws_access_key_id="emulated",
-        aws_secret_access_key="emulated",
-    )
-
-
-# ---- live checks, run between apply and destroy -------------------------------------------------------
-
-
-def check_local(emulator: str, outputs: dict) -> None:
-    eks = aws("eks", emulator)
-    cluster = eks.describe_cluster(name=outputs["cluster_name"])["cluster"]
-    assert cluster["status"] == "ACTIVE" and cluster["accessConfig"]["authenticationMode"] == "API"
-    assert set(eks.list_addons(clusterName=outputs["cluster_name"])["addons"]) >= {"coredns", "vpc-cni"}
-    group = eks.describe_nodegroup(clusterName=outputs["cluster_name"], nodegroupName=outputs["gpu_node_group"])
-    assert group["nodegroup"]["taints"][0]["key"] == "nvidia.com/gpu"
-    assert group["nodegroup"]["scalingConfig"]["minSize"] == 0
-    check_cold_tier_and_runtime_role(emulator, outputs)
-
-
-def check_large(emulator: str, outputs: dict) -> None:
-    ec2 = aws("ec2", emulator)
-    groups = ec2.describe_placement_groups(GroupNames=[f"{outputs['cluster_name']}-gpu"])["PlacementGroups"]
-    assert groups[0]["Strategy"] == "cluster"
-
-
-def check_medium(emulator: str, outputs: dict) -> None:
-    """FSx hot tier, its link to the cold tier, and the FSx CSI add-on, live in the emulator."""
-    fsx = aws("fsx", emulator)
-    fs = fsx.describe_file_systems(FileSystemIds=[outputs["fsx_file_system_id"]])["FileSystems"][0]
-    assert fs["Lifecycle"] == "AVAILABLE" and fs["LustreConfiguration"]["DeploymentType"] == "PERSISTENT_2"
-    assert fs["LustreConfiguration"]["MountName"] == outputs["fsx_mount_name"]
-    associations = fsx.describe_data_repository_associations()["Associations"]
-    ours = [a for a in associations if a["FileSystemId"] == outputs["fsx_file_system_id"]]
-    assert ours[0]["DataRepositoryPath"] == f"s3://{outputs['models_bucket']}/{MODELS_PREFIX}"
-    addons = aws("eks", emulator).list_addons(clusterName=outputs["cluster_name"])["addons"]
-    assert "aws-fsx-csi-driver" in addons
-    check_cold_tier_and_runtime_role(emulator, outputs)
-
-
-def check_cold_tier_and_runtime_role(emulator: str, outputs: dict) -> None:
-    """The acceptance check: the bucket is versioned, KMS-encrypted and private, and the runtime role's
-    policy, read back from IAM and evaluated by moto's IAM policy engine, denies writes."""
-    from moto.iam.access_control import IAMPolicy, PermissionResult
-
-    s3 = aws("s3", emulator)
-    bucket = outputs["models_bucket"]
-    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
-    rule = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
-    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
-    assert rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] == outputs["models_kms_key_arn"]
-    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
-    assert all(block.values()) and len(block) == 4
-    assert s3.get_bucket_logging(Bucket=bucket)["LoggingEnabled"]["TargetBucket"] == outputs["access_log_bucket"]
-    # An object written with no encryption settings lands encrypted with the environment's key.
-    key = f"{MODELS_PREFIX}probe/rev/config.json"
-    s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
-    head = s3.head_object(Bucket=bucket, Key=key)
-    assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == outputs["models_kms_key_arn"]
-
-    iam = aws("iam", emulator)
-    role_name = outputs["runtime_role_arn"].rsplit("/", 1)[-1]
-    names = iam.list_role_policies(RoleName=role_name)["PolicyNames"]
-    assert len(names) == 1 and not iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]
-    document = iam.get_role_policy(RoleName=role_name, PolicyName=names[0])["PolicyDocument"]
-    policy = IAMPolicy(document if isinstance(document, str) else json.dumps(document))
-    model_object = f"arn:aws:s3:::{bucket}/{MODELS_PREFIX}deepseek/rev1/model.safetensors"
-    assert policy.is_action_permitted("s3:GetObject", model_object) == PermissionResult.PERMITTED
-    for action, resource in (
-        ("s3:PutObject", model_object),
-        ("s3:DeleteObject", model_object),
-        ("s3:GetObject", f"arn:aws:s3:::{bucket}/other/secret"),
-        ("s3:GetObject", f"arn:aws:s3:::{outputs['access_log_bucket']}/models/log"),
-    ):
-        assert policy.is_action_permitted(action, resource) != PermissionResult.PERMITTED, (action, resource)
-    # moto's engine ignores the StringLike condition on s3:prefix, so the listing restriction is asserted
-    # on the policy document instead (tests/infra/test_storage.py).
-
-
-#: Each applied environment and what is checked live between its apply and destroy. The three run at once:
-#: terraform mostly waits on the provider's own polling, so overlapping them keeps CI time flat.
-LIVE_CHECKS: dict[str, Callable[[str, dict], None]] = {
-    "local": check_local,
-    "large-emu": check_large,
-    "medium-emu": check_medium,
-}
-
-
-@pytest.fixture(scope="module")
-def lifecycles(
-    synth_dir: Path, stacks: dict[str, dict], emulator: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Future[dict[str, float]]]]:
-    root = tmp_path_factory.mktemp("applied")
-    with ThreadPoolExecutor(max_workers=len(LIVE_CHECKS)) as pool:
-        yield {
-            env: pool.submit(
-                apply_replan_destroy,
-                synth_dir / env,
-                root / env,
-                stacks[env],
-                emulator,
-                lambda outputs, check=check: check(emulator, outputs),
-            )
-            for env, check in LIVE_CHECKS.items()
-        }
-
-
 @pytest.mark.terraform
 @pytest.mark.slow
 @pytest.mark.parametrize("env_name", list(LIVE_CHECKS))
 def test_apply_replan_destroy(lifecycles: dict[str, Future[dict[str, float]]], env_name: str) -> None:
     """Every resource type applied for real, live checks, an empty replan, a clean destroy: local (devtest),
     large-emu (placement group, EFA, capacity reservation) and medium-emu (FSx + data repository association
-    + FSx CSI add-on)."""
+    + FSx CSI add-on). Started at the beginning of the session; this test collects the result."""
     timings = lifecycles[env_name].result()
     print(f"\n{env_name}: apply {timings['apply']:.1f} s, destroy {timings['destroy']:.1f} s")

@@ -2,8 +2,8 @@
 
 Run under torchrun on one 2-GPU host (one command does everything and prints a table last)::
 
-    torchrun --nproc-per-node 2 scripts/bench_parallel.py            # GPUs (NCCL)
-    torchrun --nproc-per-node 2 scripts/bench_parallel.py --cpu-dry-run   # tiny shapes, gloo, CPU
+    torchrun --nproc-per-node 2 benchmarks/parallel_gpu.py            # GPUs (NCCL)
+    torchrun --nproc-per-node 2 benchmarks/parallel_gpu.py --cpu-dry-run   # tiny shapes, gloo, CPU
 
 Weights are drawn per checkpoint tensor from a seed derived from its name, full-size, then cut with the
 same :func:`runtime.parallel.shard.checkpoint_slice` the loader uses, so every layout computes the same
@@ -18,7 +18,7 @@ Decode: prompt 128, 64 new greedy tokens, host reads every step's tokens (benchm
 Failure drill (ranks started by hand, not by torchrun, whose agent would end rank 0 itself)::
 
     for r in 0 1; do RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
-      python scripts/bench_parallel.py --failure-drill 200 [--drill-hang] & done; wait
+      python benchmarks/parallel_gpu.py --failure-drill 200 [--drill-hang] & done; wait
 """
 
 from __future__ import annotations

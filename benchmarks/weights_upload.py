@@ -1,6 +1,6 @@
 """Upload throughput of `moefleet weights upload` into the embedded AWS (moto on loopback).
 
-    .venv/bin/python scripts/bench_weights.py [--size-mb 1024] [--files 4]
+    .venv/bin/python benchmarks/weights_upload.py [--size-mb 1024] [--files 4]
 
 Writes a test checkpoint of random bytes (a few shards plus a config), starts its own emulator on a free
 port, and prints MB/s for: hashing, the upload (parallel multipart, manifest last), a resumed upload
