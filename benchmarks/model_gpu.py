@@ -81,6 +81,7 @@ V2_LITE = {
 }
 BLOCK = 16
 PROMPT, NEW = 128, 64
+DATASHEET_PEAK = 989e12  # H100/H200 SXM dense bf16, FLOP/s
 
 
 T0 = time.perf_counter()
@@ -170,11 +171,13 @@ def roofline_step_bytes(ours: DeepseekForCausalLM, B: int, ctx: int) -> float:
 
 
 class OursBench:
-    def __init__(self, model: DeepseekForCausalLM, max_batch: int, max_len: int, decode_len: int) -> None:
-        self.model = model
+    def __init__(
+        self, model: DeepseekForCausalLM, max_batch: int, max_len: int, decode_len: int, dev: str | None = None
+    ) -> None:
+        self.model, self.dev = model, dev or DEV
         self.max_blocks = -(-max_len // BLOCK)
         self.decode_blocks = -(-decode_len // BLOCK)  # static block-table width of the decode step
-        self.cache = PagedKVCache(model.config, 1 + max_batch * self.max_blocks, BLOCK, torch.bfloat16, DEV)
+        self.cache = PagedKVCache(model.config, 1 + max_batch * self.max_blocks, BLOCK, model.dtype, self.dev)
         self.graphs: CUDAGraphDecoder | None = None
 
     def capture(self, batch_sizes) -> None:
@@ -186,20 +189,20 @@ class OursBench:
         alloc = BlockAllocator(self.cache.num_blocks)
         seqs = [SequenceBlocks(alloc, BLOCK) for _ in range(B)]
         slots = [s for seq in seqs for s in seq.append(P)]
-        meta = prefill_metadata([P] * B, [P] * B, [s.blocks for s in seqs], slots, device=DEV)
-        pos = torch.arange(P, device=DEV).repeat(B)
-        last = torch.arange(1, B + 1, device=DEV) * P - 1
+        meta = prefill_metadata([P] * B, [P] * B, [s.blocks for s in seqs], slots, device=self.dev)
+        pos = torch.arange(P, device=self.dev).repeat(B)
+        last = torch.arange(1, B + 1, device=self.dev) * P - 1
         logits = self.model(prompts.reshape(-1), pos, meta, self.cache, logits_indices=last)
         for s in seqs:  # reserve the decode room up front; slots are computed on device below
             s.append(max(0, self.decode_blocks * BLOCK - s.num_tokens))
-        tables = torch.tensor([s.blocks[: self.decode_blocks] for s in seqs], device=DEV)
+        tables = torch.tensor([s.blocks[: self.decode_blocks] for s in seqs], device=self.dev)
         return logits, tables
 
     def decode(self, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int, graphs: bool):
         """``steps`` greedy decode steps; the host reads each step's tokens (as an engine must)."""
         B = tokens.shape[0]
         out = []
-        ctx = torch.full((B,), start, dtype=torch.int64, device=DEV)
+        ctx = torch.full((B,), start, dtype=torch.int64, device=self.dev)
         for _ in range(steps):
             pos = ctx.clone()
             blk = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)
@@ -212,7 +215,7 @@ class OursBench:
         return out
 
     def decode_tok_s(self, B: int, graphs: bool) -> float:
-        prompts = torch.randint(0, self.model.config.vocab_size, (B, PROMPT), device=DEV)
+        prompts = torch.randint(0, self.model.config.vocab_size, (B, PROMPT), device=self.dev)
         logits, tables = self.prefill(prompts)
         tokens = logits.argmax(-1)
         self.decode(tokens, tables, PROMPT, 3, graphs)  # warm-up
@@ -220,7 +223,7 @@ class OursBench:
         return B * NEW / dt
 
     def prefill_s(self, B: int, P: int) -> float:
-        prompts = torch.randint(0, self.model.config.vocab_size, (B, P), device=DEV)
+        prompts = torch.randint(0, self.model.config.vocab_size, (B, P), device=self.dev)
         self.prefill(prompts)
         return min(sync_time(lambda: self.prefill(prompts)) for _ in range(5))
 
@@ -303,9 +306,16 @@ def check(ours: DeepseekForCausalLM, hf, bench: OursBench) -> dict:
             res["compiled_vs_uncompiled_rel_err"] = rel(eager, plain)
         ours.set_moe_impl("loop")
         looped = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
+        ours.set_moe_impl("grouped")
+        grouped = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
         ours.set_moe_impl("auto")
+        ours.set_attention_decode("gather")
+        gathered = ours(tok, torch.full((2,), L, device=DEV), _meta(tables, L), bench.cache)
+        ours.set_attention_decode("auto")
         ours.set_compile(compiled)
-        res["grouped_vs_loop_rel_err"] = rel(plain, looped)
+        res["grouped_vs_loop_rel_err"] = rel(grouped, looped)
+        res["fused_moe_vs_grouped_rel_err"] = rel(plain, grouped)
+        res["paged_attention_vs_gather_rel_err"] = rel(plain, gathered)
         res["greedy_next_token_equal"] = bool((eager.argmax(-1) == ref2.argmax(-1)).all())
     return res
 
@@ -315,6 +325,34 @@ def _meta(tables: torch.Tensor, pos: int) -> AttentionMetadata:
     p = torch.full((B,), pos, device=DEV)
     slot = tables.gather(1, (p // BLOCK)[:, None]).squeeze(1) * BLOCK + p % BLOCK
     return AttentionMetadata(context_lens=p + 1, block_tables=tables, slot_mapping=slot)
+
+
+def fp32_check(ours: DeepseekForCausalLM) -> dict:
+    """Ours in bf16 against ours in fp32 (the same weights, converted in place and back, lossless) on the
+    same inputs: prefill last-token logits and one decode step."""
+    g = torch.Generator(device=DEV).manual_seed(2)
+    ids = torch.randint(0, ours.config.vocab_size, (2, PROMPT), device=DEV, generator=g)
+
+    def run(tok=None):
+        b = OursBench(ours, 2, PROMPT + 16, PROMPT + 16)
+        with torch.inference_mode():
+            logits, tables = b.prefill(ids)
+            tok = logits.argmax(-1) if tok is None else tok  # the decode step gets the same token in both
+            dec = ours(tok, torch.full((2,), PROMPT, device=DEV), _meta(tables, PROMPT), b.cache)
+        return logits.float(), dec.float(), tok
+
+    p16, d16, tok = run()
+    ours.float()
+    try:
+        p32, d32, _ = run(tok)
+    finally:
+        ours.to(torch.bfloat16)
+    same = int((p16.argmax(-1) == p32.argmax(-1)).sum() + (d16.argmax(-1) == d32.argmax(-1)).sum())
+    return {
+        "bf16_vs_fp32_prefill_rel_err": rel(p16, p32),
+        "bf16_vs_fp32_decode_rel_err": rel(d16, d32),
+        "bf16_vs_fp32_top1_equal": f"{same}/4",
+    }
 
 
 def profile_graph(bench: OursBench, B: int) -> dict:
@@ -346,11 +384,171 @@ def profile_graph(bench: OursBench, B: int) -> dict:
             a = agg.setdefault(e.name[:60], [0, 0.0])
             a[0] += 1
             a[1] += e.device_time / 3
-        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:10]
+        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]
         res["top"] = [(n, c // 3, round(t, 1)) for n, (c, t) in top]
     except Exception as exc:  # the profiler is a nice-to-have
         res["profiler_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return res
+
+
+# ---- kernels, FLOPs, CPU agreement ------------------------------------------------------------------
+
+
+def moe_bytes(m: MoE, ids: torch.Tensor) -> int:
+    """Bytes a perfect kernel reads for one MoE call: each distinct expert once, the shared experts once."""
+    per_expert = (m.w13[0].numel() + m.w2[0].numel()) * m.w13.element_size()
+    shared = 0 if m.shared_experts is None else sum(p.numel() * p.element_size() for p in m.shared_experts.parameters())
+    return ids.unique().numel() * per_expert + shared
+
+
+def moe_sweep(ours: DeepseekForCausalLM, bw: float) -> dict:
+    """The decode MoE kernel alone (one layer, CUDA-graph timed): its launch configs at 1 and 8 tokens,
+    then the chosen config against the grouped-GEMM path for 1..64 tokens. Sets the best configs."""
+    import triton.testing
+
+    from runtime.kernels import moe_decode as md
+
+    _, m = ours.moe_layers()[0]
+    H = ours.config.hidden_size
+    g = torch.Generator(device=DEV).manual_seed(1)
+    inputs = {}
+    for T in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16, generator=g)
+        ids, w = m.gate(x)
+        inputs[T] = (x, ids, w)
+    s = m.shared_experts
+    sw = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+
+    def fused(T):
+        x, ids, w = inputs[T]
+        return lambda: md.moe_decode_triton(x, ids, w, m.w13, m.w2, sw, 0, m.n_local)
+
+    def grouped(T):
+        x, ids, w = inputs[T]
+        return lambda: m.routed(x, ids, w, True) + s(x)
+
+    def us(fn) -> float:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30)
+
+    res = {"configs": {}, "best": {}}
+    for kind, attr in (("up", "UP_CONFIG"), ("down", "DOWN_CONFIG")):  # up first, then down with the best up
+        cands = [(bn, bk, nw, 3) for bn in (4, 8, 16) for bk in (128, 256, 512) for nw in (4, 8)]
+        scores = []
+        for c in cands:
+            if c[0] * c[1] > 8192:  # tiles beyond this spill registers
+                continue
+            setattr(md, attr, c)
+            try:
+                scores.append((us(fused(1)) + us(fused(8)), c))
+            except Exception as exc:  # a config that does not compile is skipped, not fatal
+                log(f"  {kind} {c}: {type(exc).__name__}")
+        scores.sort()
+        setattr(md, attr, scores[0][1])
+        res["best"][kind] = scores[0][1]
+        res["configs"][kind] = [(c, round(t, 1)) for t, c in scores[:5]]
+    rows = []
+    for T, (_, ids, _) in inputs.items():
+        f, gr = us(fused(T)), us(grouped(T))
+        nbytes = moe_bytes(m, ids)
+        rows.append(
+            {
+                "tokens": T,
+                "fused_us": f,
+                "grouped_us": gr,
+                "bytes_MB": nbytes / 1e6,
+                "roofline_us": 1e6 * nbytes / bw,
+                "fused_GBps": nbytes / f / 1e3,
+            }
+        )
+        log("moe", rows[-1])
+    res["rows"] = rows
+    return res
+
+
+def prefill_flops(c: ModelConfig, B: int, P: int) -> float:
+    """Multiply-adds × 2 of one prefill over the activated parameters: every layer's projections and
+    MLP / shared + k routed experts per token, causal attention, the LM head on the B last tokens."""
+    H, nh = c.hidden_size, c.num_attention_heads
+    qk, dv = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+    q = H * (nh * qk) if c.q_lora_rank is None else H * c.q_lora_rank + c.q_lora_rank * nh * qk
+    attn = q + H * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * nh * (c.qk_nope_head_dim + dv) + nh * dv * H
+    expert = 3 * H * c.moe_intermediate_size
+    moe = (c.num_experts_per_tok + c.n_shared_experts) * expert + H * c.n_routed_experts
+    dense = 3 * H * c.intermediate_size
+    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    per_token = c.num_hidden_layers * attn + n_moe * moe + (c.num_hidden_layers - n_moe) * dense
+    core = c.num_hidden_layers * nh * (P * (P + 1) / 2) * (qk + dv)  # QK^T and PV, causal half
+    return 2 * (B * P * per_token + B * core + B * H * c.vocab_size)
+
+
+def matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t = min(sync_time(lambda: a @ b) for _ in range(10))
+    return 2 * 8192**3 / t
+
+
+def profile_prefill(bench: OursBench, B: int, P: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = torch.randint(0, bench.model.config.vocab_size, (B, P), device=DEV)
+    bench.prefill(prompts)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        bench.prefill(prompts)
+        torch.cuda.synchronize()
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    agg: dict[str, list[float]] = {}
+    for e in kern:
+        a = agg.setdefault(e.name[:60], [0, 0.0])
+        a[0] += 1
+        a[1] += e.device_time
+    top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:20]
+    return {
+        "kernels": len(kern),
+        "kernel_ms": sum(e.device_time for e in kern) / 1e3,
+        "top": [(n, c, round(t / 1e3, 2)) for n, (c, t) in top],
+    }
+
+
+def tiny_cpu_agreement(steps: int = 24) -> dict:
+    """Greedy tokens of a tiny real checkpoint: the CPU path (fp32, eager, general MoE / attention) vs the
+    GPU path (CUDA graphs + compiled regions + the Triton kernels) in fp32 and in bf16."""
+    import tempfile
+
+    from runtime.loader import load_model
+    from runtime.tiny import make_tiny
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny(Path(d) / "tiny", arch="v2", seed=5)
+        runs = {}
+        for name, dev, dtype in (
+            ("cpu_fp32", "cpu", torch.float32),
+            ("gpu_fp32", DEV, torch.float32),
+            ("gpu_bf16", DEV, torch.bfloat16),
+        ):
+            torch._dynamo.reset()  # three models through the same compiled functions: start each afresh
+            m = load_model(path, dtype=dtype, device=dev)
+            if dev != "cpu":
+                m.set_moe_impl("fused")
+                m.set_attention_decode("paged")
+                m.set_compile(True)
+            b = OursBench(m, 4, 64, 20 + steps + 4, dev)
+            if dev != "cpu":
+                b.capture((4,))
+            prompts = torch.arange(4 * 20, device=dev).reshape(4, 20) % m.config.vocab_size
+            with torch.inference_mode():
+                logits, tables = b.prefill(prompts)
+                runs[name] = b.decode(logits.argmax(-1), tables, 20, steps, graphs=dev != "cpu")
+            m.set_compile(False)
+            del b, m
+        ref = runs["cpu_fp32"]
+        for name in ("gpu_fp32", "gpu_bf16"):
+            same = sum(a == b for r1, r2 in zip(ref, runs[name], strict=True) for a, b in zip(r1, r2, strict=True))
+            out[name + "_tokens_equal"] = f"{same}/{4 * steps}"
+    return out
 
 
 def main() -> int:
@@ -402,6 +600,14 @@ def main() -> int:
     mem = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     log(f"params {n_params / 1e9:.2f} B, GPU mem {mem:.1f} GiB")
 
+    checks = fp32_check(ours)
+    log("bf16 vs fp32:", json.dumps(checks))
+    bw = copy_bandwidth()
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    peak = matmul_peak() if DEV == "cuda" else float("nan")
+    log(f"bf16 8192^3 matmul {peak / 1e12:.0f} TFLOP/s")
+    sweep = moe_sweep(ours, bw) if DEV == "cuda" else {}
+    log("moe kernel sweep:", json.dumps(sweep.get("best")))
     if not args.no_compile:
         ours.set_compile(True)
     bench = OursBench(ours, max(batches), max_len=max(512, PROMPT + NEW + 8), decode_len=PROMPT + NEW + 8)
@@ -416,7 +622,7 @@ def main() -> int:
         traceback.print_exc()
         log("CUDA graph capture FAILED; graph rows will be missing")
         bench.graphs = None
-    checks = check(ours, hf, bench)
+    checks.update(check(ours, hf, bench))
     from runtime import model as model_mod
 
     checks["compiled"] = ours.compile_enabled
@@ -424,8 +630,6 @@ def main() -> int:
         checks["compile_failed"] = model_mod._compile_failed[0][:300]
     log("checks:", json.dumps(checks))
 
-    bw = copy_bandwidth()
-    log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     with torch.inference_mode():
         for B in batches:
@@ -442,7 +646,16 @@ def main() -> int:
             log("batch-1 graph profile:", json.dumps(prof))
         prefills = []
         for B, P in ((1, 512), (8, 512)):
-            prefills.append({"shape": f"{B}x{P}", "tokens": B * P, "ours_s": bench.prefill_s(B, P)})
+            prefills.append(
+                {
+                    "shape": f"{B}x{P}",
+                    "tokens": B * P,
+                    "flops": prefill_flops(config, B, P),
+                    "ours_s": bench.prefill_s(B, P),
+                }
+            )
+        prefill_prof = profile_prefill(bench, 8, 512) if DEV == "cuda" else {}
+        log("prefill 8x512 profile:", json.dumps(prefill_prof))
         if ours.compile_enabled:  # the same without the compiled regions (what set_compile buys)
             ours.set_compile(False)
             for p in prefills:
@@ -481,6 +694,9 @@ def main() -> int:
                     r[key + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 log("decode", r["batch"], key, r[key])
 
+    agreement = tiny_cpu_agreement() if DEV == "cuda" else {}
+    log("tiny checkpoint, greedy tokens vs the CPU path:", json.dumps(agreement))
+
     # ---- table (last) ---------------------------------------------------------------------------
     log("")
     log(f"## {card} - DeepSeek-V2-Lite shape, random bf16 weights, {config.num_hidden_layers} layers")
@@ -489,6 +705,7 @@ def main() -> int:
         f"{bw / 1e12:.2f} TB/s, peak GPU memory with ours {ours_mem:.1f} GiB"
     )
     log(f"checks: {json.dumps(checks)}")
+    log(f"tiny checkpoint, greedy tokens equal to the CPU path: {json.dumps(agreement)}")
     if prof:
         log(f"batch-1 graph: {json.dumps(prof)}")
     log("")
@@ -514,14 +731,31 @@ def main() -> int:
             f"{cell('hf_default')} | {cell('hf_static')} | {ratio} |"
         )
     log("")
-    log("Prefill (one forward, logits of the last token):")
-    log("| prompt | ours ms | ours tok/s | transformers ms | transformers tok/s | ratio |")
-    log("|---|---:|---:|---:|---:|---:|")
+    log(
+        f"Prefill (one forward, logits of the last token); TFLOP/s over the activated parameters, as % of "
+        f"the datasheet's dense bf16 peak ({DATASHEET_PEAK / 1e12:.0f}) and of the measured matmul ({peak / 1e12:.0f}):"
+    )
+    log("| prompt | ours ms | ours tok/s | ours TFLOP/s | % datasheet | % matmul | transformers ms | ratio |")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|")
     for p in prefills:
+        tf = p["flops"] / p["ours_s"]
         log(
-            f"| {p['shape']} | {1e3 * p['ours_s']:.1f} | {p['tokens'] / p['ours_s']:,.0f} | "
-            f"{1e3 * p['hf_s']:.1f} | {p['tokens'] / p['hf_s']:,.0f} | {p['hf_s'] / p['ours_s']:.2f}× |"
+            f"| {p['shape']} | {1e3 * p['ours_s']:.1f} | {p['tokens'] / p['ours_s']:,.0f} | {tf / 1e12:.0f} | "
+            f"{100 * tf / DATASHEET_PEAK:.0f}% | {100 * tf / peak:.0f}% | {1e3 * p['hf_s']:.1f} | "
+            f"{p['hf_s'] / p['ours_s']:.2f}× |"
         )
+    if prefill_prof:
+        log(f"8x512 prefill kernels: {json.dumps(prefill_prof)}")
+    if sweep:
+        log("")
+        log(f"Decode MoE layer alone (CUDA-graph timed), kernel configs {json.dumps(sweep['best'])}:")
+        log("| tokens | bytes (MB) | roofline µs | fused kernel µs | fused GB/s | grouped GEMM path µs |")
+        log("|---:|---:|---:|---:|---:|---:|")
+        for r in sweep["rows"]:
+            log(
+                f"| {r['tokens']} | {r['bytes_MB']:.1f} | {r['roofline_us']:.1f} | {r['fused_us']:.1f} | "
+                f"{r['fused_GBps']:,.0f} | {r['grouped_us']:.1f} |"
+            )
     for p in prefills:
         if "ours_uncompiled_s" in p:
             log(f"{p['shape']} prefill without the compiled regions: {1e3 * p['ours_uncompiled_s']:.1f} ms")
@@ -529,7 +763,20 @@ def main() -> int:
         log(f"batch-1 decode, CUDA graph without the compiled regions: {rows[0]['ours_graph_uncompiled']:.1f} tok/s")
     if args.json:
         args.json.write_text(
-            json.dumps({"card": card, "checks": checks, "decode": rows, "prefill": prefills, "profile": prof})
+            json.dumps(
+                {
+                    "card": card,
+                    "checks": checks,
+                    "decode": rows,
+                    "prefill": prefills,
+                    "profile": prof,
+                    "prefill_profile": prefill_prof,
+                    "moe_sweep": sweep,
+                    "agreement": agreement,
+                    "copy_bw": bw,
+                    "matmul_peak": peak,
+                }
+            )
         )
     return 0
 

@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig, yarn_get_mscale
+from runtime.kernels import triton_usable
+from runtime.kernels.mla_decode import combine_splits, mla_decode
 from runtime.kv_cache import AttentionMetadata, PagedKVCache
 from runtime.moe import MLP, MoE, _keep_fp32
+
+ATTENTION_DECODE = ("auto", "paged", "gather")
 
 
 class RMSNorm(nn.Module):
@@ -143,6 +147,14 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(nh * self.v_dim, H, bias=bias)
         self.absorb = True
+        # absorbed decode over "paged" (the kernel reading the cache through the block table) or "gather"
+        # (a gathered copy and a mask); "auto": paged where its Triton kernel runs (CUDA, 16-bit)
+        self.decode_kernel = "auto"
+
+    def paged_decode(self, q: torch.Tensor) -> bool:
+        if self.decode_kernel == "auto":
+            return triton_usable(q) and q.dtype in (torch.bfloat16, torch.float16)
+        return self.decode_kernel == "paged"
 
     def forward(
         self,
@@ -173,7 +185,10 @@ class MLAttention(nn.Module):
         if cache is not None:
             cache.view(-1, cache.shape[-1]).index_copy_(0, meta.slot_mapping, kv_new)
         if meta.is_decode:
-            if self.absorb:
+            if self.absorb and self.paged_decode(q_nope):
+                fn = _compiled("paged", _decode_absorbed_paged) if compiled else _decode_absorbed_paged
+                out = fn(self, q_nope, q_pe, cache, meta.block_tables, meta.context_lens)
+            elif self.absorb:
                 kv = self._gather(cache, meta.block_tables)  # [B, S, r + dr]
                 if compiled:
                     out = _compiled("decode", _decode_absorbed)(self, q_nope, q_pe, kv, bias)
@@ -263,6 +278,18 @@ def _decode_absorbed(attn: MLAttention, q_nope, q_pe, kv, bias) -> torch.Tensor:
     return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
 
 
+def _decode_absorbed_paged(attn: MLAttention, q_nope, q_pe, cache, block_tables, context_lens) -> torch.Tensor:
+    """The absorbed form of :func:`_decode_absorbed`, attending straight from the paged cache
+    (:mod:`runtime.kernels.mla_decode`) → [B, nh, dv]."""
+    r = attn.kv_lora_rank
+    w = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, r)
+    w_uk, w_uv = w[:, : attn.nope], w[:, attn.nope :]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, nh, r]
+    q_cat = torch.cat([q_lat, q_pe], dim=-1)
+    o_lat = combine_splits(*mla_decode(q_cat, cache, block_tables, context_lens, attn.scale, r)).to(q_cat.dtype)
+    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
+
+
 def _layer_in(layer: DecoderLayer, x, rotary: RotaryEmbedding, rope: tuple):
     """input norm + q / kv projections + rope: everything of a layer before the cache write."""
     return layer.self_attn.project(layer.input_layernorm(x), rotary, rope)
@@ -283,7 +310,7 @@ def _layer_out(layer: DecoderLayer, x, attn_out, grouped: bool):
 # argument, so one compiled graph serves every layer (parameters are graph inputs); dynamic=True gives
 # one graph for all token counts > 1 (prefill and every decode batch) plus one specialised to 1 token.
 _COMPILED: dict[str, object] = {}
-_COMPILE_FNS = {"in": _layer_in_real, "out": _layer_out, "decode": _decode_absorbed}
+_COMPILE_FNS = {"in": _layer_in_real, "out": _layer_out, "decode": _decode_absorbed, "paged": _decode_absorbed_paged}
 _compile_failed: list[str] = []
 
 
@@ -383,8 +410,8 @@ class DeepseekForCausalLM(nn.Module):
             m.reset_buffers()
 
     def set_moe_impl(self, impl: str) -> None:
-        if impl not in ("auto", "grouped", "loop", "gather"):
-            raise ValueError(f"moe impl {impl!r}; allowed: auto, grouped, loop, gather")
+        if impl not in ("auto", "fused", "grouped", "loop", "gather"):
+            raise ValueError(f"moe impl {impl!r}; allowed: auto, fused, grouped, loop, gather")
         for _, m in self.moe_layers():
             m.impl = impl
 
@@ -411,6 +438,13 @@ class DeepseekForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.absorb = absorb
 
+    def set_attention_decode(self, kind: str) -> None:
+        """Absorbed decode attention: "paged" kernel, "gather" + mask, or "auto" (paged on CUDA 16-bit)."""
+        if kind not in ATTENTION_DECODE:
+            raise ValueError(f"attention decode {kind!r}; allowed: {', '.join(ATTENTION_DECODE)}")
+        for layer in self.model.layers:
+            layer.self_attn.decode_kernel = kind
+
     # -- expert-load statistics (for the service's metrics) -------------------------------------
     def expert_load(self) -> dict[int, torch.Tensor]:
         """Tokens routed to each expert since the last reset, per MoE layer index (device tensors)."""
@@ -428,7 +462,7 @@ class DeepseekForCausalLM(nn.Module):
 
     def reset_expert_load(self) -> None:
         for _, m in self.moe_layers():
-            m.expert_load_cum.zero_()
+            m.expert_load.zero_()
 
     # -- compute --------------------------------------------------------------------------------
     def forward(

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.kernels import triton_usable
+from runtime.kernels.moe_decode import moe_decode
 from runtime.parallel.shard import all_reduce
+
+# Up to this many tokens a step's MoE runs as the two-launch kernel of runtime.kernels.moe_decode: below
+# it, reading each chosen expert once per pair beats sorting the pairs for a grouped GEMM (the crossover
+# was measured by benchmarks/model_gpu.py; docs/benchmarks.md).
+FUSED_MAX_TOKENS = 16
 
 
 class MLP(nn.Module):
@@ -144,10 +151,11 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList()
         self._tie_expert_views()
         self.shared_experts = MLP(H, inter * config.n_shared_experts) if config.n_shared_experts > 0 else None
-        self.register_buffer("expert_load_cum", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.register_buffer("expert_load", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.register_buffer("expert_range", torch.arange(E), persistent=False)
-        # "auto": grouped GEMM where supported, else a loop over active experts (eager) or the gather
-        # path (compiled); "grouped", "loop", "gather" force one (tests).
+        # "auto": the fused decode kernel for few tokens on CUDA, grouped GEMM where supported, else a
+        # loop over active experts (eager) or the gather path (compiled); "fused", "grouped", "loop",
+        # "gather" force one (tests, benchmarks).
         self.impl = "auto"
 
     def _tie_expert_views(self) -> None:
@@ -177,13 +185,11 @@ class MoE(nn.Module):
         return self
 
     def expert_counts(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last reset ([E] int64, on device, no sync)."""
-        cum = self.expert_load_cum
-        counts = torch.diff(cum, prepend=cum.new_zeros(1))  # in dispatch-key order (see routed)
-        return counts.roll(self.expert_offset) if self.expert_offset else counts
+        """Tokens routed to each expert since the last reset ([E] int64, global ids, on device, no sync)."""
+        return self.expert_load
 
     def reset_buffers(self) -> None:
-        self.expert_load_cum.zero_()
+        self.expert_load.zero_()
         self.expert_range.copy_(torch.arange(self.n_experts, device=self.expert_range.device))
 
     def forward(self, x: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
@@ -191,6 +197,8 @@ class MoE(nn.Module):
         if grouped is None:
             grouped = self.use_grouped(x)
         ids, weights = self.gate(x)
+        if grouped == "fused":
+            return self._fused(x, ids, weights)
         y = self.routed(x, ids, weights, grouped)
         if self.shared_experts is None:
             return all_reduce(y, self.ep_group)
@@ -199,10 +207,32 @@ class MoE(nn.Module):
             return all_reduce(y + s, self.ep_group)
         return all_reduce(y, self.ep_group) + s
 
+    def _shared_fusable(self) -> bool:
+        """The shared experts can join the fused kernel when their output is added where the routed output
+        is: unsharded (no EP all-reduce in between) or a TP partial summed by the same all-reduce."""
+        s = self.shared_experts
+        return s is not None and type(s.down_proj) is nn.Linear and (self.ep_group is None or self.shared_partial)
+
+    def _fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+        s = self.shared_experts if self._shared_fusable() else None
+        sw = (None, None, None) if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
+        y = y.sum(dim=1).to(x.dtype)
+        if s is not None or self.shared_experts is None:
+            return all_reduce(y, self.ep_group)
+        return all_reduce(y, self.ep_group) + self.shared_experts(x)
+
     def use_grouped(self, x: torch.Tensor, compiled: bool = False) -> bool | str:
         """True: grouped GEMM; False: loop over active experts (host sync, eager only); "gather": each
         (token, expert) pair against its gathered expert weights (static shapes, for compiled code
-        where the grouped GEMM is unsupported; reads k·T expert copies, so only for small T)."""
+        where the grouped GEMM is unsupported; reads k·T expert copies, so only for small T); "fused":
+        :func:`runtime.kernels.moe_decode.moe_decode` (Triton on CUDA, its reference elsewhere)."""
+        if self.impl == "fused":
+            return "fused"
+        if self.impl == "auto" and x.shape[0] <= FUSED_MAX_TOKENS and triton_usable(x):
+            return "fused"
         if self.impl == "grouped":
             return True
         if self.impl == "loop" and not compiled:
@@ -217,7 +247,7 @@ class MoE(nn.Module):
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grouped: bool | str | None = None
     ) -> torch.Tensor:
         """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
-        scale by the routing weight and scatter-add back. No host sync on the grouped path.
+        un-sort and sum each token's k outputs by routing weight. No host sync on the grouped path.
 
         Under EP the sort key is ``(id - expert_offset) mod E``: this rank's experts come first, in order,
         and the pairs routed elsewhere trail behind them, computed by no expert and masked to zero."""
@@ -226,9 +256,10 @@ class MoE(nn.Module):
         key = ids if not self.expert_offset else (ids - self.expert_offset) % self.n_experts
         sorted_ids, order = key.reshape(-1).sort(stable=True)
         token_idx = order // self.top_k
-        # end offset of each expert's slice; summing offsets over steps sums the counts (see expert_counts)
+        # end offset of each expert's slice (in dispatch-key order: rolled back to global ids for the counts)
         offs_all = torch.searchsorted(sorted_ids, self.expert_range, right=True, out_int32=True)
-        self.expert_load_cum += offs_all
+        counts = torch.diff(offs_all, prepend=offs_all.new_zeros(1))
+        self.expert_load += counts.roll(self.expert_offset) if self.expert_offset else counts
         offs = offs_all[: self.n_local]
         xs = x.index_select(0, token_idx)
         if grouped == "gather":
@@ -250,8 +281,10 @@ class MoE(nn.Module):
                 g, u = F.linear(seg, self.w13[e]).split(self.inter, dim=-1)
                 out[start : start + n] = F.linear(F.silu(g) * u, self.w2[e])
                 start += n
-        w = weights.reshape(-1).index_select(0, order)
-        out = out.float() * w[:, None]
         if self.n_local < self.n_experts:  # rows of other ranks' experts hold no (or stale) values
-            out = torch.where((sorted_ids < self.n_local)[:, None], out, 0.0)
-        return torch.zeros_like(x).index_add_(0, token_idx, out.to(x.dtype))
+            out = torch.where((sorted_ids < self.n_local)[:, None], out, 0)
+        # back to (token, slot) order by the inverse permutation, then a weighted sum over the k slots: a
+        # gather and a reduction, where a scatter-add (index_add_) would serialise on atomics (~8x slower)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        pairs = out.index_select(0, inverse).view(*ids.shape, -1).float()
+        return (pairs * weights.float()[..., None]).sum(dim=1).to(x.dtype)

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 1800.0  # loading a 671 GB checkpoint on 16 ranks takes minutes, not seconds
 CAPTURE_FACTOR = 10  # compiling + capturing CUDA graphs may take this many collective timeouts
 _FIELDS = ("input_ids", "positions", "context_lens", "slot_mapping", "block_tables", "logits_indices")
-_SETTINGS = ("set_compile", "set_moe_impl", "set_absorb")  # model settings every rank must share
+# model settings every rank must share
+_SETTINGS = ("set_compile", "set_moe_impl", "set_absorb", "set_attention_decode")
 
 
 class RankLostError(RuntimeError):

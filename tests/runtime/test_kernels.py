@@ -1,0 +1,176 @@
+"""The decode kernels (runtime/kernels) on the CPU.
+
+Two layers of checks, both fp32:
+* the Triton code itself, run by Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess because the
+  interpreter is chosen when a kernel is defined) against its PyTorch reference, over the shapes that
+  exercise masking, expert parallelism, shared experts and split contexts;
+* the model with each kernel's dispatch forced (the reference runs on CPU) against the general paths, eager
+  and through torch.compile (the custom ops must trace), including greedy tokens and expert-load counts.
+On the GPU the same comparisons run in benchmarks/model_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import model as model_mod
+from runtime.kernels.mla_decode import num_splits
+from runtime.kv_cache import BlockAllocator, PagedKVCache, SequenceBlocks, decode_metadata, prefill_metadata
+from runtime.loader import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from runtime.kernels import mla_decode as ml, moe_decode as md
+
+    torch.manual_seed(0)
+    worst = 0.0
+
+    def check(a, b, what):
+        global worst
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-5, (what, err)
+        worst = max(worst, err)
+
+    # MoE: odd sizes (masking), 8 experts of which this "rank" holds 4 (EP) or all, shared experts or not
+    T, H, inter, E, k, shared_inter = 3, 80, 40, 8, 2, 72
+    x = torch.randn(T, H)
+    w13, w2 = torch.randn(E, 2 * inter, H) * 0.1, torch.randn(E, H, inter) * 0.1
+    shared = (torch.randn(shared_inter, H) * 0.1, torch.randn(shared_inter, H) * 0.1,
+              torch.randn(H, shared_inter) * 0.1)
+    ids = torch.tensor([[0, 5], [7, 2], [4, 3]])
+    wts = torch.rand(T, k)
+    cases = 0
+    for sh in (None, shared):
+        for off, n in ((0, E), (4, 4), (0, 4)):
+            args = (x, ids, wts, w13[off:off + n], w2[off:off + n], sh, off, n)
+            check(md.moe_decode_triton(*args), md.moe_decode_reference(*args), ("moe", sh is None, off))
+            cases += 1
+    # every pair on another rank and no shared experts: exactly zero
+    z = md.moe_decode_triton(x, ids.clamp(max=3), wts, w13[4:], w2[4:], None, 4, 4)
+    assert z.shape == (T, k, H)
+    assert torch.count_nonzero(z) == 0
+
+    # MLA: ragged contexts incl. a padded row (context 0), one split and several
+    B, nh, R, Dr, page = 3, 4, 24, 8, 4  # widths below 16 and not powers of two: padded in the kernel
+    cache = torch.randn(20, page, R + Dr)
+    q = torch.randn(B, nh, R + Dr)
+    tables = torch.randint(1, 20, (B, 6))
+    ctx = torch.tensor([5, 0, 24])
+    ml.BLOCK_S = 16
+    for split_min in (128, 16):
+        ml.SPLIT_MIN = split_min
+        args = (q, cache, tables, ctx, 0.3, R)
+        got = ml.combine_splits(*ml.mla_decode_triton(*args))
+        check(got, ml.combine_splits(*ml.mla_decode_reference(*args)), ("mla", ml.num_splits(B, 24)))
+        cases += 1
+    print(f"OK {cases} cases, worst relative error {worst:.2e}")
+    """
+)
+
+
+def test_triton_kernels_under_the_interpreter() -> None:
+    pytest.importorskip("triton", reason="triton is a dev dependency (pyproject): install it")
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("OK 8 cases"), r.stdout
+
+
+def test_split_choice() -> None:
+    assert num_splits(1, 208) == (7, 32)  # short context at batch 1: a program per tile of rows
+    assert num_splits(64, 208) == (4, 64)  # a batch of 64: enough splits to fill the card
+    assert num_splits(300, 208) == (1, 224)  # enough sequences to fill the card: one program each
+    n, rows = num_splits(1, 32768)
+    assert n * rows >= 32768 and rows % 32 == 0 and n <= 264
+
+
+def _run(ours, lens: list[int], steps: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    cache = PagedKVCache(ours.config, 24, 4)  # small pages: contexts span several blocks
+    alloc = BlockAllocator(24)
+    seqs = [SequenceBlocks(alloc, 4) for _ in lens]
+    slots = [s for q, n in zip(seqs, lens, strict=True) for s in q.append(n)]
+    meta = prefill_metadata(lens, lens, [q.blocks for q in seqs], slots)
+    ids = torch.cat([torch.arange(3 + i, 3 + i + n) for i, n in enumerate(lens)])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    last = torch.tensor(lens).cumsum(0) - 1
+    outs, tokens = [], []
+    with torch.inference_mode():
+        out = ours(ids, pos, meta, cache)[last]
+        tok, ctx = out.argmax(-1), list(lens)
+        for _ in range(steps):
+            sl = [q.append(1)[0] for q in seqs]
+            meta = decode_metadata([c + 1 for c in ctx], [q.blocks for q in seqs], sl, max_blocks=8)
+            out = ours(tok, torch.tensor(ctx), meta, cache)
+            outs.append(out)
+            tok, ctx = out.argmax(-1), [c + 1 for c in ctx]
+            tokens.append(tok.tolist())
+    return outs, tokens
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("name", ["v2_greedy", "v2_group", "v3_noaux"])
+def test_fused_moe_and_paged_attention_equal_general_paths(ckpts: dict[str, Path], name: str) -> None:
+    ours = load_model(ckpts[name])
+    lens = [13, 6, 9]
+    ours.set_moe_impl("loop")
+    ours.set_attention_decode("gather")
+    ref, ref_tok = _run(ours, lens, steps=4)
+    ours.reset_expert_load()
+    ours.set_moe_impl("fused")
+    ours.set_attention_decode("paged")
+    try:
+        got, got_tok = _run(ours, lens, steps=4)
+        loads = ours.expert_load()
+    finally:
+        ours.set_moe_impl("auto")
+        ours.set_attention_decode("auto")
+    assert got_tok == ref_tok
+    for a, b in zip(ref, got, strict=True):
+        assert rel(b, a) < 1e-5
+    # the fused path counts the tokens it routes (4 decode steps of 3 sequences; prefill took "fused" too)
+    for counts in loads.values():
+        assert int(counts.sum()) == (sum(lens) + 4 * len(lens)) * ours.config.num_experts_per_tok
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_kernels_trace_through_torch_compile(ckpts: dict[str, Path]) -> None:
+    ours = load_model(ckpts["v2_group"])
+    ours.set_moe_impl("fused")
+    ours.set_attention_decode("paged")
+    try:
+        ref, _ = _run(ours, [7, 5], steps=2)
+        ours.set_compile(True)
+        got, _ = _run(ours, [7, 5], steps=2)
+    finally:
+        ours.set_compile(False)
+        ours.set_moe_impl("auto")
+        ours.set_attention_decode("auto")
+    assert not model_mod._compile_failed, model_mod._compile_failed
+    for a, b in zip(ref, got, strict=True):
+        assert rel(b, a) < 1e-5
+
+
+def test_bad_settings_are_named(ckpts: dict[str, Path]) -> None:
+    ours = load_model(ckpts["v2_greedy"])
+    with pytest.raises(ValueError, match="attention decode 'flash'; allowed: auto, paged, gather"):
+        ours.set_attention_decode("flash")
+    with pytest.raises(ValueError, match="moe impl 'cutlass'; allowed: auto, fused"):
+        ours.set_moe_impl("cutlass")
