@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--moe-impl", default="auto", help="auto | fused | grouped | loop | gather")
+    p.add_argument("--attention-decode", default="auto", help="auto | paged | gather")
     a = p.parse_args(argv)
     path = a.model
     if path is None:
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         path = str(make_tiny(tempfile.mkdtemp() + "/tiny", arch="v2", seed=0))
     model = load_model(path, dtype=a.dtype, device=a.device)
+    model.set_moe_impl(a.moe_impl)
+    model.set_attention_decode(a.attention_decode)
     tok = load_tokenizer(path)
     t0 = time.perf_counter()
     cfg = EngineConfig(max_num_seqs=max(a.batches), compile=not a.no_compile, cuda_graphs=not a.no_cuda_graphs)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     engine.warm_up()
     print(
-        f"device {a.device} dtype {a.dtype} graphs {engine.graphs is not None} "
+        f"device {a.device} dtype {a.dtype} graphs {engine.graphs is not None} moe {a.moe_impl} "
+        f"attention {a.attention_decode} "
         f"start-up {time.perf_counter() - t0:.1f} s, {engine.allocator.capacity} KV blocks"
     )
 

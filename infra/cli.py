@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from infra.cli_options import add_emulator_endpoint_option, add_environments_option
 from infra.kube.cli import register as register_kube_commands
 from infra.ops.cli import OPS_COMMANDS
 from infra.plan_summary import (
@@ -64,12 +65,7 @@ def _add_plan_summary(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"exit {EXIT_DESTROY} when any stateful resource is replaced or destroyed (protected environments)",
     )
     parser.add_argument("--output", type=Path, help="also write the summary to this file")
-    parser.add_argument(
-        "--environments",
-        type=Path,
-        default=os.environ.get("MOEFLEET_ENVIRONMENTS"),
-        help="environments file for --env (default: stacks/environments.toml)",
-    )
+    add_environments_option(parser)
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -77,11 +73,7 @@ def _add_plan_summary(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--stack-dir", type=Path, help="with one --env: use this synthesized stack, skip synth")
     parser.add_argument("--save-json", type=Path, help="with one --env: write the plan JSON here too")
-    parser.add_argument(
-        "--emulator-endpoint",
-        default=os.environ.get("MOEFLEET_EMULATOR_ENDPOINT"),
-        help="re-point emulated environments at this loopback URL",
-    )
+    add_emulator_endpoint_option(parser)
     parser.set_defaults(handler=_plan_summary)
 
 

@@ -39,12 +39,27 @@ def _meta(name: str, namespace: str, labels: dict[str, str] | None = None) -> di
     return {"name": name, "namespace": namespace, "labels": {NAME_KEY: name, **(labels or {})}}
 
 
-def _gpu_pool_scheduling() -> dict:
-    """Pod-spec fields that put a DaemonSet on every GPU node and nowhere else."""
+def _gpu_daemonset(name: str, namespace: str, container: dict, volumes: list[dict]) -> dict:
+    """A DaemonSet on every GPU node and nowhere else (pool selector, GPU taint toleration, node-critical)."""
+    labels = {NAME_KEY: name}
     return {
-        "nodeSelector": {NODE_POOL_LABEL: GPU_POOL},
-        "tolerations": [GPU_TAINT.toleration(), {"key": "CriticalAddonsOnly", "operator": "Exists"}],
-        "priorityClassName": "system-node-critical",
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(name, namespace),
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "nodeSelector": {NODE_POOL_LABEL: GPU_POOL},
+                    "tolerations": [GPU_TAINT.toleration(), {"key": "CriticalAddonsOnly", "operator": "Exists"}],
+                    "priorityClassName": "system-node-critical",
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
     }
 
 
@@ -58,34 +73,17 @@ def dcgm_counters_csv() -> str:
 def device_plugin_daemonset(namespace: str) -> dict:
     """The NVIDIA device plugin: advertises ``nvidia.com/gpu`` on GPU nodes (EKS GPU AMIs ship the
     driver and container toolkit, not the plugin)."""
-    labels = {NAME_KEY: DEVICE_PLUGIN_NAME}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": _meta(DEVICE_PLUGIN_NAME, namespace),
-        "spec": {
-            "selector": {"matchLabels": labels},
-            "updateStrategy": {"type": "RollingUpdate"},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **_gpu_pool_scheduling(),
-                    "containers": [
-                        {
-                            "name": "device-plugin",
-                            "image": DEVICE_PLUGIN_IMAGE,
-                            # Keep running on a node whose driver is still initialising; it retries.
-                            "env": [{"name": "FAIL_ON_INIT_ERROR", "value": "false"}],
-                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-                            "volumeMounts": [{"name": "device-plugin", "mountPath": "/var/lib/kubelet/device-plugins"}],
-                        }
-                    ],
-                    "volumes": [{"name": "device-plugin", "hostPath": {"path": "/var/lib/kubelet/device-plugins"}}],
-                },
-            },
-        },
+    container = {
+        "name": "device-plugin",
+        "image": DEVICE_PLUGIN_IMAGE,
+        # Keep running on a node whose driver is still initialising; it retries.
+        "env": [{"name": "FAIL_ON_INIT_ERROR", "value": "false"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "device-plugin", "mountPath": "/var/lib/kubelet/device-plugins"}],
     }
+    volumes = [{"name": "device-plugin", "hostPath": {"path": "/var/lib/kubelet/device-plugins"}}]
+    return _gpu_daemonset(DEVICE_PLUGIN_NAME, namespace, container, volumes)
 
 
 def dcgm_exporter_objects(namespace: str) -> list[dict]:
@@ -117,26 +115,11 @@ def dcgm_exporter_objects(namespace: str) -> list[dict]:
             {"name": "counters", "mountPath": DCGM_CONFIG_DIR, "readOnly": True},
         ],
     }
-    daemonset = {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": _meta(DCGM_APP_NAME, namespace),
-        "spec": {
-            "selector": {"matchLabels": labels},
-            "updateStrategy": {"type": "RollingUpdate"},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **_gpu_pool_scheduling(),
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "pod-resources", "hostPath": {"path": POD_RESOURCES_PATH, "type": "Directory"}},
-                        {"name": "counters", "configMap": {"name": config["metadata"]["name"]}},
-                    ],
-                },
-            },
-        },
-    }
+    volumes = [
+        {"name": "pod-resources", "hostPath": {"path": POD_RESOURCES_PATH, "type": "Directory"}},
+        {"name": "counters", "configMap": {"name": config["metadata"]["name"]}},
+    ]
+    daemonset = _gpu_daemonset(DCGM_APP_NAME, namespace, container, volumes)
     service = {
         "apiVersion": "v1",
         "kind": "Service",

@@ -14,6 +14,7 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 from cdktf import App
 
+from infra.cli_options import EMULATOR_ENDPOINT_VAR, ENVIRONMENTS_VAR
 from infra.config import DEFAULT_ENVIRONMENTS_FILE, load_environments
 from stacks.environment_stack import EnvironmentStack
 
@@ -40,10 +41,10 @@ def build_app(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--outdir", default=os.environ.get("CDKTF_OUTDIR", "cdktf.out"))
-    parser.add_argument("--environments", default=os.environ.get("MOEFLEET_ENVIRONMENTS", DEFAULT_ENVIRONMENTS_FILE))
+    parser.add_argument("--environments", default=os.environ.get(ENVIRONMENTS_VAR, DEFAULT_ENVIRONMENTS_FILE))
     parser.add_argument(
         "--emulator-endpoint",
-        default=os.environ.get("MOEFLEET_EMULATOR_ENDPOINT"),
+        default=os.environ.get(EMULATOR_ENDPOINT_VAR),
         help="re-point emulated environments at this loopback URL (the demo and tests pick free ports)",
     )
     args = parser.parse_args(argv)

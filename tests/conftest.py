@@ -85,7 +85,7 @@ def stacks(synth_dir: Path) -> dict[str, dict]:
 # nearly all of it waiting on terraform's polling and on child processes. They start as soon as the
 # session does, and the tests that read their results run last, so the rest of the suite runs meanwhile.
 
-BACKGROUND_FIXTURES = ("once_demo", "stay_up_demo", "cdktf_cli_run", "lifecycles")
+BACKGROUND_FIXTURES = ("once_demo", "stay_up_demo", "cdktf_cli_run", "lifecycles", "plan_summary_job")
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +130,16 @@ def cdktf_cli_run(emulator: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         yield pool.submit(synth_then_diff, emulator, tmp_path_factory.mktemp("cdktf-cli") / "cdktf.out")
+
+
+@pytest.fixture(scope="session")
+def plan_summary_job(emulator: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future]:
+    from tests.infra.test_plan_summary import plan_variants, synth_variants
+
+    root = tmp_path_factory.mktemp("plan-summary")
+    stacks = synth_variants(root, emulator)  # in-process synth stays on the main thread (jsii)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(plan_variants, root, emulator, *stacks)
 
 
 @pytest.fixture(scope="session", autouse=True)

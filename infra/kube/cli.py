@@ -8,12 +8,12 @@ for an environment that was never applied here (and says so); `install` never do
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from infra.cli_options import add_environments_option
 from infra.kube.objects import DEFAULT_MODELS, ModelRef
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -44,12 +44,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="full image reference (default: <ecr_repository_url>:<tag>)")
     parser.add_argument("--model", help="model name under models/ in the cold tier (default per size)")
     parser.add_argument("--revision", default="main", help="model revision folder (default: main)")
-    parser.add_argument(
-        "--environments",
-        type=Path,
-        default=os.environ.get("MOEFLEET_ENVIRONMENTS"),
-        help="environments file (default: stacks/environments.toml)",
-    )
+    add_environments_option(parser)
 
 
 def add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

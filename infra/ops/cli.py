@@ -12,10 +12,11 @@ failure, or weights that do not match their manifest).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from infra.cli_options import add_emulator_endpoint_option, add_environments_option
 
 if TYPE_CHECKING:
     from infra.config import Environment
@@ -25,17 +26,8 @@ Subparsers = argparse._SubParsersAction
 
 
 def _env_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--environments",
-        type=Path,
-        default=os.environ.get("MOEFLEET_ENVIRONMENTS"),
-        help="environments file (default: stacks/environments.toml; env MOEFLEET_ENVIRONMENTS)",
-    )
-    parser.add_argument(
-        "--emulator-endpoint",
-        default=os.environ.get("MOEFLEET_EMULATOR_ENDPOINT"),
-        help="re-point emulated environments (aws_endpoint) at this loopback URL",
-    )
+    add_environments_option(parser)
+    add_emulator_endpoint_option(parser)
 
 
 def _cli_error(message: str, code: int = 2) -> Exception:

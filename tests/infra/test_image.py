@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.emulator.process import free_port
 from infra.kube.objects import HOT_TIER_MOUNT, RUNTIME_UID, runtime_config
 from runtime import contract as c
 
@@ -143,12 +143,6 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_heavy() -> N
 # ---- the image's requirements, installed for real -----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with what the image's build stage installs (torch first, then `.[runtime,weights]`).
@@ -176,7 +170,7 @@ def served(image_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # The checkpoint comes from the project's venv (already byte-compiled): only `serve` pays for importing
     # torch from the --no-compile venv.
     subprocess.run([sys.executable, "-m", "runtime.cli", "make-tiny", str(tiny)], check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     config = runtime_config(make_input(load_environments()["dev"]))
     env = {
         "PATH": f"{bin_dir}:/usr/bin:/bin",

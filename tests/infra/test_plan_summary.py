@@ -3,14 +3,17 @@
 The slow part applies one small emulated environment (`plan-a`, its own VPC range and cluster name so it
 never meets other tests' resources on the shared emulator) once per module, then plans variants of the
 SAME environment (identical resource addresses) against that applied state: one forces a GPU node-group
-replacement, one changes the node group in place. Destroy runs in the fixture's teardown.
+replacement, one changes the node group in place, then destroys it. That runs in the background from the
+start of the session (tests/conftest.py); the two tests that read the plans run last.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from infra.plan_summary import (
     render_text,
     summarize,
 )
-from infra.terraform import Terraform
+from infra.terraform import PROJECT_ROOT, Terraform
 
 ENV = "plan-a"
 BASE_ENVIRONMENT = f"""
@@ -89,28 +92,37 @@ def _plan_json(tf: Terraform, stack_dir: Path, out: Path) -> Path:
     return out
 
 
+def synth_variants(root: Path, emulator: str) -> tuple[Path, Path]:
+    """The base and the replacing variant, synthesized in this process (jsii: on the main thread)."""
+    return _synth("base", root, emulator), _synth("replace", root, emulator)
+
+
+def plan_variants(root: Path, emulator: str, base_stack: Path, replace_stack: Path) -> Plans:
+    """Apply `plan-a` once, plan both variants against it, destroy: a background job of the session
+    (tests/conftest.py), since only the plan files are needed afterwards. The replacement plan comes from
+    terraform directly, the in-place one from `moefleet plan-summary --env` in its own process (synth of
+    that one environment + init + plan + show, as CI runs it)."""
+    tf = Terraform.from_stack(base_stack, root / "work")
+    tf.env.update(TF_ARGS)
+    tf.init()
+    try:
+        tf.apply()
+        replace = _plan_json(tf, replace_stack, root / "replace.json")
+        in_place = root / "in-place.json"
+        cmd = [sys.executable, "-m", "infra.cli", "plan-summary", "--env", ENV]
+        cmd += ["--environments", str(_write_variant("in-place", root)), "--emulator-endpoint", emulator]
+        cmd += ["--workdir", str(tf.workdir), "--save-json", str(in_place)]
+        run = subprocess.run(cmd, env=tf.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+        assert run.returncode == EXIT_OK, run.stdout + run.stderr
+        return Plans(replace=replace, in_place=in_place)
+    finally:
+        shutil.copy(base_stack / "cdk.tf.json", tf.workdir / "cdk.tf.json")
+        tf.destroy()
+
+
 @pytest.fixture(scope="module")
-def plans(tmp_path_factory: pytest.TempPathFactory, emulator: str) -> Iterator[Plans]:
-    """Apply `plan-a` once; the replacement plan comes from terraform directly, the in-place one through
-    `moefleet plan-summary --env` (synth of that one environment + init + plan + show, as CI runs it)."""
-    root = tmp_path_factory.mktemp("plan-summary")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in TF_ARGS.items():
-            patch.setenv(key, value)
-        base_stack = _synth("base", root, emulator)
-        tf = Terraform.from_stack(base_stack, root / "work")
-        tf.init()
-        try:
-            tf.apply()
-            replace = _plan_json(tf, _synth("replace", root, emulator), root / "replace.json")
-            in_place = root / "in-place.json"
-            args = ["plan-summary", "--env", ENV, "--environments", str(_write_variant("in-place", root))]
-            args += ["--emulator-endpoint", emulator, "--workdir", str(tf.workdir), "--save-json", str(in_place)]
-            assert main(args) == EXIT_OK
-            yield Plans(replace=replace, in_place=in_place)
-        finally:
-            shutil.copy(base_stack / "cdk.tf.json", tf.workdir / "cdk.tf.json")
-            tf.destroy()
+def plans(plan_summary_job: Future[Plans]) -> Plans:
+    return plan_summary_job.result(timeout=1800)
 
 
 def _node_group(summary_changes: list) -> list:

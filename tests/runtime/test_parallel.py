@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from infra.emulator.process import free_port
 from runtime.config import ModelConfig
 from runtime.parallel.layout import LayoutError, ParallelLayout
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[0, 5, 9, 33, 7, 100, 42, 8, 3], [0, 77, 12, 250, 6]]
 NEW_TOKENS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+KERNELS_ENV = "MOEFLEET_TEST_DECODE_KERNELS"
 
 
 # ---- what every rank (or the single process) computes ---------------------------------------------
@@ -63,20 +58,27 @@ def spmd_main(ckpts: dict[str, str], layouts: list[tuple[int, int]], out_dir: st
     for tp, ep in layouts:
         ps = make_groups(ParallelLayout(tp, ep, world).validate(), rank, 0, 60.0)
         for name, ckpt in ckpts.items():
-            res = compute(load_model(ckpt, parallel=ps))
+            model = load_model(ckpt, parallel=ps)
+            if os.environ.get(KERNELS_ENV):  # the decode kernels' dispatch (their references on CPU)
+                model.set_moe_impl("fused")
+                model.set_attention_decode("paged")
+            res = compute(model)
             if rank == 0:
                 torch.save(res, Path(out_dir) / f"{name}_tp{tp}_ep{ep}.pt")
         dist.barrier()
     dist.destroy_process_group()
 
 
-def run_spmd(ckpts: dict[str, Path], world: int, layouts: list[tuple[int, int]], out: Path) -> dict:
+def run_spmd(
+    ckpts: dict[str, Path], world: int, layouts: list[tuple[int, int]], out: Path, kernels: bool = False
+) -> dict:
     """{(checkpoint name, tp, ep): rank 0's results}; every rank is a process started as torchrun would."""
     port = free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        env[KERNELS_ENV] = "1" if kernels else ""
         paths = json.dumps({k: str(v) for k, v in ckpts.items()})
         cmd = [sys.executable, __file__, "--spmd", paths, json.dumps(layouts), str(out)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -113,6 +115,15 @@ def test_two_ranks_tp_ep_and_both_equal_one_process(ckpts, references, tmp_path)
     results = run_spmd(names, 2, [(2, 1), (1, 2), (2, 2)], tmp_path)
     for (name, tp, ep), got in results.items():
         assert_same(got, references[name], f"{name} --tp {tp} --ep {ep}")
+
+
+def test_decode_kernels_under_tp_and_ep_equal_one_process(ckpts, references, tmp_path) -> None:
+    """The fused-MoE and paged-attention dispatch under each 2-rank layout: EP offsets (pairs routed to the
+    other rank add nothing), shared experts inside the kernel when their TP partial joins the EP all-reduce
+    (--tp 2 --ep 2) and outside it otherwise, paged attention over a rank's heads (--tp 2)."""
+    results = run_spmd({"v2_greedy": ckpts["v2_greedy"]}, 2, [(2, 1), (1, 2), (2, 2)], tmp_path, kernels=True)
+    for (name, tp, ep), got in results.items():
+        assert_same(got, references[name], f"{name} --tp {tp} --ep {ep} with the decode kernels")
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ import httpx
 import psutil
 import pytest
 
+from infra.emulator.process import free_port
 from runtime import contract as c
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 6  # --dist-timeout of these servers
 REQUEST = {"prompt": "The order was placed at night", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
