@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,26 @@ def terraform_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def plugin_cache_turn(env: dict[str, str]) -> Iterator[None]:
+    """Hold the plugin cache alone while ``terraform init`` installs into it. Terraform's cache is not safe
+    for concurrent installs (two inits at once can fail with "after installing ... it is still not detected
+    in <cache>; this is a bug in Terraform"), and without a lock file every init installs. An flock beside
+    the cache makes inits take turns across threads and processes (the tests' background jobs, the demo)."""
+    cache = env.get("TF_PLUGIN_CACHE_DIR")
+    if not cache:
+        yield
+        return
+    lock = Path(cache).parent / f".{Path(cache).name}.init-lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass
 class Terraform:
     """A working directory holding one stack's cdk.tf.json."""
@@ -50,14 +73,15 @@ class Terraform:
 
     def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         start = time.monotonic()
-        proc = subprocess.run(
-            ["terraform", *args, "-no-color"],
-            cwd=self.workdir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        with plugin_cache_turn(self.env) if args[0] == "init" else contextlib.nullcontext():
+            proc = subprocess.run(
+                ["terraform", *args, "-no-color"],
+                cwd=self.workdir,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         self.timings[args[0]] = self.timings.get(args[0], 0.0) + time.monotonic() - start
         if check and proc.returncode != 0:
             tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()

@@ -2,8 +2,10 @@
 
 In the absorbed form every head attends over the same cached rows ``[latent (R) | roped key (Dr)]``: the
 query is ``[q_nope·W_UK | q_pe]`` per head and the output ``p·latent`` is taken through ``W_UV`` later.
-That is multi-query attention with one 576-wide key and a 512-wide value, so one program serves all
-heads of a sequence with two tensor-core products per tile of cached rows, and reads the rows once.
+That is multi-query attention with one 576-wide key and a 512-wide value, so one program serves up to 16
+heads of a sequence (all of them for V2-Lite, or a TP rank's share) with two tensor-core products per tile
+of cached rows; more heads (DeepSeek-V2/V3's 128 on one GPU) take more programs, each re-reading the rows
+from L2.
 
 The kernel walks the block table itself (no gathered copy of the cache, no mask tensor) and splits long
 contexts across programs (flash-decoding): each split writes its normalized output and log-sum-exp, and a
@@ -19,6 +21,7 @@ import torch
 from runtime.kernels import HAS_TRITON, triton_usable
 
 BLOCK_S = 32  # cached rows per tile
+HEAD_BLOCK = 16  # heads per program: the fp32 accumulator is HEAD_BLOCK x kv_lora_rank
 SPLIT_MIN = 32  # rows per split at least (one tile): at batch 1 the split count sets the parallelism
 MAX_PROGRAMS = 264  # splits are added until B·splits reaches this (2 per H200/H100 SM)
 
@@ -61,7 +64,7 @@ if HAS_TRITON:
         ctx = tl.maximum(tl.load(ctx_ptr + b), 1)
         start = sp * split_len
         end = tl.minimum(ctx, start + split_len)
-        offs_h = tl.arange(0, HP)
+        offs_h = tl.program_id(2) * HP + tl.arange(0, HP)  # this program's block of heads
         h_mask = offs_h < n_heads
         offs_r = tl.arange(0, RP)  # widths padded to powers of two (and >= 16 for the tensor cores)
         offs_dr = tl.arange(0, DRP)
@@ -127,11 +130,14 @@ def mla_decode_triton(
     lse = torch.empty(B, n_split, nh, dtype=torch.float32, device=q.device)
     q, tables = q.contiguous(), block_tables.contiguous()
     pow2 = triton.next_power_of_2
-    _mla_decode_kernel[(B, n_split)](
+    head_blocks = triton.cdiv(nh, HEAD_BLOCK)
+    head_pad = HEAD_BLOCK if head_blocks > 1 else max(16, pow2(nh))
+    _mla_decode_kernel[(B, n_split, head_blocks)](
         q, cache, tables, context_lens, o, lse, nh, scale, split_len,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        R, D - R, RP=max(16, pow2(R)), DRP=max(16, pow2(D - R)), HP=max(16, pow2(nh)), PAGE=page, BLOCK_S=BLOCK_S,
+        R, D - R, RP=max(16, pow2(R)), DRP=max(16, pow2(D - R)), HP=head_pad,
+        PAGE=page, BLOCK_S=BLOCK_S,
         # fp32 (tests, CPU-parity runs on a GPU) multiplies in full precision, not TF32
         PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2,
     )  # fmt: skip
