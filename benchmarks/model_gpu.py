@@ -355,6 +355,31 @@ def fp32_check(ours: DeepseekForCausalLM) -> dict:
     }
 
 
+def rank_kernels(events: list[tuple[str, float]], runs: int, top: int) -> tuple[float, float, list]:
+    """(name, µs) of every kernel over ``runs`` calls → kernels per call, µs per call, and the ``top`` names
+    by time as (name, count per call, µs per call); names cut to 60 characters."""
+    agg: dict[str, list[float]] = {}
+    for name, us in events:
+        a = agg.setdefault(name[:60], [0, 0.0])
+        a[0] += 1
+        a[1] += us
+    ranked = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
+    total = sum(us for _, us in events)
+    return len(events) / runs, total / runs, [(n, c // runs, t / runs) for n, (c, t) in ranked]
+
+
+def kernel_profile(fn, runs: int, top: int) -> tuple[float, float, list]:
+    """The CUDA kernels of ``runs`` calls of ``fn`` (torch profiler), ranked by :func:`rank_kernels`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return rank_kernels([(e.name, e.device_time) for e in prof.events() if e.device_type == cuda], runs, top)
+
+
 def profile_graph(bench: OursBench, B: int) -> dict:
     """GPU time of one captured decode step (graph replay alone, CUDA events) and its kernels (profiler)."""
     graph, _ = bench.graphs.graphs[B]
@@ -370,22 +395,9 @@ def profile_graph(bench: OursBench, B: int) -> dict:
         times.append(start.elapsed_time(end))
     res = {"replay_ms_median": sorted(times)[len(times) // 2]}
     try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize()
-        kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        res["kernels_per_step"] = len(kern) / 3
-        res["kernel_us_per_step"] = sum(e.device_time for e in kern) / 3
-        agg: dict[str, list[float]] = {}
-        for e in kern:
-            a = agg.setdefault(e.name[:60], [0, 0.0])
-            a[0] += 1
-            a[1] += e.device_time / 3
-        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]
-        res["top"] = [(n, c // 3, round(t, 1)) for n, (c, t) in top]
+        n, us, top = kernel_profile(graph.replay, runs=3, top=25)
+        res["kernels_per_step"], res["kernel_us_per_step"] = n, us
+        res["top"] = [(name, count, round(t, 1)) for name, count, t in top]
     except Exception as exc:  # the profiler is a nice-to-have
         res["profiler_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return res
@@ -491,25 +503,10 @@ def matmul_peak() -> float:
 
 
 def profile_prefill(bench: OursBench, B: int, P: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     prompts = torch.randint(0, bench.model.config.vocab_size, (B, P), device=DEV)
     bench.prefill(prompts)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        bench.prefill(prompts)
-        torch.cuda.synchronize()
-    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    agg: dict[str, list[float]] = {}
-    for e in kern:
-        a = agg.setdefault(e.name[:60], [0, 0.0])
-        a[0] += 1
-        a[1] += e.device_time
-    top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:20]
-    return {
-        "kernels": len(kern),
-        "kernel_ms": sum(e.device_time for e in kern) / 1e3,
-        "top": [(n, c, round(t / 1e3, 2)) for n, (c, t) in top],
-    }
+    n, us, top = kernel_profile(lambda: bench.prefill(prompts), runs=1, top=20)
+    return {"kernels": int(n), "kernel_ms": us / 1e3, "top": [(name, c, round(t / 1e3, 2)) for name, c, t in top]}
 
 
 def tiny_cpu_agreement(steps: int = 24) -> dict:

@@ -21,7 +21,7 @@ from runtime.config import ModelConfig, yarn_get_mscale
 from runtime.kernels import triton_usable
 from runtime.kernels.mla_decode import combine_splits, mla_decode
 from runtime.kv_cache import AttentionMetadata, PagedKVCache
-from runtime.moe import MLP, MoE, _keep_fp32
+from runtime.moe import MLP, MOE_IMPLS, MoE, _keep_fp32
 
 ATTENTION_DECODE = ("auto", "paged", "gather")
 
@@ -264,30 +264,39 @@ class MLAttention(nn.Module):
         return o.squeeze(2)
 
 
+def _absorbed_weights(attn: MLAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_b_proj`` split per head into W_UK [nh, dn, r] and W_UV [nh, dv, r] (views, no copy)."""
+    w = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_lora_rank)
+    return w[:, : attn.nope], w[:, attn.nope :]
+
+
+def _absorbed_query(attn: MLAttention, q_nope, q_pe) -> torch.Tensor:
+    """[q_nope·W_UK | q_pe] → [B, nh, r + dr]: the query against the cached latent and roped key."""
+    q_lat = torch.bmm(q_nope.transpose(0, 1), _absorbed_weights(attn)[0]).transpose(0, 1)  # [B, nh, r]
+    return torch.cat([q_lat, q_pe], dim=-1)
+
+
+def _absorbed_output(attn: MLAttention, o_lat) -> torch.Tensor:
+    """Attention over the latent [B, nh, r] → per-head values [B, nh, dv] through W_UV."""
+    w_uv = _absorbed_weights(attn)[1]
+    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+
 def _decode_absorbed(attn: MLAttention, q_nope, q_pe, kv, bias) -> torch.Tensor:
     """Absorbed MLA decode over the gathered latent cache ``kv`` [B, S, r + dr] → [B, nh, dv]."""
-    r = attn.kv_lora_rank
-    w = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, r)
-    w_uk, w_uv = w[:, : attn.nope], w[:, attn.nope :]  # [nh, dn, r], [nh, dv, r]
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, nh, r]
-    q_cat = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, r + dr]
+    q_cat = _absorbed_query(attn, q_nope, q_pe)
     # scores in the model dtype, softmax in fp32 (as transformers' eager attention)
     scores = torch.baddbmm(bias, q_cat, kv.transpose(1, 2), alpha=attn.scale)  # [B, nh, S]
     p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
-    o_lat = torch.bmm(p, kv[..., :r])  # [B, nh, r]
-    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
+    return _absorbed_output(attn, torch.bmm(p, kv[..., : attn.kv_lora_rank]))
 
 
 def _decode_absorbed_paged(attn: MLAttention, q_nope, q_pe, cache, block_tables, context_lens) -> torch.Tensor:
     """The absorbed form of :func:`_decode_absorbed`, attending straight from the paged cache
     (:mod:`runtime.kernels.mla_decode`) → [B, nh, dv]."""
-    r = attn.kv_lora_rank
-    w = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, r)
-    w_uk, w_uv = w[:, : attn.nope], w[:, attn.nope :]
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, nh, r]
-    q_cat = torch.cat([q_lat, q_pe], dim=-1)
-    o_lat = combine_splits(*mla_decode(q_cat, cache, block_tables, context_lens, attn.scale, r)).to(q_cat.dtype)
-    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, nh, dv]
+    q_cat = _absorbed_query(attn, q_nope, q_pe)
+    splits = mla_decode(q_cat, cache, block_tables, context_lens, attn.scale, attn.kv_lora_rank)
+    return _absorbed_output(attn, combine_splits(*splits).to(q_cat.dtype))
 
 
 def _layer_in(layer: DecoderLayer, x, rotary: RotaryEmbedding, rope: tuple):
@@ -410,8 +419,8 @@ class DeepseekForCausalLM(nn.Module):
             m.reset_buffers()
 
     def set_moe_impl(self, impl: str) -> None:
-        if impl not in ("auto", "fused", "grouped", "loop", "gather"):
-            raise ValueError(f"moe impl {impl!r}; allowed: auto, fused, grouped, loop, gather")
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe impl {impl!r}; allowed: {', '.join(MOE_IMPLS)}")
         for _, m in self.moe_layers():
             m.impl = impl
 

@@ -28,6 +28,8 @@ from runtime.parallel.shard import all_reduce
 # was measured by benchmarks/model_gpu.py; docs/benchmarks.md).
 FUSED_MAX_TOKENS = 16
 
+MOE_IMPLS = ("auto", "fused", "grouped", "loop", "gather")  # MoE.impl; see use_grouped
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward (dense layers and shared experts)."""
@@ -197,10 +199,10 @@ class MoE(nn.Module):
         if grouped is None:
             grouped = self.use_grouped(x)
         ids, weights = self.gate(x)
-        if grouped == "fused":
-            return self._fused(x, ids, weights)
-        y = self.routed(x, ids, weights, grouped)
-        if self.shared_experts is None:
+        fused = grouped == "fused"
+        fuse_shared = fused and self._shared_fusable()  # the kernel adds the shared experts itself
+        y = self._fused(x, ids, weights, fuse_shared) if fused else self.routed(x, ids, weights, grouped)
+        if self.shared_experts is None or fuse_shared:
             return all_reduce(y, self.ep_group)
         s = self.shared_experts(x)
         if self.shared_partial:
@@ -213,16 +215,14 @@ class MoE(nn.Module):
         s = self.shared_experts
         return s is not None and type(s.down_proj) is nn.Linear and (self.ep_group is None or self.shared_partial)
 
-    def _fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, with_shared: bool) -> torch.Tensor:
+        """Routed experts (and, ``with_shared``, the shared ones) through the decode kernel; no all-reduce."""
         flat = ids.reshape(-1)
         self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
-        s = self.shared_experts if self._shared_fusable() else None
-        sw = (None, None, None) if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        s = self.shared_experts
+        sw = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight) if with_shared else (None, None, None)
         y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
-        y = y.sum(dim=1).to(x.dtype)
-        if s is not None or self.shared_experts is None:
-            return all_reduce(y, self.ep_group)
-        return all_reduce(y, self.ep_group) + self.shared_experts(x)
+        return y.sum(dim=1).to(x.dtype)
 
     def use_grouped(self, x: torch.Tensor, compiled: bool = False) -> bool | str:
         """True: grouped GEMM; False: loop over active experts (host sync, eager only); "gather": each

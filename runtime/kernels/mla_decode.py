@@ -164,11 +164,9 @@ def mla_decode_reference(
     B = q.shape[0]
     kv = cache[block_tables].view(B, -1, cache.shape[-1])
     hidden = torch.arange(kv.shape[1], device=q.device)[None, :] >= context_lens.clamp(min=1)[:, None]
-    scores = torch.bmm(q.float(), kv.float().transpose(1, 2)) * scale
-    p = scores.masked_fill(hidden[:, None], float("-inf")).softmax(dim=-1)
-    o = torch.bmm(p, kv[..., :kv_lora_rank].float())
-    lse = torch.logsumexp(scores.masked_fill(hidden[:, None], float("-inf")), dim=-1)
-    return o[:, None], lse[:, None]  # one "split"
+    scores = (torch.bmm(q.float(), kv.float().transpose(1, 2)) * scale).masked_fill(hidden[:, None], float("-inf"))
+    o = torch.bmm(scores.softmax(dim=-1), kv[..., :kv_lora_rank].float())
+    return o[:, None], torch.logsumexp(scores, dim=-1)[:, None]  # one "split"
 
 
 @torch.library.custom_op("moefleet::mla_decode", mutates_args=())

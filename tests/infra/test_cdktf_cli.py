@@ -16,12 +16,14 @@ CDKTF = PROJECT_ROOT / "node_modules" / ".bin" / "cdktf"
 
 def cdktf(args: list[str], emulator: str) -> subprocess.CompletedProcess[str]:
     assert CDKTF.exists(), "`make setup` installs the pinned cdktf CLI into node_modules"
-    env = terraform_env({**os.environ, "MOEFLEET_EMULATOR_ENDPOINT": emulator, "CI": "1", "DISABLE_VERSION_CHECK": "1"})
-    env["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "20"
     # `cdktf diff` runs its own `terraform init`, outside infra.terraform's turn-taking on the shared plugin
     # cache: with several inits running at the start of the session, it gets a cache of its own
-    env["TF_PLUGIN_CACHE_DIR"] = str(PROJECT_ROOT / ".cache" / "terraform" / "plugins-cdktf")
-    Path(env["TF_PLUGIN_CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
+    own_cache = str(PROJECT_ROOT / ".cache" / "terraform" / "plugins-cdktf")
+    env = terraform_env(
+        {**os.environ, "MOEFLEET_EMULATOR_ENDPOINT": emulator, "CI": "1", "DISABLE_VERSION_CHECK": "1",
+         "TF_PLUGIN_CACHE_DIR": own_cache}
+    )  # fmt: skip
+    env["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "20"
     return subprocess.run([str(CDKTF), *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -11,46 +11,21 @@ import pytest
 import torch
 
 from runtime import model as model_mod
-from runtime.kv_cache import BlockAllocator, PagedKVCache, SequenceBlocks, decode_metadata, prefill_metadata
+from runtime.kv_cache import prefill_metadata
 from runtime.loader import load_model
+from tests.runtime.decoding import prefill_then_decode, rel
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def _run(ours, lens: list[int], steps: int) -> list[torch.Tensor]:
-    cache = PagedKVCache(ours.config, 16, 16)
-    alloc = BlockAllocator(16)
-    seqs = [SequenceBlocks(alloc, 16) for _ in lens]
-    slots = [s for q, n in zip(seqs, lens, strict=True) for s in q.append(n)]
-    meta = prefill_metadata(lens, lens, [q.blocks for q in seqs], slots)
-    ids = torch.cat([torch.arange(3 + i, 3 + i + n) for i, n in enumerate(lens)])
-    pos = torch.cat([torch.arange(n) for n in lens])
-    last = torch.tensor(lens).cumsum(0) - 1
-    outs = []
-    with torch.inference_mode():
-        outs.append(ours(ids, pos, meta, cache))
-        tok, ctx = outs[-1][last].argmax(-1), list(lens)
-        for _ in range(steps):
-            sl = [q.append(1)[0] for q in seqs]
-            meta = decode_metadata([c + 1 for c in ctx], [q.blocks for q in seqs], sl, max_blocks=3)
-            out = ours(tok, torch.tensor(ctx), meta, cache)
-            outs.append(out)
-            tok, ctx = out.argmax(-1), [c + 1 for c in ctx]
-    return outs
 
 
 @pytest.mark.parametrize("name", ["v2_group", "v3_noaux"])
 def test_compiled_equals_eager(ckpts: dict[str, Path], name: str) -> None:
     ours = load_model(ckpts[name])
     for lens in ([20, 18, 17], [9]):  # batch 3 (dynamic graph) and batch 1 (specialised graph)
-        ref = _run(ours, lens, steps=2)
+        ref = prefill_then_decode(ours, lens, steps=2)
         ours.set_compile(True)
         try:
-            got = _run(ours, lens, steps=2)
+            got = prefill_then_decode(ours, lens, steps=2)
         finally:
             ours.set_compile(False)
         assert not model_mod._compile_failed, model_mod._compile_failed

@@ -23,8 +23,8 @@ import torch
 
 from runtime import model as model_mod
 from runtime.kernels.mla_decode import num_splits
-from runtime.kv_cache import BlockAllocator, PagedKVCache, SequenceBlocks, decode_metadata, prefill_metadata
 from runtime.loader import load_model
+from tests.runtime.decoding import prefill_then_decode, rel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,30 +105,9 @@ def test_split_choice() -> None:
 
 
 def _run(ours, lens: list[int], steps: int) -> tuple[list[torch.Tensor], list[list[int]]]:
-    cache = PagedKVCache(ours.config, 24, 4)  # small pages: contexts span several blocks
-    alloc = BlockAllocator(24)
-    seqs = [SequenceBlocks(alloc, 4) for _ in lens]
-    slots = [s for q, n in zip(seqs, lens, strict=True) for s in q.append(n)]
-    meta = prefill_metadata(lens, lens, [q.blocks for q in seqs], slots)
-    ids = torch.cat([torch.arange(3 + i, 3 + i + n) for i, n in enumerate(lens)])
-    pos = torch.cat([torch.arange(n) for n in lens])
-    last = torch.tensor(lens).cumsum(0) - 1
-    outs, tokens = [], []
-    with torch.inference_mode():
-        out = ours(ids, pos, meta, cache)[last]
-        tok, ctx = out.argmax(-1), list(lens)
-        for _ in range(steps):
-            sl = [q.append(1)[0] for q in seqs]
-            meta = decode_metadata([c + 1 for c in ctx], [q.blocks for q in seqs], sl, max_blocks=8)
-            out = ours(tok, torch.tensor(ctx), meta, cache)
-            outs.append(out)
-            tok, ctx = out.argmax(-1), [c + 1 for c in ctx]
-            tokens.append(tok.tolist())
-    return outs, tokens
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    """Decode-step logits and greedy tokens; small pages, so contexts span several blocks."""
+    outs = prefill_then_decode(ours, lens, steps, block_size=4, num_blocks=24, max_blocks=8)[1:]
+    return outs, [o.argmax(-1).tolist() for o in outs]
 
 
 @pytest.mark.parametrize("name", ["v2_greedy", "v2_group", "v3_noaux"])

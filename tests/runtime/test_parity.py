@@ -15,16 +15,13 @@ from runtime.generate import Generator
 from runtime.kv_cache import BlockAllocator, PagedKVCache, SequenceBlocks, decode_metadata, prefill_metadata
 from runtime.loader import Tokenizer, load_model
 from runtime.sampling import SamplingParams
+from tests.runtime.decoding import rel
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: always installed in CI
 
 NAMES = ["v2_greedy", "v2_group", "v3_noaux"]
 PROMPT = "The order was placed at night from a new device. Is this a fraud risk? Answer yes or no."
 TOL = 1e-4
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
