@@ -21,6 +21,7 @@ from torch import nn
 from runtime.config import ModelConfig
 from runtime.kernels import triton_usable
 from runtime.kernels.moe_decode import moe_decode
+from runtime.kernels.router import Routing, greedy_route, normalize_weights, route
 from runtime.parallel.shard import all_reduce
 
 # Up to this many tokens a step's MoE runs as the two-launch kernel of runtime.kernels.moe_decode: below
@@ -63,6 +64,11 @@ class Gate(nn.Module):
         self.scale_after_norm = config.scale_weights_after_norm
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size, dtype=torch.float32))
+        renorm = self.top_k > 1 and self.norm_topk_prob
+        scale = self.routed_scaling_factor if (self.scale_after_norm or not renorm) else 1.0
+        # the choice's constants, and whether the decode kernels can make it themselves (greedy only)
+        self.routing = Routing(self.top_k, self.scoring_func == "softmax", renorm, scale)
+        self.kernel_routable = self.topk_method == "greedy"
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
@@ -78,13 +84,16 @@ class Gate(nn.Module):
         T = group_scores.shape[0]
         return mask.unsqueeze(-1).expand(T, self.n_group, self.n_experts // self.n_group).reshape(T, -1)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = self.logits(x)
+        if self.topk_method == "greedy":
+            return greedy_route(logits, self.routing)
         scores = logits.softmax(dim=-1, dtype=torch.float32) if self.scoring_func == "softmax" else logits.sigmoid()
         T, G = scores.shape[0], self.n_group
-        if self.topk_method == "greedy":
-            weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        elif self.topk_method == "group_limited_greedy":
+        if self.topk_method == "group_limited_greedy":
             group_scores = scores.view(T, G, -1).max(dim=-1).values
             masked = scores.masked_fill(~self._group_mask(group_scores), 0.0)
             weights, ids = torch.topk(masked, k=self.top_k, dim=-1, sorted=False)
@@ -94,13 +103,7 @@ class Gate(nn.Module):
             choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
             ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
             weights = scores.gather(1, ids)
-        if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-            if self.scale_after_norm:
-                weights = weights * self.routed_scaling_factor
-        elif self.routed_scaling_factor != 1.0:
-            weights = weights * self.routed_scaling_factor
-        return ids, weights
+        return ids, normalize_weights(weights, self.routing)
 
 
 def _keep_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -159,6 +162,7 @@ class MoE(nn.Module):
         # loop over active experts (eager) or the gather path (compiled); "fused", "grouped", "loop",
         # "gather" force one (tests, benchmarks).
         self.impl = "auto"
+        self.kernel_routing = True  # with the fused kernel, a greedy router runs as one kernel (False: the Gate)
 
     def _tie_expert_views(self) -> None:
         # keyed by global expert id, so a rank holding experts 8..15 still shows ``experts.8.*`` names
@@ -198,10 +202,9 @@ class MoE(nn.Module):
         """``grouped``: the dispatch chosen by :meth:`use_grouped` (decided outside compiled code)."""
         if grouped is None:
             grouped = self.use_grouped(x)
-        ids, weights = self.gate(x)
         fused = grouped == "fused"
         fuse_shared = fused and self._shared_fusable()  # the kernel adds the shared experts itself
-        y = self._fused(x, ids, weights, fuse_shared) if fused else self.routed(x, ids, weights, grouped)
+        y = self._fused(x, fuse_shared) if fused else self.routed(x, *self.gate(x), grouped)
         if self.shared_experts is None or fuse_shared:
             return all_reduce(y, self.ep_group)
         s = self.shared_experts(x)
@@ -215,12 +218,17 @@ class MoE(nn.Module):
         s = self.shared_experts
         return s is not None and type(s.down_proj) is nn.Linear and (self.ep_group is None or self.shared_partial)
 
-    def _fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, with_shared: bool) -> torch.Tensor:
-        """Routed experts (and, ``with_shared``, the shared ones) through the decode kernel; no all-reduce."""
-        flat = ids.reshape(-1)
-        self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+    def _fused(self, x: torch.Tensor, with_shared: bool) -> torch.Tensor:
+        """Routed experts (and, ``with_shared``, the shared ones) through the decode kernel; no all-reduce.
+        A greedy router's choice is one kernel too (``kernel_routing``: :mod:`runtime.kernels.router`)."""
         s = self.shared_experts
         sw = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight) if with_shared else (None, None, None)
+        if self.kernel_routing and self.gate.kernel_routable:
+            ids, weights = route(self.gate.logits(x), self.expert_load, *self.gate.routing)
+        else:
+            ids, weights = self.gate(x)
+            flat = ids.reshape(-1)
+            self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
         return y.sum(dim=1).to(x.dtype)
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INTERPRETED = textwrap.dedent(
     """
     import torch
-    from runtime.kernels import mla_decode as ml, moe_decode as md
+    from runtime.kernels import mla_decode as ml, moe_decode as md, router as rt
 
     torch.manual_seed(0)
     worst = 0.0
@@ -60,6 +60,21 @@ INTERPRETED = textwrap.dedent(
     z = md.moe_decode_triton(x, ids.clamp(max=3), wts, w13[4:], w2[4:], None, 4, 4)
     assert z.shape == (T, k, H)
     assert torch.count_nonzero(z) == 0
+
+    # the greedy router kernel: softmax or sigmoid, renormalised or scaled, k = 2, 3 or 6 of 8 (all but
+    # two), a padded expert block (E = 6 < 8) and T = 1; the ids as a set per token (their order is free)
+    for T_r, E_r in ((5, 8), (1, 6)):
+        logits = torch.randn(T_r, E_r)
+        for routing in (rt.Routing(2, True, True, 1.0), rt.Routing(3, False, False, 2.5),
+                        rt.Routing(min(6, E_r - 2), True, False, 1.0)):
+            loads = [torch.full((E_r,), 7), torch.full((E_r,), 7)]
+            (ids_a, w_a), (ids_b, w_b) = (fn(logits, load, routing) for fn, load in
+                                          zip((rt.route_triton, rt.route_reference), loads))
+            a, b = ids_a.sort(dim=1), ids_b.sort(dim=1)
+            assert torch.equal(a.values, b.values), (routing, ids_a, ids_b)
+            check(w_a.gather(1, a.indices), w_b.gather(1, b.indices), ("route", routing))
+            assert torch.equal(loads[0], loads[1]) and loads[0].sum() == 7 * E_r + T_r * routing.top_k, loads
+            cases += 1
 
     # MLA: ragged contexts incl. a padded row (context 0), one split and several
     B, nh, R, Dr, page = 3, 4, 24, 8, 4  # widths below 16 and not powers of two: padded in the kernel
@@ -93,7 +108,7 @@ def test_triton_kernels_under_the_interpreter() -> None:
     }
     r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.startswith("OK 9 cases"), r.stdout
+    assert r.stdout.startswith("OK 15 cases"), r.stdout
 
 
 def test_split_choice() -> None:
@@ -135,14 +150,18 @@ def test_fused_moe_and_paged_attention_equal_general_paths(ckpts: dict[str, Path
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
-def test_kernels_trace_through_torch_compile(ckpts: dict[str, Path]) -> None:
-    ours = load_model(ckpts["v2_group"])
+@pytest.mark.parametrize("name", ["v2_group", "v2_greedy"])  # the Gate's routing / the router op (in place)
+def test_kernels_trace_through_torch_compile(ckpts: dict[str, Path], name: str) -> None:
+    ours = load_model(ckpts[name])
     ours.set_moe_impl("fused")
     ours.set_attention_decode("paged")
     try:
         ref, _ = _run(ours, [7, 5], steps=2)
+        ref_load = {i: c.clone() for i, c in ours.expert_load().items()}
+        ours.reset_expert_load()
         ours.set_compile(True)
         got, _ = _run(ours, [7, 5], steps=2)
+        got_load = ours.expert_load()
     finally:
         ours.set_compile(False)
         ours.set_moe_impl("auto")
@@ -150,6 +169,8 @@ def test_kernels_trace_through_torch_compile(ckpts: dict[str, Path]) -> None:
     assert not model_mod._compile_failed, model_mod._compile_failed
     for a, b in zip(ref, got, strict=True):
         assert rel(b, a) < 1e-5
+    for i, counts in ref_load.items():  # the router op's in-place count survives compilation
+        assert torch.equal(got_load[i], counts), i
 
 
 def test_bad_settings_are_named(ckpts: dict[str, Path]) -> None:
