@@ -6,16 +6,42 @@ captured once and replayed: a few microseconds of launch cost instead of ~1,500 
 Python per step. Rows beyond the real batch are padding: token 0 at position 0 writing to the reserved
 scratch block (block 0) and reading one slot of it; their logits are dropped. (They are also counted in
 the expert-load statistics, a small bias toward whichever experts token 0 picks.)
+
+The step is captured in a few pieces (``GRAPH_PIECES``): the host launches piece i+1 while the GPU runs
+piece i, instead of the GPU waiting for the launch of one large graph.
+
+The step's inputs live in one flat int64 device buffer, so a step that starts from host lists (the engine's
+case: :meth:`CUDAGraphDecoder.run_host`) stages them with one pinned host-to-device copy instead of a
+tensor and a copy per field: host time between two replays is time the GPU idles at batch 1.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from runtime.kv_cache import AttentionMetadata, PagedKVCache
 from runtime.model import DeepseekForCausalLM
+
+# A decode step is captured as this many graphs, run back to back. Launching one graph of ~600 kernels takes
+# 0.15-0.35 ms of host time on an H200 host, during which a batch-1 step's GPU would idle; in pieces, the
+# GPU runs the first while the host launches the rest (benchmarks/decode_ablation_gpu.py measures it).
+GRAPH_PIECES = 4
+
+
+class PiecewiseGraph:
+    """The captured pieces of one decode step; ``replay`` launches them in order on the current stream."""
+
+    def __init__(self) -> None:
+        self.pieces: list[torch.cuda.CUDAGraph] = []
+        self.keep = None  # the step state whose tensors the pieces pass to each other
+
+    def replay(self) -> None:
+        for piece in self.pieces:
+            piece.replay()
 
 
 class CUDAGraphDecoder:
@@ -25,18 +51,25 @@ class CUDAGraphDecoder:
         kv_cache: PagedKVCache,
         max_blocks: int,
         batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        pieces: int = GRAPH_PIECES,
     ) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model")
+        if pieces < 1:
+            raise ValueError(f"pieces {pieces}: allowed 1 or more")
         self.model, self.kv_cache, self.max_blocks = model, kv_cache, max_blocks
         self.batch_sizes = sorted(batch_sizes)
         dev, n = model.device, self.batch_sizes[-1]
-        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.ctx = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # [ids | positions | context lens | slots | tables (n × max_blocks)]: every field a contiguous slice
+        self.inputs = torch.zeros(n * (4 + max_blocks), dtype=torch.int64, device=dev)
+        self.ids, self.pos, self.ctx, self.slots, self.tables = input_views(self.inputs, n, max_blocks)
+        self._host = torch.zeros_like(self.inputs, device="cpu").pin_memory()
+        self._host_fields = self._host.numpy()
+        self._staged = torch.cuda.Event()  # the last host-to-device copy of _host (reused each step)
+        self.graphs: dict[int, tuple[PiecewiseGraph, torch.Tensor]] = {}
+        n_layers = len(model.model.layers)
+        pieces = min(pieces, max(1, n_layers))  # no empty piece
+        bounds = [round(i * n_layers / pieces) for i in range(pieces + 1)]
         pool = None
         with torch.inference_mode():
             for B in reversed(self.batch_sizes):  # largest first: smaller graphs reuse its pool
@@ -47,10 +80,18 @@ class CUDAGraphDecoder:
                     for _ in range(2):  # warm-up (allocator, cuBLAS workspaces, lazy inits)
                         model(self.ids[:B], self.pos[:B], meta, kv_cache)
                 torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = model(self.ids[:B], self.pos[:B], meta, kv_cache)
-                pool = graph.pool()
+                graph = PiecewiseGraph()
+                for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+                    piece = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(piece, pool=pool):
+                        if i == 0:
+                            step = model.begin(self.ids[:B], self.pos[:B], meta, kv_cache)
+                        model.run_layers(step, start, end)  # step.x: the next piece's input, kept alive
+                        if end == n_layers:
+                            out = model.finish(step)
+                    pool = piece.pool()
+                    graph.pieces.append(piece)
+                graph.keep = step
                 self.graphs[B] = (graph, out)
         torch.cuda.synchronize()
         model.reset_expert_load()  # drop warm-up counts
@@ -64,13 +105,40 @@ class CUDAGraphDecoder:
                 return size
         raise ValueError(f"batch {b} > largest captured batch {self.batch_sizes[-1]}")
 
+    def _check_width(self, w: int) -> None:
+        if w > self.max_blocks:
+            raise ValueError(f"block table width {w} > captured max_blocks {self.max_blocks}")
+
+    def run_host(
+        self,
+        token_ids: Sequence[int],
+        context_lens: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        slots: Sequence[int],
+    ) -> torch.Tensor:
+        """A decode step from host lists (each sequence's last token, its context length including that
+        token, its block table and the token's slot): one pinned copy stages them all. → logits [b, V]."""
+        b, n = len(token_ids), self.max_batch
+        bucket = self.bucket(b)
+        self._check_width(max(map(len, tables), default=0))
+        self._staged.synchronize()  # the previous step's copy has left the pinned buffer
+        pack_decode_inputs(self._host_fields, n, self.max_blocks, token_ids, context_lens, tables, slots)
+        self.inputs.copy_(self._host, non_blocking=True)
+        self._staged.record()
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Same contract as ``model(input_ids, positions, meta, kv_cache)`` for a decode step."""
         b = input_ids.shape[0]
         n = self.bucket(b)
+        self._check_width(meta.block_tables.shape[1])
         w = meta.block_tables.shape[1]
-        if w > self.max_blocks:
-            raise ValueError(f"block table width {w} > captured max_blocks {self.max_blocks}")
         self.ids[:b].copy_(input_ids)
         self.pos[:b].copy_(positions)
         self.ctx[:b].copy_(meta.context_lens)
@@ -83,3 +151,30 @@ class CUDAGraphDecoder:
         graph, out = self.graphs[n]
         graph.replay()
         return out[:b]
+
+
+def input_views(inputs: torch.Tensor, n: int, max_blocks: int) -> tuple[torch.Tensor, ...]:
+    """The flat input buffer as (ids, positions, context lens, slots) [n] and block tables [n, max_blocks]."""
+    ids, pos, ctx, slots = inputs[: 4 * n].view(4, n).unbind(0)
+    return ids, pos, ctx, slots, inputs[4 * n :].view(n, max_blocks)
+
+
+def pack_decode_inputs(
+    fields: np.ndarray,
+    n: int,
+    max_blocks: int,
+    token_ids: Sequence[int],
+    context_lens: Sequence[int],
+    tables: Sequence[Sequence[int]],
+    slots: Sequence[int],
+) -> None:
+    """Fill the flat input layout of :class:`CUDAGraphDecoder` (``n`` rows): ids, positions (context - 1),
+    context lengths, slots, then the zero-padded block tables. Rows past the batch are padding: token 0 at
+    position 0, context 0, slot 0 (the scratch block)."""
+    b = len(token_ids)
+    fields[:] = 0
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    fields[:b], fields[n : n + b], fields[2 * n : 2 * n + b], fields[3 * n : 3 * n + b] = token_ids, ctx - 1, ctx, slots
+    rows = fields[4 * n :].reshape(n, max_blocks)
+    for i, t in enumerate(tables):
+        rows[i, : len(t)] = t

@@ -69,6 +69,14 @@ class PagedKVCache:
         return self.tensor[idx]
 
 
+@torch.library.custom_op("moefleet::write_cache", mutates_args=("cache",))
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store ``rows`` [T, D] at flat ``slots`` of one layer's pool ``cache`` [blocks, block_size, D], in
+    place. An op of its own so that compiled code reading the cache afterwards (the decode attention) stays
+    in place: written as a plain ``index_copy_`` there, inductor materialises a copy of the whole pool."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slots, rows)
+
+
 class BlockAllocator:
     """Free list over block ids 1..num_blocks-1 (block 0 is the scratch block)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 from runtime.config import ModelConfig, yarn_get_mscale
 from runtime.kernels import triton_usable
 from runtime.kernels.mla_decode import combine_splits, mla_decode
-from runtime.kv_cache import AttentionMetadata, PagedKVCache
+from runtime.kv_cache import AttentionMetadata, PagedKVCache, write_cache
 from runtime.moe import MLP, MOE_IMPLS, MoE, _keep_fp32
 
 ATTENTION_DECODE = ("auto", "paged", "gather")
@@ -87,12 +88,15 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self) -> None:
         self.inv_freq = self._compute(self.config)[0].to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, positions: torch.Tensor, with_cis: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """positions [T] → (cos, sin, cis): [T, dim/2] fp32 with the YaRN attention factor applied;
-        ``cis = cos + i·sin`` (complex64) for the interleaved layout, computed once per step."""
+        ``cis = cos + i·sin`` (complex64) for the interleaved layout, computed once per step (eager only:
+        compiled code spells the complex multiply out)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
-        return cos, sin, torch.complex(cos, sin) if self.interleave else None
+        return cos, sin, torch.complex(cos, sin) if self.interleave and with_cis else None
 
     def apply(self, x: torch.Tensor, rope: tuple) -> torch.Tensor:
         """x [T, ..., dim], rotated in fp32. DeepSeek checkpoints pair dims (x0,x1),(x2,x3)...: one
@@ -183,7 +187,7 @@ class MLAttention(nn.Module):
         """Cache write + attention core → [T, nh·dv] (the input of ``o_proj``)."""
         T = q_nope.shape[0]
         if cache is not None:
-            cache.view(-1, cache.shape[-1]).index_copy_(0, meta.slot_mapping, kv_new)
+            write_cache(cache, meta.slot_mapping, kv_new)
         if meta.is_decode:
             if self.absorb and self.paged_decode(q_nope):
                 fn = _compiled("paged", _decode_absorbed_paged) if compiled else _decode_absorbed_paged
@@ -315,11 +319,37 @@ def _layer_out(layer: DecoderLayer, x, attn_out, grouped: bool):
     return x + (layer.mlp(h, grouped) if isinstance(layer.mlp, MoE) else layer.mlp(h))
 
 
+def _decode_layer(layer: DecoderLayer, x, rotary, cos, sin, cache, slots, tables, ctx, bias, grouped, paged: bool):
+    """A whole decode layer (absorbed attention) as one compiled graph: norms, rope, casts and residual adds
+    fuse across what are region boundaries in prefill, and nothing between them returns to Python."""
+    attn = layer.self_attn
+    q_nope, q_pe, kv_new = _layer_in(layer, x, rotary, (cos, sin, None))
+    write_cache(cache, slots, kv_new)
+    if paged:
+        o = _decode_absorbed_paged(attn, q_nope, q_pe, cache, tables, ctx)
+    else:
+        o = _decode_absorbed(attn, q_nope, q_pe, attn._gather(cache, tables), bias)
+    return _layer_out(layer, x, o.reshape(x.shape[0], -1), grouped)
+
+
+def _embed(model: DeepseekForCausalLM, input_ids, positions):
+    """Token embeddings and the step's rope cos/sin (real form: the compiled layers need no complex)."""
+    cos, sin, _ = model.rotary(positions, with_cis=False)
+    return model.model.embed_tokens(input_ids), cos, sin
+
+
 # torch.compile'd regions (see DeepseekForCausalLM.set_compile). Each function takes its module as an
 # argument, so one compiled graph serves every layer (parameters are graph inputs); dynamic=True gives
 # one graph for all token counts > 1 (prefill and every decode batch) plus one specialised to 1 token.
 _COMPILED: dict[str, object] = {}
-_COMPILE_FNS = {"in": _layer_in_real, "out": _layer_out, "decode": _decode_absorbed, "paged": _decode_absorbed_paged}
+_COMPILE_FNS = {
+    "in": _layer_in_real,
+    "out": _layer_out,
+    "decode": _decode_absorbed,
+    "paged": _decode_absorbed_paged,
+    "decode_layer": _decode_layer,
+    "embed": _embed,
+}
 _compile_failed: list[str] = []
 
 
@@ -354,6 +384,17 @@ def decode_bias(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) ->
     return torch.zeros(B, 1, S, dtype=dtype, device=ctx.device).masked_fill_(hidden[:, None], float("-inf"))
 
 
+@dataclass
+class Step:
+    """One forward's state between :meth:`DeepseekForCausalLM.begin` and ``finish``."""
+
+    x: torch.Tensor
+    rope: tuple
+    bias: torch.Tensor | None
+    meta: AttentionMetadata
+    kv_cache: PagedKVCache | None
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -365,12 +406,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.compiled = False  # DeepseekForCausalLM.set_compile
+        self.decode_region = True  # compiled decode as one region (False: the prefill's three; benchmarks)
 
     def forward(self, x, rotary, rope, meta, cache, bias=None) -> torch.Tensor:
-        # Two compiled regions around the cache write and the attention core (which need the metadata's
-        # host-side lists for prefill); the absorbed decode core is a third. Eager otherwise.
+        # Compiled decode (absorbed attention): the whole layer is one region. Compiled prefill: two regions
+        # around the cache write and the attention core (which need the metadata's host-side lists). Eager
+        # otherwise.
         attn, c = self.self_attn, self.compiled
         grouped = self.mlp.use_grouped(x, compiled=c) if isinstance(self.mlp, MoE) else False
+        if c and self.decode_region and meta.is_decode and attn.absorb and cache is not None:
+            args = (cache, meta.slot_mapping, meta.block_tables, meta.context_lens, bias, grouped, attn.paged_decode(x))
+            return _compiled("decode_layer", _decode_layer)(self, x, rotary, rope[0], rope[1], *args)
         if c:
             q_nope, q_pe, kv_new = _compiled("in", _layer_in_real)(self, x, rotary, rope[0], rope[1])
         else:
@@ -473,6 +519,10 @@ class DeepseekForCausalLM(nn.Module):
         for _, m in self.moe_layers():
             m.expert_load.zero_()
 
+    def _decode_paged(self, x: torch.Tensor) -> bool:
+        attn = self.model.layers[0].self_attn if self.model.layers else None
+        return attn is not None and attn.absorb and attn.paged_decode(x)
+
     # -- compute --------------------------------------------------------------------------------
     def forward(
         self,
@@ -483,17 +533,34 @@ class DeepseekForCausalLM(nn.Module):
         logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] (packed). Returns logits [len(logits_indices) or T, vocab]."""
-        meta = attn_metadata
+        step = self.begin(input_ids, positions, attn_metadata, kv_cache)
+        self.run_layers(step, 0, len(self.model.layers))
+        return self.finish(step, logits_indices)
+
+    # The three parts of ``forward``, separately callable so a captured decode step can be cut into
+    # pieces (runtime.cuda_graph): the host launches the next piece while the GPU runs the one before.
+    def begin(self, input_ids, positions, meta: AttentionMetadata, kv_cache: PagedKVCache | None) -> Step:
+        """Embeddings, the step's rope terms and (gathered decode paths only) the attention mask."""
         if kv_cache is None and (meta.is_decode or meta.query_lens != meta.context_lens_cpu):
             raise ValueError("a decode step or a cached prefix needs kv_cache")
-        x = self.model.embed_tokens(input_ids)
-        rope = self.rotary(positions)
-        bias = decode_bias(meta, kv_cache.block_size, x.dtype) if meta.is_decode else None
-        for i, layer in enumerate(self.model.layers):
-            cache = None if kv_cache is None else kv_cache.layer(i)
-            x = layer(x, self.rotary, rope, meta, cache, bias)
-        if logits_indices is not None:
-            x = x.index_select(0, logits_indices)
+        if self.compile_enabled:
+            x, cos, sin = _compiled("embed", _embed)(self, input_ids, positions)
+            rope = (cos, sin, None)
+        else:
+            x, rope = self.model.embed_tokens(input_ids), self.rotary(positions)
+        bias = None
+        if meta.is_decode and not self._decode_paged(x):  # the gathered decode paths mask by an additive bias
+            bias = decode_bias(meta, kv_cache.block_size, x.dtype)
+        return Step(x, rope, bias, meta, kv_cache)
+
+    def run_layers(self, step: Step, start: int, end: int) -> None:
+        """Layers ``[start, end)`` on ``step.x`` (replaced, not written in place)."""
+        for i in range(start, end):
+            cache = None if step.kv_cache is None else step.kv_cache.layer(i)
+            step.x = self.model.layers[i](step.x, self.rotary, step.rope, step.meta, cache, step.bias)
+
+    def finish(self, step: Step, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        x = step.x if logits_indices is None else step.x.index_select(0, logits_indices)
         return self.lm_head(self.model.norm(x))
 
 

@@ -341,17 +341,13 @@ class Engine:
         slots = [s.blocks.append(1)[0] for s in seqs]
         ctx = [s.blocks.num_tokens for s in seqs]
         tables = [s.blocks.blocks for s in seqs]
-        use_graph = self.graphs is not None and len(seqs) <= self.graphs.batch_sizes[-1]
-        width = self.max_blocks_per_seq if use_graph else max(len(t) for t in tables)
-        meta = fast_decode_metadata(ctx, tables, slots, width, dev)
-        ids = torch.tensor(toks, device=dev)
-        pos = meta.context_lens - 1
-        if use_graph:
-            logits = self.graphs(ids, pos, meta)
+        if self.graphs is not None and len(seqs) <= self.graphs.batch_sizes[-1]:
+            logits = self.graphs.run_host(toks, ctx, tables, slots)  # one staged copy, one replay
             bucket = self.graphs.bucket(len(seqs))
             self._pad_window.append((bucket - len(seqs), bucket))
         else:
-            logits = self.model(ids, pos, meta, self.cache)
+            meta = fast_decode_metadata(ctx, tables, slots, max(len(t) for t in tables), dev)
+            logits = self.model(torch.tensor(toks, device=dev), meta.context_lens - 1, meta, self.cache)
             self._pad_window.append((0, len(seqs)))
         nxt = self._sample(logits, seqs, events)
         if self.metrics is not None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runtime.kv_cache import AttentionMetadata, PagedKVCache
+from runtime.kv_cache import AttentionMetadata, PagedKVCache, decode_metadata
 from runtime.parallel.dist import ParallelState
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,12 @@ class _LeaderGraphs:
         self.leader, self.graphs = leader, graphs
         self.batch_sizes = graphs.batch_sizes
         self.bucket = graphs.bucket
+
+    def run_host(self, token_ids, context_lens, tables, slots):
+        """The engine's host-list entry: the followers need tensors, so build them (see CUDAGraphDecoder)."""
+        dev = self.graphs.inputs.device
+        meta = decode_metadata(context_lens, tables, slots, self.graphs.max_blocks, dev)
+        return self(torch.tensor(list(token_ids), device=dev), meta.context_lens - 1, meta)
 
     def __call__(self, input_ids, positions, meta):
         with self.leader._op("graph decode"):

@@ -55,3 +55,18 @@ def test_real_rope_equals_complex(ckpts: dict[str, Path]) -> None:
     cos, sin, cis = rot(torch.arange(7) * 5)
     x = torch.randn(7, 3, rot.dim)
     assert rel(rot.apply(x, (cos, sin, None)), rot.apply(x, (cos, sin, cis))) < 1e-6
+
+
+def test_forward_in_pieces_equals_forward(ckpts: dict[str, Path]) -> None:
+    """begin / run_layers / finish (how CUDAGraphDecoder captures a step in pieces) is forward."""
+    ours = load_model(ckpts["v2_greedy"])
+    ids = torch.arange(5, 17)
+    meta = prefill_metadata([len(ids)], [len(ids)], None, None)
+    with torch.inference_mode():
+        whole = ours(ids, torch.arange(len(ids)), meta)
+        step = ours.begin(ids, torch.arange(len(ids)), meta, None)
+        n = len(ours.model.layers)
+        for start, end in ((0, 1), (1, 1), (1, n)):
+            ours.run_layers(step, start, end)
+        pieces = ours.finish(step)
+    assert torch.equal(pieces, whole)

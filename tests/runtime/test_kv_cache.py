@@ -63,3 +63,22 @@ def test_metadata_static_shapes() -> None:
         decode_metadata([5], [[1, 2, 3]], [0], max_blocks=2)
     pm = prefill_metadata([3, 2], [3, 2], [[1], [2]], [4, 5, 6, 8, 9])
     assert not pm.is_decode and pm.query_lens == [3, 2]
+
+
+def test_graph_inputs_staged_from_host_lists_equal_the_decode_metadata() -> None:
+    """CUDAGraphDecoder.run_host packs host lists into one flat buffer (one pinned copy on the GPU); the
+    views the captured graph reads must equal decode_metadata's tensors, with zero padding rows."""
+    import numpy as np
+
+    from runtime.cuda_graph import input_views, pack_decode_inputs
+
+    n, width = 4, 5
+    toks, ctx, tables, slots = [11, 12, 13], [17, 3, 33], [[4, 2], [7], [1, 5, 9]], [36, 114, 144]
+    fields = np.full(n * (4 + width), -1, dtype=np.int64)  # stale values from an earlier step
+    pack_decode_inputs(fields, n, width, toks, ctx, tables, slots)
+    ids, pos, c, sl, tb = input_views(torch.from_numpy(fields), n, width)
+    meta = decode_metadata(ctx, tables, slots, max_blocks=width)
+    assert ids.tolist() == [*toks, 0] and pos.tolist() == [16, 2, 32, 0]
+    assert torch.equal(c[:3], meta.context_lens) and torch.equal(sl[:3], meta.slot_mapping)
+    assert torch.equal(tb[:3], meta.block_tables)
+    assert c[3] == 0 and sl[3] == 0 and not tb[3].any()
