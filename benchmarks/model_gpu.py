@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.config import ModelConfig
-from runtime.cuda_graph import CUDAGraphDecoder
+from runtime.cuda_graph import GRAPH_PIECES, CUDAGraphDecoder
 from runtime.kv_cache import (
     AttentionMetadata,
     BlockAllocator,
@@ -180,8 +180,8 @@ class OursBench:
         self.cache = PagedKVCache(model.config, 1 + max_batch * self.max_blocks, BLOCK, model.dtype, self.dev)
         self.graphs: CUDAGraphDecoder | None = None
 
-    def capture(self, batch_sizes) -> None:
-        self.graphs = CUDAGraphDecoder(self.model, self.cache, self.decode_blocks, batch_sizes)
+    def capture(self, batch_sizes, pieces: int = GRAPH_PIECES) -> None:
+        self.graphs = CUDAGraphDecoder(self.model, self.cache, self.decode_blocks, batch_sizes, pieces)
 
     def prefill(self, prompts: torch.Tensor):
         """prompts [B, P] → (last-token logits [B, V], block tables [B, decode_blocks])."""
@@ -199,17 +199,25 @@ class OursBench:
         return logits, tables
 
     def decode(self, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int, graphs: bool):
-        """``steps`` greedy decode steps; the host reads each step's tokens (as an engine must)."""
+        """``steps`` greedy decode steps; the host reads each step's tokens (as an engine must). With graphs
+        the step's inputs are host lists staged by ``run_host``, as the serving engine does."""
         B = tokens.shape[0]
         out = []
+        if graphs:
+            toks, rows, ctx = tokens.tolist(), tables.tolist(), [start] * B
+            for _ in range(steps):
+                slots = [rows[i][c // BLOCK] * BLOCK + c % BLOCK for i, c in enumerate(ctx)]
+                ctx = [c + 1 for c in ctx]
+                toks = self.graphs.run_host(toks, ctx, rows, slots).argmax(-1).tolist()
+                out.append(toks)
+            return out
         ctx = torch.full((B,), start, dtype=torch.int64, device=self.dev)
         for _ in range(steps):
             pos = ctx.clone()
             blk = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)
             ctx = ctx + 1
             meta = AttentionMetadata(context_lens=ctx, block_tables=tables, slot_mapping=blk * BLOCK + pos % BLOCK)
-            step = self.graphs if graphs else (lambda i, p, m: self.model(i, p, m, self.cache))
-            logits = step(tokens, pos, meta)
+            logits = self.model(tokens, pos, meta, self.cache)
             tokens = logits.argmax(-1)
             out.append(tokens.tolist())
         return out
