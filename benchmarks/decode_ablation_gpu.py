@@ -11,13 +11,15 @@ both decode kernels, as ``benchmarks/model_gpu.py`` measures them:
    (:mod:`runtime.kernels.router`);
 4. ``+ one region per layer``: the whole decode layer as one compiled graph;
 5. ``+ graph in pieces``: the step captured as ``GRAPH_PIECES`` graphs, so the GPU starts on the first
-   while the host launches the rest (rows 1-4 capture one graph). Row 5 is the default now.
+   while the host launches the rest (rows 1-4 capture one graph);
+6. ``+ q/kv_a in one GEMM``: the two input projections stacked (``fuse_input_projections``). Row 6 is the
+   default now.
 
 Per row: tokens/s of the full loop (host reads every step's tokens), GPU time of one graph replay, the
 fraction of the HBM roofline, kernels per step (profiler) and the host time of one ``graph.replay()`` call
 (the launch, before the GPU has run anything). Checks: the last row's logits against the
 eager model's general paths (grouped GEMM, gathered attention; relative error), and per sequence the
-number of greedy steps rows 1 and 5 agree on (random weights have near-ties; rounding differs).
+number of greedy steps the first and last rows agree on (random weights have near-ties; rounding differs).
 
     python -m benchmarks.decode_ablation_gpu [--batches 1 8]
 """
@@ -49,7 +51,14 @@ from runtime.cuda_graph import GRAPH_PIECES
 from runtime.kv_cache import AttentionMetadata
 from runtime.model import DeepseekForCausalLM, build_model
 
-STEPS = ("tensor staging", "host staging", "+ router kernel", "+ one region per layer", "+ graph in pieces")
+STEPS = (
+    "tensor staging",
+    "host staging",
+    "+ router kernel",
+    "+ one region per layer",
+    "+ graph in pieces",
+    "+ q/kv_a in one GEMM",
+)
 
 
 def random_model(config: ModelConfig) -> DeepseekForCausalLM:
@@ -68,6 +77,11 @@ def configure(model: DeepseekForCausalLM, step: int) -> None:
         m.kernel_routing = step >= 2
     for layer in model.model.layers:
         layer.decode_region = step >= 3
+        attn = layer.self_attn
+        if step >= 5 and attn.in_proj_weight is None:
+            attn.fuse_input_projections()
+        elif step < 5:
+            attn.in_proj_weight = None  # the parameters stay views of the old stack: the two-GEMM path
 
 
 def tensor_staged_decode(bench: OursBench, tokens, tables, start: int, steps: int) -> list:
@@ -177,6 +191,7 @@ def main() -> int:
         rows, tokens_by_step = [], {}
         for step, what in enumerate(STEPS):
             configure(model, step)
+            model.set_compile(True)  # marks the (re)stacked projection weights static
             bench.capture(args.batches, pieces=GRAPH_PIECES if step >= 4 else 1)
             for B in args.batches:
                 logits, tables = prefill(B)
@@ -207,7 +222,7 @@ def main() -> int:
             first_row, last_row = tokens_by_step[(0, B)], tokens_by_step[(len(STEPS) - 1, B)]
             seqs_a, seqs_b = list(zip(*first_row, strict=True)), list(zip(*last_row, strict=True))
             same = [agreed_steps(a, b) for a, b in zip(seqs_a, seqs_b, strict=True)]
-            checks[f"greedy_steps_equal_per_seq_b{B}"] = same  # rows 1 and 5, until the first difference
+            checks[f"greedy_steps_equal_per_seq_b{B}"] = same  # first and last rows, until the first difference
         log("checks:", json.dumps(checks))
         for pieces in (GRAPH_PIECES, 1):  # where the loop's time goes beyond the GPU's, at batch 1
             bench.capture([1], pieces=pieces)

@@ -150,6 +150,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(nh * self.v_dim, H, bias=bias)
+        # q_proj (or q_a_proj) and kv_a_proj_with_mqa stacked (fuse_input_projections): one GEMM for both
+        self.register_buffer("in_proj_weight", None, persistent=False)
         self.absorb = True
         # absorbed decode over "paged" (the kernel reading the cache through the block table) or "gather"
         # (a gathered copy and a mask); "auto": paged where its Triton kernel runs (CUDA, 16-bit)
@@ -172,14 +174,46 @@ class MLAttention(nn.Module):
         q_nope, q_pe, kv_new = self.project(x, rotary, rope)
         return self.o_proj(self.attend(q_nope, q_pe, kv_new, meta, cache, bias))
 
+    def _input_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The two projections of the normed input: q_proj (or q_a_proj) and kv_a_proj_with_mqa."""
+        return (self.q_proj if self.q_lora_rank is None else self.q_a_proj), self.kv_a_proj_with_mqa
+
+    def fuse_input_projections(self) -> None:
+        """Stack the two input projections' weights in one buffer, the two parameters becoming views of it
+        (checkpoint names and in-place loading unchanged, no extra memory), so that one GEMM computes both: at
+        decode, one launch instead of two per layer. Skipped for biased or tensor-parallel-wrapped ones;
+        kept through ``.to()`` / ``.float()`` (stacked again after the conversion)."""
+        first, kv_a = self._input_projections()
+        if any(type(m) is not nn.Linear or m.bias is not None for m in (first, kv_a)):
+            return
+        stacked = torch.cat([first.weight.detach(), kv_a.weight.detach()])
+        n = first.weight.shape[0]
+        first.weight = nn.Parameter(stacked[:n], requires_grad=False)
+        kv_a.weight = nn.Parameter(stacked[n:], requires_grad=False)
+        self.in_proj_weight = stacked
+
+    def _apply(self, fn, recurse: bool = True) -> MLAttention:
+        # .to() / .float() convert the two parameters and the stack separately: stack them again afterwards
+        fused = self.in_proj_weight is not None
+        self.in_proj_weight = None
+        super()._apply(fn, recurse)
+        if fused:
+            self.fuse_input_projections()
+        return self
+
     def project(self, x: torch.Tensor, rotary: RotaryEmbedding, rope: tuple):
         """x [T, H] (normed) → q_nope [T, nh, dn], q_pe [T, nh, dr] (roped), kv_new [T, r + dr]."""
         T = x.shape[0]
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        first, kv_a = self._input_projections()
+        if self.in_proj_weight is not None:
+            a, kv = F.linear(x, self.in_proj_weight).split([first.weight.shape[0], kv_a.weight.shape[0]], dim=-1)
+        else:
+            a, kv = first(x), kv_a(x)
+        q = a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(a))
         q = q.view(T, self.n_heads, self.q_head_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         q_pe = rotary.apply(q_pe, rope)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_new = torch.cat([self.kv_a_layernorm(latent), rotary.apply(k_pe, rope)], dim=-1)  # [T, D]
         return q_nope, q_pe, kv_new
 
@@ -482,6 +516,9 @@ class DeepseekForCausalLM(nn.Module):
             for _, m in self.moe_layers():  # stacked expert buffers: static shapes (params already are)
                 torch._dynamo.mark_static(m.w13)
                 torch._dynamo.mark_static(m.w2)
+            for layer in self.model.layers:
+                if layer.self_attn.in_proj_weight is not None:
+                    torch._dynamo.mark_static(layer.self_attn.in_proj_weight)
         for layer in self.model.layers:
             layer.compiled = enabled
 
@@ -595,6 +632,8 @@ def build_model(
 
         shard_model(model, parallel)
     model = model.to(dtype).to_empty(device=device)
+    for layer in model.model.layers:
+        layer.self_attn.fuse_input_projections()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()

@@ -70,3 +70,30 @@ def test_forward_in_pieces_equals_forward(ckpts: dict[str, Path]) -> None:
             ours.run_layers(step, start, end)
         pieces = ours.finish(step)
     assert torch.equal(pieces, whole)
+
+
+def test_stacked_input_projections_survive_conversion(ckpts: dict[str, Path]) -> None:
+    """q_proj and kv_a_proj_with_mqa are views of one stacked weight (one GEMM at decode) after loading and
+    after a dtype round trip (benchmarks/model_gpu.py's fp32 check once dropped the stack silently), with
+    the checkpoint's names and the same outputs."""
+    ours = load_model(ckpts["v2_greedy"])
+    ids = torch.arange(5, 17)
+    meta = prefill_metadata([len(ids)], [len(ids)], None, None)
+
+    def stacked() -> bool:
+        return all(
+            (a := layer.self_attn).in_proj_weight is not None
+            and a.q_proj.weight.data_ptr() == a.in_proj_weight.data_ptr()
+            and a.kv_a_proj_with_mqa.weight.data_ptr() == a.in_proj_weight[a.q_proj.weight.shape[0] :].data_ptr()
+            for layer in ours.model.layers
+        )
+
+    with torch.inference_mode():
+        before = ours(ids, torch.arange(len(ids)), meta)
+        assert stacked()
+        ours.double()
+        assert stacked()
+        ours.float()
+        after = ours(ids, torch.arange(len(ids)), meta)
+    assert stacked() and torch.equal(after, before)
+    assert not any("in_proj" in k for k in ours.state_dict())
