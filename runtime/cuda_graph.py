@@ -122,8 +122,8 @@ class CUDAGraphDecoder:
         bucket = self.bucket(b)
         self._check_width(max(map(len, tables), default=0))
         self._staged.synchronize()  # the previous step's copy has left the pinned buffer
-        pack_decode_inputs(self._host_fields, n, self.max_blocks, token_ids, context_lens, tables, slots)
-        self.inputs.copy_(self._host, non_blocking=True)
+        used = pack_decode_inputs(self._host_fields, n, self.max_blocks, token_ids, context_lens, tables, slots, bucket)
+        self.inputs[:used].copy_(self._host[:used], non_blocking=True)  # the bucket's graph reads no further
         self._staged.record()
         graph, out = self.graphs[bucket]
         graph.replay()
@@ -167,14 +167,18 @@ def pack_decode_inputs(
     context_lens: Sequence[int],
     tables: Sequence[Sequence[int]],
     slots: Sequence[int],
-) -> None:
+    rows: int,
+) -> int:
     """Fill the flat input layout of :class:`CUDAGraphDecoder` (``n`` rows): ids, positions (context - 1),
-    context lengths, slots, then the zero-padded block tables. Rows past the batch are padding: token 0 at
-    position 0, context 0, slot 0 (the scratch block)."""
+    context lengths, slots, then the zero-padded block tables of the first ``rows`` (the batch bucket). Rows
+    past the batch are padding: token 0 at position 0, context 0, slot 0 (the scratch block). Returns how
+    many leading elements were written (all that a graph of ``rows`` rows reads)."""
     b = len(token_ids)
-    fields[:] = 0
+    used = 4 * n + rows * max_blocks
+    fields[:used] = 0
     ctx = np.asarray(context_lens, dtype=np.int64)
     fields[:b], fields[n : n + b], fields[2 * n : 2 * n + b], fields[3 * n : 3 * n + b] = token_ids, ctx - 1, ctx, slots
-    rows = fields[4 * n :].reshape(n, max_blocks)
+    table_rows = fields[4 * n : used].reshape(rows, max_blocks)
     for i, t in enumerate(tables):
-        rows[i, : len(t)] = t
+        table_rows[i, : len(t)] = t
+    return used
