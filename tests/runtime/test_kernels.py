@@ -173,6 +173,38 @@ def test_kernels_trace_through_torch_compile(ckpts: dict[str, Path], name: str) 
         assert torch.equal(got_load[i], counts), i
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_compiled_decode_writes_the_cache_in_place(ckpts: dict[str, Path]) -> None:
+    """In the compiled decode layer the cache write is the in-place op and nothing else touches the pool.
+    Written as a plain ``index_copy_`` there (the attention reads the pool afterwards), inductor copied the
+    whole pool per layer and step; its generated code then holds an ``index_copy`` kernel instead."""
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._inductor.utils import run_and_get_code
+
+    from runtime.kv_cache import PagedKVCache, decode_metadata
+
+    ours = load_model(ckpts["v2_greedy"])
+    ours.set_moe_impl("fused")
+    ours.set_attention_decode("paged")
+    cache = PagedKVCache(ours.config, 16, 16)
+    meta = decode_metadata([3, 9], [[1], [2]], [18, 40], max_blocks=2)
+    torch._dynamo.reset()  # compile here, whatever earlier tests compiled
+    ours.set_compile(True)
+    try:
+        with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+            _, codes = run_and_get_code(ours, torch.tensor([5, 6]), meta.context_lens - 1, meta, cache)
+    finally:
+        ours.set_compile(False)
+        ours.set_moe_impl("auto")
+        ours.set_attention_decode("auto")
+    assert not model_mod._compile_failed, model_mod._compile_failed
+    layers = [c for c in codes if "moefleet.mla_decode" in c]
+    assert len(layers) == 2, len(codes)  # the dense first layer and the MoE layers' shared graph
+    for code in layers:
+        assert "moefleet.write_cache" in code and "index_copy" not in code and "auto_functionalized" not in code
+
+
 def test_bad_settings_are_named(ckpts: dict[str, Path]) -> None:
     ours = load_model(ckpts["v2_greedy"])
     with pytest.raises(ValueError, match="attention decode 'flash'; allowed: auto, paged, gather"):
