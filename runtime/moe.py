@@ -21,7 +21,7 @@ from torch import nn
 from runtime.config import ModelConfig
 from runtime.kernels import triton_usable
 from runtime.kernels.moe_decode import moe_decode
-from runtime.kernels.router import Routing, greedy_route, normalize_weights, route
+from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
 from runtime.parallel.shard import all_reduce
 
 # Up to this many tokens a step's MoE runs as the two-launch kernel of runtime.kernels.moe_decode: below
@@ -59,15 +59,12 @@ class Gate(nn.Module):
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.topk_method = config.topk_method
-        self.scoring_func = config.scoring_func
-        self.norm_topk_prob = config.norm_topk_prob
-        self.scale_after_norm = config.scale_weights_after_norm
-        self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size, dtype=torch.float32))
-        renorm = self.top_k > 1 and self.norm_topk_prob
-        scale = self.routed_scaling_factor if (self.scale_after_norm or not renorm) else 1.0
-        # the choice's constants, and whether the decode kernels can make it themselves (greedy only)
-        self.routing = Routing(self.top_k, self.scoring_func == "softmax", renorm, scale)
+        # the choice's constants (scoring, renormalisation, scale), and whether the decode kernels can make
+        # it themselves (greedy only)
+        renorm = self.top_k > 1 and config.norm_topk_prob
+        scale = config.routed_scaling_factor if (config.scale_weights_after_norm or not renorm) else 1.0
+        self.routing = Routing(self.top_k, config.scoring_func == "softmax", renorm, scale)
         self.kernel_routable = self.topk_method == "greedy"
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
@@ -91,7 +88,7 @@ class Gate(nn.Module):
         logits = self.logits(x)
         if self.topk_method == "greedy":
             return greedy_route(logits, self.routing)
-        scores = logits.softmax(dim=-1, dtype=torch.float32) if self.scoring_func == "softmax" else logits.sigmoid()
+        scores = route_scores(logits, self.routing)
         T, G = scores.shape[0], self.n_group
         if self.topk_method == "group_limited_greedy":
             group_scores = scores.view(T, G, -1).max(dim=-1).values

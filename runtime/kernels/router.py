@@ -38,10 +38,14 @@ def normalize_weights(weights: torch.Tensor, routing: Routing) -> torch.Tensor:
     return weights * routing.scale if routing.scale != 1.0 else weights
 
 
+def route_scores(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """fp32 logits [T, E] → each expert's score (softmax over the experts, or a sigmoid each)."""
+    return logits.softmax(dim=-1, dtype=torch.float32) if routing.softmax else logits.sigmoid()
+
+
 def greedy_route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits [T, E] → (ids [T, k] int64, weights [T, k] fp32): the top-k scores."""
-    scores = logits.softmax(dim=-1, dtype=torch.float32) if routing.softmax else logits.sigmoid()
-    weights, ids = torch.topk(scores, k=routing.top_k, dim=-1, sorted=False)
+    weights, ids = torch.topk(route_scores(logits, routing), k=routing.top_k, dim=-1, sorted=False)
     return ids, normalize_weights(weights, routing)
 
 
