@@ -137,8 +137,8 @@ class CUDAGraphDecoder:
         """Same contract as ``model(input_ids, positions, meta, kv_cache)`` for a decode step."""
         b = input_ids.shape[0]
         n = self.bucket(b)
-        self._check_width(meta.block_tables.shape[1])
         w = meta.block_tables.shape[1]
+        self._check_width(w)
         self.ids[:b].copy_(input_ids)
         self.pos[:b].copy_(positions)
         self.ctx[:b].copy_(meta.context_lens)

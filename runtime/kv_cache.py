@@ -181,12 +181,12 @@ class AttentionMetadata:
 
 def _pad_tables(tables: Sequence[Sequence[int]], max_blocks: int | None, device) -> torch.Tensor:
     width = max_blocks or max((len(t) for t in tables), default=1) or 1
-    out = torch.full((len(tables), width), NULL_BLOCK, dtype=torch.int64)
     for i, t in enumerate(tables):
         if len(t) > width:
             raise ValueError(f"sequence {i} needs {len(t)} blocks > max_blocks={width}")
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-    return out.to(device)
+    # padded on the host and built with one tensor call (one per row is a visible share of a CPU decode step)
+    padded = [list(t) + [NULL_BLOCK] * (width - len(t)) for t in tables]
+    return torch.tensor(padded, dtype=torch.int64, device=device).view(len(tables), width)
 
 
 def prefill_metadata(
