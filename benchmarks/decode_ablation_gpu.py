@@ -86,16 +86,7 @@ def configure(model: DeepseekForCausalLM, step: int) -> None:
 
 def tensor_staged_decode(bench: OursBench, tokens, tables, start: int, steps: int) -> list:
     """Session 3's loop: metadata built on the device each step, copied into the graph field by field."""
-    B, out = tokens.shape[0], []
-    ctx = torch.full((B,), start, dtype=torch.int64, device="cuda")
-    for _ in range(steps):
-        pos = ctx.clone()
-        blk = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)
-        ctx = ctx + 1
-        meta = AttentionMetadata(context_lens=ctx, block_tables=tables, slot_mapping=blk * BLOCK + pos % BLOCK)
-        tokens = bench.graphs(tokens, pos, meta).argmax(-1)
-        out.append(tokens.tolist())
-    return out
+    return bench.decode_device_inputs(bench.graphs, tokens, tables, start, steps)
 
 
 def agreed_steps(a: Sequence[int], b: Sequence[int]) -> int:

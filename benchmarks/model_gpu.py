@@ -211,14 +211,19 @@ class OursBench:
                 toks = self.graphs.run_host(toks, ctx, rows, slots).argmax(-1).tolist()
                 out.append(toks)
             return out
-        ctx = torch.full((B,), start, dtype=torch.int64, device=self.dev)
+        return self.decode_device_inputs(lambda i, p, m: self.model(i, p, m, self.cache), tokens, tables, start, steps)
+
+    def decode_device_inputs(self, step, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int):
+        """Greedy steps whose inputs are built on the device each step: ``step(ids, positions, meta)`` is the
+        eager model, or (benchmarks/decode_ablation_gpu.py) a graph decoder's tensor entry."""
+        out = []
+        ctx = torch.full((tokens.shape[0],), start, dtype=torch.int64, device=self.dev)
         for _ in range(steps):
             pos = ctx.clone()
             blk = tables.gather(1, (pos // BLOCK)[:, None]).squeeze(1)
             ctx = ctx + 1
             meta = AttentionMetadata(context_lens=ctx, block_tables=tables, slot_mapping=blk * BLOCK + pos % BLOCK)
-            logits = self.model(tokens, pos, meta, self.cache)
-            tokens = logits.argmax(-1)
+            tokens = step(tokens, pos, meta).argmax(-1)
             out.append(tokens.tolist())
         return out
 
