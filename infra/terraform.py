@@ -30,6 +30,11 @@ def terraform_env(base: dict[str, str] | None = None) -> dict[str, str]:
         env["TF_CLI_CONFIG_FILE"] = str(tfrc)
     env.setdefault("TF_PLUGIN_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "terraform" / "plugins"))
     Path(env["TF_PLUGIN_CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
+    # Our stacks carry no lock file, so by default every init reinstalls the provider into the shared cache,
+    # and one can do so under another workdir's running apply ("there is no package ... cached in
+    # .terraform/providers", seen in CI). This lets init link a cached package instead; the package comes
+    # from the provider mirror either way.
+    env.setdefault("TF_PLUGIN_CACHE_MAY_BREAK_DEPENDENCY_LOCK_FILE", "1")
     env["CHECKPOINT_DISABLE"] = "1"
     env["TF_IN_AUTOMATION"] = "1"
     env["TF_INPUT"] = "0"
