@@ -12,8 +12,12 @@ both decode kernels, as ``benchmarks/model_gpu.py`` measures them:
 4. ``+ one region per layer``: the whole decode layer as one compiled graph;
 5. ``+ graph in pieces``: the step captured as ``GRAPH_PIECES`` graphs, so the GPU starts on the first
    while the host launches the rest (rows 1-4 capture one graph);
-6. ``+ q/kv_a in one GEMM``: the two input projections stacked (``fuse_input_projections``). Row 6 is the
-   default now.
+6. ``+ q/kv_a in one GEMM``: the two input projections stacked (``fuse_input_projections``; session 4's
+   last change);
+7. ``+ small-linear kernel``: the decode projections (q/kv_a, W_UK, W_UV, o_proj, router) through
+   :mod:`runtime.kernels.linear` instead of cuBLAS. The default now.
+
+By default the run starts at row 6 (``--first-step 5``); rows 1-6 were measured in session 4 (docs/benchmarks.md).
 
 Per row: tokens/s of the full loop (host reads every step's tokens), GPU time of one graph replay, the
 fraction of the HBM roofline, kernels per step (profiler) and the host time of one ``graph.replay()`` call
@@ -30,6 +34,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -42,12 +47,15 @@ from benchmarks.model_gpu import (
     copy_bandwidth,
     kernel_profile,
     log,
+    moe_sweep,
     rel,
     roofline_step_bytes,
     sync_time,
 )
+from runtime import moe as moe_mod
 from runtime.config import ModelConfig
 from runtime.cuda_graph import GRAPH_PIECES
+from runtime.kernels import linear as ln
 from runtime.kv_cache import AttentionMetadata
 from runtime.model import DeepseekForCausalLM, build_model
 
@@ -58,7 +66,9 @@ STEPS = (
     "+ one region per layer",
     "+ graph in pieces",
     "+ q/kv_a in one GEMM",
+    "+ small-linear kernel",
 )
+SMALL_LINEAR_MAX_TOKENS = ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS
 
 
 def random_model(config: ModelConfig) -> DeepseekForCausalLM:
@@ -73,6 +83,7 @@ def random_model(config: ModelConfig) -> DeepseekForCausalLM:
 
 
 def configure(model: DeepseekForCausalLM, step: int) -> None:
+    ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS = SMALL_LINEAR_MAX_TOKENS if step >= 6 else (0, 0)
     for _, m in model.moe_layers():
         m.kernel_routing = step >= 2
     for layer in model.model.layers:
@@ -82,6 +93,21 @@ def configure(model: DeepseekForCausalLM, step: int) -> None:
             attn.fuse_input_projections()
         elif step < 5:
             attn.in_proj_weight = None  # the parameters stay views of the old stack: the two-GEMM path
+
+
+def use_tuned_linear_configs(path: str) -> None:
+    """The small-linear kernel launched with a sweep's best config for each shape it has one for (1 token:
+    the 1-token sweep; more: the 8-token one), the default for the others."""
+    table = {}
+    for entry in json.loads(Path(path).read_text()):
+        table[(*entry["dims"], entry["tokens"] > 1)] = tuple(entry["config"])
+    default = ln.launch_config
+
+    def tuned(n_rows: int, k: int, groups: int, tokens: int) -> tuple[int, int, int, int]:
+        return table.get((n_rows, k, groups, tokens > 1)) or default(n_rows, k, groups, tokens)
+
+    ln.launch_config = tuned
+    log("small-linear configs:", json.dumps([(list(key), c) for key, c in table.items()]))
 
 
 def tensor_staged_decode(bench: OursBench, tokens, tables, start: int, steps: int) -> list:
@@ -145,10 +171,22 @@ def loop_anatomy(bench: OursBench, B: int, tok, tables) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument(
+        "--first-step", type=int, default=5,
+        help="row to start from (0: session 3's code; each row compiles the decode layer again, and dynamo "
+        "gives up on a function after 8 compiles)",
+    )  # fmt: skip
+    ap.add_argument("--linear-configs", help="the small-linear kernel's launch configs per shape (linear_gpu --save)")
+    ap.add_argument("--moe-sweep", action="store_true", help="sweep the fused MoE kernels' launch configs first")
     args = ap.parse_args()
+    if args.linear_configs:
+        use_tuned_linear_configs(args.linear_configs)
     config = ModelConfig.from_dict(dict(V2_LITE))
     model = random_model(config)
     bw = copy_bandwidth()
+    if args.moe_sweep:
+        with torch.inference_mode():
+            log("moe sweep:", json.dumps({k: v for k, v in moe_sweep(model, bw).items() if k != "rows"}))
     log(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
     bench = OursBench(model, max(args.batches), max_len=512, decode_len=PROMPT + NEW + 8)
     prompts = {B: torch.randint(0, config.vocab_size, (B, PROMPT), device="cuda") for B in args.batches}
@@ -180,7 +218,8 @@ def main() -> int:
         model.set_attention_decode("auto")
         model.set_compile(True)
         rows, tokens_by_step = [], {}
-        for step, what in enumerate(STEPS):
+        first = args.first_step
+        for step, what in list(enumerate(STEPS))[first:]:
             configure(model, step)
             model.set_compile(True)  # marks the (re)stacked projection weights static
             bench.capture(args.batches, pieces=GRAPH_PIECES if step >= 4 else 1)
@@ -210,11 +249,14 @@ def main() -> int:
             slot = tables[:, PROMPT // BLOCK] * BLOCK + PROMPT % BLOCK
             got = bench.graphs.run_host(logits.argmax(-1).tolist(), [PROMPT + 1] * B, tables.tolist(), slot.tolist())
             checks[f"rel_err_b{B}"] = rel(got, ref_logits[B])
-            first_row, last_row = tokens_by_step[(0, B)], tokens_by_step[(len(STEPS) - 1, B)]
+            first_row, last_row = tokens_by_step[(first, B)], tokens_by_step[(len(STEPS) - 1, B)]
             seqs_a, seqs_b = list(zip(*first_row, strict=True)), list(zip(*last_row, strict=True))
             same = [agreed_steps(a, b) for a, b in zip(seqs_a, seqs_b, strict=True)]
             checks[f"greedy_steps_equal_per_seq_b{B}"] = same  # first and last rows, until the first difference
         log("checks:", json.dumps(checks))
+        # the rows above compiled the decode layer for every configuration: start afresh, or the captures
+        # below can meet dynamo's recompile limit and run eager
+        torch._dynamo.reset()
         for pieces in (GRAPH_PIECES, 1):  # where the loop's time goes beyond the GPU's, at batch 1
             bench.capture([1], pieces=pieces)
             logits, tables = prefill(1)

@@ -457,7 +457,9 @@ def moe_sweep(ours: DeepseekForCausalLM, bw: float) -> dict:
 
     res = {"configs": {}, "best": {}}
     for kind, attr in (("up", "UP_CONFIG"), ("down", "DOWN_CONFIG")):  # up first, then down with the best up
-        cands = [(bn, bk, nw, 3) for bn in (4, 8, 16) for bk in (128, 256, 512) for nw in (4, 8)]
+        # few warps with long K blocks (many loads in flight per thread) won for the small GEMVs
+        # (benchmarks/linear_gpu.py), so the sweep spans 1-8 warps and K blocks up to 1,024
+        cands = [(bn, bk, nw, 3) for bn in (4, 8, 16) for bk in (128, 256, 512, 1024) for nw in (1, 2, 4, 8)]
         scores = []
         for c in cands:
             if c[0] * c[1] > 8192:  # tiles beyond this spill registers

@@ -20,6 +20,7 @@ from torch import nn
 
 from runtime.config import ModelConfig, yarn_get_mscale
 from runtime.kernels import triton_usable
+from runtime.kernels.linear import project, small_linear
 from runtime.kernels.mla_decode import combine_splits, mla_decode
 from runtime.kv_cache import AttentionMetadata, PagedKVCache, write_cache
 from runtime.moe import MLP, MOE_IMPLS, MoE, _keep_fp32
@@ -206,7 +207,7 @@ class MLAttention(nn.Module):
         T = x.shape[0]
         first, kv_a = self._input_projections()
         if self.in_proj_weight is not None:
-            a, kv = F.linear(x, self.in_proj_weight).split([first.weight.shape[0], kv_a.weight.shape[0]], dim=-1)
+            a, kv = small_linear(x, self.in_proj_weight).split([first.weight.shape[0], kv_a.weight.shape[0]], dim=-1)
         else:
             a, kv = first(x), kv_a(x)
         q = a if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(a))
@@ -310,14 +311,14 @@ def _absorbed_weights(attn: MLAttention) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _absorbed_query(attn: MLAttention, q_nope, q_pe) -> torch.Tensor:
     """[q_nope·W_UK | q_pe] → [B, nh, r + dr]: the query against the cached latent and roped key."""
-    q_lat = torch.bmm(q_nope.transpose(0, 1), _absorbed_weights(attn)[0]).transpose(0, 1)  # [B, nh, r]
+    w_uk = _absorbed_weights(attn)[0]
+    q_lat = small_linear(q_nope.transpose(0, 1), w_uk.transpose(1, 2)).transpose(0, 1)  # [B, nh, r]
     return torch.cat([q_lat, q_pe], dim=-1)
 
 
 def _absorbed_output(attn: MLAttention, o_lat) -> torch.Tensor:
     """Attention over the latent [B, nh, r] → per-head values [B, nh, dv] through W_UV."""
-    w_uv = _absorbed_weights(attn)[1]
-    return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+    return small_linear(o_lat.transpose(0, 1), _absorbed_weights(attn)[1]).transpose(0, 1)
 
 
 def _decode_absorbed(attn: MLAttention, q_nope, q_pe, kv, bias) -> torch.Tensor:
@@ -348,7 +349,7 @@ def _layer_in_real(layer: DecoderLayer, x, rotary: RotaryEmbedding, cos, sin):
 
 def _layer_out(layer: DecoderLayer, x, attn_out, grouped: bool):
     """o_proj + residual + post-attention norm + MLP / MoE + residual."""
-    x = x + layer.self_attn.o_proj(attn_out)
+    x = x + project(layer.self_attn.o_proj, attn_out)
     h = layer.post_attention_layernorm(x)
     return x + (layer.mlp(h, grouped) if isinstance(layer.mlp, MoE) else layer.mlp(h))
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from runtime.config import ModelConfig
 from runtime.kernels import triton_usable
+from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
 from runtime.parallel.shard import all_reduce
@@ -42,7 +43,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return project(self.down_proj, F.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class Gate(nn.Module):
@@ -82,7 +83,8 @@ class Gate(nn.Module):
         return mask.unsqueeze(-1).expand(T, self.n_group, self.n_experts // self.n_group).reshape(T, -1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        # fp32: the weight is fp32, the tokens are converted in the product
+        return small_linear(x, self.weight, max_tokens=ROUTER_MAX_TOKENS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(x)

@@ -6,7 +6,9 @@ as few kernels as possible. These kernels replace the general-purpose paths wher
 * :mod:`runtime.kernels.moe_decode` - routed + shared experts of a few tokens in two launches, reading
   each chosen expert's weights straight from the stacked buffers (no sort, gather or scatter);
 * :mod:`runtime.kernels.mla_decode` - absorbed multi-head latent attention reading the paged latent cache
-  through the block table (no gathered copy of the cache, no mask tensor).
+  through the block table (no gathered copy of the cache, no mask tensor);
+* :mod:`runtime.kernels.router` - a greedy router's whole choice in one launch;
+* :mod:`runtime.kernels.linear` - the step's small projections for one token at the bandwidth's pace.
 
 Each is a ``torch.library`` custom op: Triton on CUDA, the reference elsewhere, an abstract shape for
 ``torch.compile``. ``TRITON_INTERPRET=1`` runs the Triton code itself on the CPU (fp32), which is how the

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INTERPRETED = textwrap.dedent(
     """
     import torch
-    from runtime.kernels import mla_decode as ml, moe_decode as md, router as rt
+    from runtime.kernels import linear as ln, mla_decode as ml, moe_decode as md, router as rt
 
     torch.manual_seed(0)
     worst = 0.0
@@ -94,6 +94,24 @@ INTERPRETED = textwrap.dedent(
     args = (q40, cache, tables, ctx, 0.3, R)
     check(ml.combine_splits(*ml.mla_decode_triton(*args)), ml.combine_splits(*ml.mla_decode_reference(*args)), "heads")
     cases += 1
+
+    # small linear: 1, 3 and 16 tokens; odd N (masked row blocks) and K (a masked last K block); the
+    # default row block and one row per program; fp16 tokens against an fp32 weight give fp32 (the router)
+    for T_l in (1, 3, 16):
+        x = torch.randn(T_l, 200)
+        w = torch.randn(37, 200)
+        for config in (None, (1, 64, 2, 1)):
+            check(ln.small_linear_triton(x, w, config), ln.small_linear_reference(x, w), ("linear", T_l, config))
+            cases += 1
+    xh = torch.randn(2, 200).half()
+    got = ln.small_linear_triton(xh, w)
+    assert got.dtype == torch.float32
+    check(got, ln.small_linear_reference(xh, w), "linear fp16 x fp32")
+    # per head, with the weight read transposed (W_UK's layout: no copy) and the tokens a strided view
+    wg = torch.randn(3, 24, 40)  # [G, K, N] stored; read as [G, N, K]
+    xg = torch.randn(5, 3, 24).transpose(0, 1)  # [G, T, K], not contiguous
+    check(ln.small_linear_triton(xg, wg.transpose(1, 2)), torch.bmm(xg, wg), "linear per head")
+    cases += 2
     print(f"OK {cases} cases, worst relative error {worst:.2e}")
     """
 )
@@ -108,7 +126,28 @@ def test_triton_kernels_under_the_interpreter() -> None:
     }
     r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.startswith("OK 15 cases"), r.stdout
+    assert r.stdout.startswith("OK 23 cases"), r.stdout
+
+
+def test_small_linear_is_the_plain_product_off_the_gpu() -> None:
+    """Where Triton does not run, the decode projections compute exactly what F.linear / bmm did before the
+    kernel existed (the CPU path's numbers must not move); biased or wrapped projections keep their forward."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from runtime.kernels.linear import project, small_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, generator=g).bfloat16()
+    w = torch.randn(40, 64, generator=g).bfloat16()
+    assert torch.equal(small_linear(x, w), F.linear(x, w))
+    router = torch.randn(8, 64, generator=g)
+    got = small_linear(x, router, max_tokens=16)
+    assert got.dtype == torch.float32 and torch.equal(got, F.linear(x.float(), router))
+    xh, wh = torch.randn(4, 3, 16, generator=g), torch.randn(4, 16, 24, generator=g)
+    assert torch.equal(small_linear(xh, wh.transpose(1, 2)), torch.bmm(xh, wh))
+    biased = nn.Linear(64, 8).bfloat16()
+    assert torch.equal(project(biased, x), biased(x))
 
 
 def test_split_choice() -> None:
