@@ -15,7 +15,10 @@ both decode kernels, as ``benchmarks/model_gpu.py`` measures them:
 6. ``+ q/kv_a in one GEMM``: the two input projections stacked (``fuse_input_projections``; session 4's
    last change);
 7. ``+ small-linear kernel``: the decode projections (q/kv_a, W_UK, W_UV, o_proj, router) through
-   :mod:`runtime.kernels.linear` instead of cuBLAS. The default now.
+   :mod:`runtime.kernels.linear` instead of cuBLAS;
+8. ``+ overlapped loop``: step k+1 launched with step k's tokens fed on the device before the host reads
+   them (the engine's ``overlap``; rows 1-7 read each step's tokens before launching the next). The default
+   now.
 
 By default the run starts at row 6 (``--first-step 5``); rows 1-6 were measured in session 4 (docs/benchmarks.md).
 
@@ -67,6 +70,7 @@ STEPS = (
     "+ graph in pieces",
     "+ q/kv_a in one GEMM",
     "+ small-linear kernel",
+    "+ overlapped loop",
 )
 SMALL_LINEAR_MAX_TOKENS = ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS
 
@@ -142,7 +146,8 @@ def launch_us(bench: OursBench, B: int, n: int = 20) -> float:
 
 def loop_anatomy(bench: OursBench, B: int, tok, tables) -> dict:
     """ms per step of the decode loop, built up: back-to-back replays (GPU time), a sync after each replay,
-    + argmax and reading the tokens, + staging host lists (the engine's loop), or device tensors instead."""
+    + argmax and reading the tokens, + staging host lists (the engine's loop without overlap), or device
+    tensors instead; and the overlapped loop (the engine's default)."""
     graph, out = bench.graphs.graphs[B]
 
     def per_step(fn) -> float:
@@ -163,7 +168,8 @@ def loop_anatomy(bench: OursBench, B: int, tok, tables) -> dict:
         "replays": per_step(lambda: [graph.replay() for _ in range(NEW)]),
         "replay+sync": per_step(synced),
         "replay+argmax+tolist": per_step(read),
-        "host staging loop": per_step(lambda: bench.decode(tok, tables, PROMPT, NEW, graphs=True)),
+        "host staging loop": per_step(lambda: bench.decode(tok, tables, PROMPT, NEW, graphs=True, overlap=False)),
+        "overlapped loop": per_step(lambda: bench.decode(tok, tables, PROMPT, NEW, graphs=True)),
         "tensor staging loop": per_step(lambda: tensor_staged_decode(bench, tok, tables, PROMPT, NEW)),
     }
 
@@ -230,7 +236,7 @@ def main() -> int:
                 if step == 0:
                     run = lambda t=tok, tb=tables: tensor_staged_decode(bench, t, tb, PROMPT, NEW)  # noqa: E731
                 else:
-                    run = lambda t=tok, tb=tables: bench.decode(t, tb, PROMPT, NEW, graphs=True)  # noqa: E731
+                    run = lambda t=tok, tb=tables, o=step >= 7: bench.decode(t, tb, PROMPT, NEW, True, o)  # noqa: E731
                 tokens_by_step[(step, B)] = run()
                 tok_s = B * NEW / sync_time(run)
                 r = {"step": what, "batch": B, "tok_s": tok_s, "roofline_pct": 100 * tok_s / roof}
@@ -253,6 +259,8 @@ def main() -> int:
             seqs_a, seqs_b = list(zip(*first_row, strict=True)), list(zip(*last_row, strict=True))
             same = [agreed_steps(a, b) for a, b in zip(seqs_a, seqs_b, strict=True)]
             checks[f"greedy_steps_equal_per_seq_b{B}"] = same  # first and last rows, until the first difference
+            if (6, B) in tokens_by_step:  # the same graphs, tokens fed from the host or on the device: identical
+                checks[f"overlapped_tokens_equal_b{B}"] = tokens_by_step[(6, B)] == tokens_by_step[(7, B)]
         log("checks:", json.dumps(checks))
         # the rows above compiled the decode layer for every configuration: start afresh, or the captures
         # below can meet dynamo's recompile limit and run eager

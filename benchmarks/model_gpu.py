@@ -198,20 +198,44 @@ class OursBench:
         tables = torch.tensor([s.blocks[: self.decode_blocks] for s in seqs], device=self.dev)
         return logits, tables
 
-    def decode(self, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int, graphs: bool):
+    def decode(
+        self, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int, graphs: bool, overlap: bool = True
+    ):
         """``steps`` greedy decode steps; the host reads each step's tokens (as an engine must). With graphs
-        the step's inputs are host lists staged by ``run_host``, as the serving engine does."""
+        the step's inputs are host lists staged by ``run_host``, as the serving engine does, and with
+        ``overlap`` (the engine's default) step k+1 is launched with step k's tokens fed on the device before
+        the host reads them."""
         B = tokens.shape[0]
         out = []
-        if graphs:
-            toks, rows, ctx = tokens.tolist(), tables.tolist(), [start] * B
+        if not graphs:
+            step = lambda i, p, m: self.model(i, p, m, self.cache)  # noqa: E731
+            return self.decode_device_inputs(step, tokens, tables, start, steps)
+        toks, rows, ctx = tokens.tolist(), tables.tolist(), [start] * B
+        if not overlap:
             for _ in range(steps):
                 slots = [rows[i][c // BLOCK] * BLOCK + c % BLOCK for i, c in enumerate(ctx)]
                 ctx = [c + 1 for c in ctx]
                 toks = self.graphs.run_host(toks, ctx, rows, slots).argmax(-1).tolist()
                 out.append(toks)
             return out
-        return self.decode_device_inputs(lambda i, p, m: self.model(i, p, m, self.cache), tokens, tables, start, steps)
+        host = [torch.zeros(B, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        fed, pending = list(range(B)), None
+        feed = None
+        for k in range(steps):
+            slots = [rows[i][c // BLOCK] * BLOCK + c % BLOCK for i, c in enumerate(ctx)]
+            ctx = [c + 1 for c in ctx]
+            logits = self.graphs.run_host(toks, ctx, rows, slots, feed, None if feed is None else fed)
+            feed = logits.argmax(-1)
+            host[k % 2].copy_(feed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            if pending is not None:
+                pending[1].synchronize()
+                out.append(pending[0].tolist())
+            pending = (host[k % 2], ready)
+        pending[1].synchronize()
+        out.append(pending[0].tolist())
+        return out
 
     def decode_device_inputs(self, step, tokens: torch.Tensor, tables: torch.Tensor, start: int, steps: int):
         """Greedy steps whose inputs are built on the device each step: ``step(ids, positions, meta)`` is the
@@ -227,12 +251,12 @@ class OursBench:
             out.append(tokens.tolist())
         return out
 
-    def decode_tok_s(self, B: int, graphs: bool) -> float:
+    def decode_tok_s(self, B: int, graphs: bool, overlap: bool = True) -> float:
         prompts = torch.randint(0, self.model.config.vocab_size, (B, PROMPT), device=self.dev)
         logits, tables = self.prefill(prompts)
         tokens = logits.argmax(-1)
-        self.decode(tokens, tables, PROMPT, 3, graphs)  # warm-up
-        dt = sync_time(lambda: self.decode(tokens, tables, PROMPT, NEW, graphs))
+        self.decode(tokens, tables, PROMPT, 3, graphs, overlap)  # warm-up
+        dt = sync_time(lambda: self.decode(tokens, tables, PROMPT, NEW, graphs, overlap))
         return B * NEW / dt
 
     def prefill_s(self, B: int, P: int) -> float:
@@ -650,6 +674,7 @@ def main() -> int:
             r["ours_eager"] = bench.decode_tok_s(B, graphs=False)
             if bench.graphs is not None:
                 r["ours_graph"] = bench.decode_tok_s(B, graphs=True)
+                r["ours_graph_stepwise"] = bench.decode_tok_s(B, graphs=True, overlap=False)
             log("decode", r)
             rows.append(r)
         prof = {}
@@ -723,10 +748,11 @@ def main() -> int:
     log("")
     log(f"Decode (prompt {PROMPT}, {NEW} new tokens, greedy), tokens/s and fraction of HBM roofline:")
     log(
-        "| batch | roofline tok/s | ours (CUDA graph) | ours (no graph) | transformers default | "
+        "| batch | roofline tok/s | ours (CUDA graph, overlapped) | ours (CUDA graph, step by step) | "
+        "ours (no graph) | transformers default | "
         "transformers static cache | ours best / best transformers |"
     )
-    log("|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
 
         def cell(key, r=r):
@@ -739,7 +765,8 @@ def main() -> int:
         hf_vals = [v for v in (r.get("hf_default"), r.get("hf_static")) if v and not math.isnan(v)]
         ratio = f"{best_ours / max(hf_vals):.2f}×" if hf_vals else "n/a"
         log(
-            f"| {r['batch']} | {r['roofline_tok_s']:,.0f} | {cell('ours_graph')} | {cell('ours_eager')} | "
+            f"| {r['batch']} | {r['roofline_tok_s']:,.0f} | {cell('ours_graph')} | {cell('ours_graph_stepwise')} | "
+            f"{cell('ours_eager')} | "
             f"{cell('hf_default')} | {cell('hf_static')} | {ratio} |"
         )
     log("")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.cuda_graph import fed_token_ids
 from runtime.engine.scheduler import PrefillChunk, group_by_length, padded_slots, plan_prefill
 from runtime.engine.sequence import (
     QueueFullError,
@@ -60,6 +61,9 @@ class EngineConfig:
     kv_memory_fraction: float = 0.5  # of free device memory, when kv_blocks is None on CUDA
     max_model_len: int | None = None  # prompt + max_tokens per request; default: the model's positions
     cuda_graphs: bool = True
+    # launch decode step k+1 (its input tokens fed on the device) before reading step k's tokens, so the GPU
+    # does not wait for the host's part of a step; a distributed leader always runs without it
+    overlap: bool = True
     compile: bool = True  # CUDA only: compiled layer regions (model.set_compile) before graph capture
     imbalance_interval_s: float = 5.0  # window of the expert-load imbalance gauge
 
@@ -95,6 +99,11 @@ class Engine:
         self.cache = self._allocate_pool()
         self.allocator = BlockAllocator(self.cache.num_blocks)
         self.eos = set(mc.eos_token_id)
+        # a distributed leader's followers take their tokens from its host lists: no device-fed tokens there
+        self.overlap = cfg.overlap and not hasattr(model, "make_graph_decoder")
+        self._inflight: _InFlight | None = None
+        pinned = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(cfg.max_num_seqs, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
         self.graphs = None
         if self.device.type == "cuda" and cfg.compile:
             model.set_compile(True)  # compile first, capture second (docs/runtime.md)
@@ -264,7 +273,7 @@ class Engine:
                     fut.set_exception(exc)
         decode = [s for s in self.running if s.prefilled]
         self._prefill(events)
-        if decode:
+        if decode or self._inflight is not None:
             self._decode(decode, events)
         self.steps += 1
         if self.metrics is not None and self._generated:
@@ -335,24 +344,69 @@ class Engine:
                     self._accept(s, t, events)
 
     def _decode(self, seqs: list[Sequence], events: list) -> None:
+        """Launch one decode step for ``seqs``, then accept the tokens of the step launched before it (with
+        ``overlap``; without it, this step's own). Sequences whose previous step is still unread take its
+        token on the device; one whose unread token is its last (``max_new_tokens``) is not decoded again.
+        A sequence that the unread token ends (a stop token or string) was decoded once more for nothing:
+        that row is dropped, and its blocks were released only after the step was queued behind it."""
+        pending, self._inflight = self._inflight, None
+        rows = {id(s): i for i, s in enumerate(pending.seqs)} if pending is not None else {}
+        seqs = [s for s in seqs if id(s) not in rows or len(s.output_ids) + 1 < s.params.max_new_tokens]
+        launched = self._launch(seqs, pending, rows, events) if seqs else None
+        if pending is not None and not pending.resolved:
+            self._resolve(pending, events)
+        if launched is not None and not self.overlap:
+            self._resolve(launched, events)
+            launched = None
+        self._inflight = launched
+
+    def _launch(self, seqs: list[Sequence], pending: _InFlight | None, rows: dict, events: list) -> _InFlight | None:
         dev = self.device
-        toks = [s.output_ids[-1] for s in seqs]
+        feed_rows = [rows.get(id(s), -1) for s in seqs]
+        fed = max(feed_rows) >= 0
+        toks = [0 if r >= 0 else s.output_ids[-1] for s, r in zip(seqs, feed_rows, strict=True)]
         slots = [s.blocks.append(1)[0] for s in seqs]
         ctx = [s.blocks.num_tokens for s in seqs]
         tables = [s.blocks.blocks for s in seqs]
+        feed = pending.tokens if fed else None
         if self.graphs is not None and len(seqs) <= self.graphs.batch_sizes[-1]:
-            logits = self.graphs.run_host(toks, ctx, tables, slots)  # one staged copy, one replay
+            # one staged copy, one replay
+            logits = self.graphs.run_host(toks, ctx, tables, slots, feed, feed_rows if fed else None)
             bucket = self.graphs.bucket(len(seqs))
             self._pad_window.append((bucket - len(seqs), bucket))
         else:
             meta = decode_metadata(ctx, tables, slots, device=dev)
-            logits = self.model(torch.tensor(toks, device=dev), meta.context_lens - 1, meta, self.cache)
+            ids = torch.tensor(toks, device=dev)
+            if feed is not None:
+                ids = fed_token_ids(ids, torch.tensor(feed_rows, device=dev), feed)
+            logits = self.model(ids, meta.context_lens - 1, meta, self.cache)
             self._pad_window.append((0, len(seqs)))
-        nxt = self._sample(logits, seqs, events)
         if self.metrics is not None:
             self.metrics.batch_size.set(len(seqs))
-        for s, t in zip(seqs, nxt, strict=True):
-            if t is not None:
+        try:
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except RuntimeError:  # a row's sampling failed: settle this step now, row by row
+            if pending is not None:
+                self._resolve(pending, events)
+            for s, t in zip(seqs, self._sample(logits, seqs, events), strict=True):
+                if t is not None and s.finish_reason is None:
+                    self._accept(s, t, events)
+            return None
+        host = self._host_tokens[self.steps % 2][: len(seqs)]  # the other buffer may hold the unread step's
+        host.copy_(tokens, non_blocking=True)
+        ready = None
+        if tokens.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _InFlight(seqs, tokens, host, ready)
+
+    def _resolve(self, step: _InFlight, events: list) -> None:
+        """Read a launched step's tokens and accept them for the sequences still running."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        step.resolved = True
+        for s, t in zip(step.seqs, step.host.tolist(), strict=True):
+            if s.finish_reason is None:
                 self._accept(s, t, events)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], events: list) -> list[int | None]:
@@ -391,6 +445,8 @@ class Engine:
         events.append((s, TokenEvent([tok])))
 
     def _finish(self, s: Sequence, reason: str, events: list, new=(), text=None, error=None) -> None:
+        if s.finish_reason is not None:  # finished already (e.g. its sampling failed, then its unread token)
+            return
         s.finish_reason = reason
         if s.blocks is not None:
             s.blocks.release()
@@ -415,6 +471,7 @@ class Engine:
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
         events: list = []
+        self._inflight = None  # its tokens are dropped with the sequences
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
             jobs, self._jobs = self._jobs, []
@@ -457,6 +514,17 @@ class Engine:
 
     def kv_usage(self) -> float:
         return self.allocator.usage()
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A launched decode step whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [b] sampled ids on the device: the next step's fed input tokens
+    host: torch.Tensor  # [b] their copy on the host (pinned on CUDA), complete once ``ready``
+    ready: object | None  # torch.cuda.Event on CUDA
+    resolved: bool = False
 
 
 def _emit_direct(events: list[tuple[Sequence, TokenEvent]]) -> None:

@@ -70,16 +70,22 @@ def test_graph_inputs_staged_from_host_lists_equal_the_decode_metadata() -> None
     views the captured graph reads must equal decode_metadata's tensors, with zero padding rows."""
     import numpy as np
 
-    from runtime.cuda_graph import input_views, pack_decode_inputs
+    from runtime.cuda_graph import ROW_FIELDS, fed_token_ids, input_views, pack_decode_inputs
 
     n, width = 4, 5
     toks, ctx, tables, slots = [11, 12, 13], [17, 3, 33], [[4, 2], [7], [1, 5, 9]], [36, 114, 144]
-    fields = np.full(n * (4 + width), -1, dtype=np.int64)  # stale values from an earlier step
+    fields = np.full(n * (ROW_FIELDS + width), 7, dtype=np.int64)  # stale values from an earlier step
     used = pack_decode_inputs(fields, n, width, toks, ctx, tables, slots, rows=n - 1)  # a bucket of 3
-    assert used == 4 * n + 3 * width and (fields[used:] == -1).all()  # the rest is not the bucket's: untouched
-    ids, pos, c, sl, tb = input_views(torch.from_numpy(fields), n, width)
+    assert used == ROW_FIELDS * n + 3 * width and (fields[used:] == 7).all()  # not the bucket's: untouched
+    ids, pos, c, sl, fed, tb = input_views(torch.from_numpy(fields), n, width)
     meta = decode_metadata(ctx, tables, slots, max_blocks=width)
     assert ids.tolist() == [*toks, 0] and pos.tolist() == [16, 2, 32, 0]
+    assert fed.tolist() == [-1] * n  # every token from the host
     assert torch.equal(c[:3], meta.context_lens) and torch.equal(sl[:3], meta.slot_mapping)
     assert torch.equal(tb[:3], meta.block_tables)
     assert c[3] == 0 and sl[3] == 0
+    # rows 0 and 2 take the tokens the previous step sampled (rows 2 and 0 of its output), on the device
+    pack_decode_inputs(fields, n, width, [11, -1, -1], ctx, tables, slots, rows=n - 1, feed_rows=[-1, 2, 0])
+    ids, _, _, _, fed, _ = input_views(torch.from_numpy(fields), n, width)
+    assert fed.tolist() == [-1, 2, 0, -1]
+    assert fed_token_ids(ids, fed, torch.tensor([90, 91, 92, 93])).tolist() == [11, 92, 90, 0]

@@ -146,6 +146,47 @@ def test_engine_matches_the_reference_generator_with_chunked_prefill(tiny):
     assert engine.allocator.usage() == 0.0
 
 
+def test_overlapped_decode_gives_the_same_tokens_and_stops(tiny):
+    """With ``overlap`` the engine launches decode step k+1 (its tokens fed on the device) before reading step
+    k's: the tokens, the finish reasons and the blocks' return must equal the step-by-step engine's, also for a
+    sequence that a stop token ends while its next step is already launched."""
+    from runtime.engine import Engine, EngineConfig, Sequence
+    from runtime.sampling import SamplingParams
+
+    model, tok = tiny
+    prompts = [tok.encode(t) for t in ("The order", "Hello world, this is a tiny language model.", "A")]
+    free = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (10, 7, 12)]
+
+    def run(overlap: bool, params):
+        engine = Engine(model, tok, EngineConfig(overlap=overlap, max_num_seqs=4))
+        engine.start()
+        try:
+            toks, reasons, _ = run_engine(engine, prompts, params)
+        finally:
+            engine.stop()
+        assert engine.allocator.usage() == 0.0
+        return toks, reasons
+
+    ref, _ = run(False, free)
+    i = next(i for i in range(2, 10) if ref[0][i] not in ref[0][:i])  # a token first produced at step i
+    stopping = [SamplingParams(max_new_tokens=10, ignore_eos=True, stop_token_ids=[ref[0][i]]), *free[1:]]
+    assert run(True, free) == (ref, ["length"] * 3)
+    expected = run(False, stopping)
+    assert expected[0][0] == ref[0][:i] and expected[1][0] == "stop"
+    assert run(True, stopping) == expected
+
+    # stepped by hand: after the first decode step its token is still unread, the next step is launched
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4))
+    seq = Sequence("s", prompts[0], free[0])
+    engine.submit([seq])
+    engine.step()  # prefill: its token is read at once
+    assert len(seq.output_ids) == 1 and engine._inflight is None
+    engine.step()  # the first decode step, launched and not read
+    assert len(seq.output_ids) == 1 and engine._inflight is not None
+    engine.step()  # the second launched, the first read
+    assert seq.output_ids == ref[0][:2] and engine._inflight is not None
+
+
 def test_long_prompt_does_not_starve_running_decodes(tiny):
     from runtime.engine import Engine, EngineConfig, Sequence
     from runtime.sampling import SamplingParams
