@@ -69,6 +69,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per engine step")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run decode eagerly")
+    p.add_argument("--no-overlap", action="store_true", help="read each decode step's tokens before launching the next")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled layer regions")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument(
@@ -158,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_prefill_tokens=args.max_prefill_tokens,
             max_model_len=args.max_model_len,
             cuda_graphs=not args.no_cuda_graphs,
+            overlap=not args.no_overlap,
             compile=not args.no_compile,
             grace_period_s=args.grace_period,
             accuracy_baseline=args.accuracy_baseline,

@@ -37,6 +37,7 @@ class Settings:
     max_model_len: int | None = None
     block_size: int = 16
     cuda_graphs: bool = True
+    overlap: bool = True
     compile: bool = True
     grace_period_s: float = 30.0
     accuracy_baseline: float | None = None
@@ -62,6 +63,7 @@ class Settings:
             kv_memory_fraction=self.kv_memory_fraction,
             max_model_len=self.max_model_len,
             cuda_graphs=self.cuda_graphs,
+            overlap=self.overlap,
             compile=self.compile,
         )
 
