@@ -370,8 +370,9 @@ class Engine:
         tables = [s.blocks.blocks for s in seqs]
         feed = pending.tokens if fed else None
         if self.graphs is not None and len(seqs) <= self.graphs.batch_sizes[-1]:
-            # one staged copy, one replay
-            logits = self.graphs.run_host(toks, ctx, tables, slots, feed, feed_rows if fed else None)
+            # one staged copy, one replay (a distributed leader's graphs take host tokens only: no feed)
+            fed_args = {"feed": feed, "feed_rows": feed_rows} if fed else {}
+            logits = self.graphs.run_host(toks, ctx, tables, slots, **fed_args)
             bucket = self.graphs.bucket(len(seqs))
             self._pad_window.append((bucket - len(seqs), bucket))
         else:

@@ -187,6 +187,53 @@ def test_overlapped_decode_gives_the_same_tokens_and_stops(tiny):
     assert seq.output_ids == ref[0][:2] and engine._inflight is not None
 
 
+def test_a_distributed_leader_decodes_step_by_step_through_its_host_list_entry(tiny):
+    """A TP/EP leader's graph decoder takes host tokens only (its followers read the leader's host lists): the
+    engine turns ``overlap`` off for a model with ``make_graph_decoder`` and calls ``run_host`` with the four
+    host lists, never a device feed. A stand-in decoder with exactly that signature runs the eager model."""
+    import torch
+
+    from runtime.engine import Engine, EngineConfig
+    from runtime.kv_cache import decode_metadata
+    from runtime.sampling import SamplingParams
+
+    model, tok = tiny
+
+    class LeaderGraphs:  # the signature of runtime.parallel.lockstep's leader graphs
+        batch_sizes = (4,)
+        calls = 0
+
+        def bucket(self, b: int) -> int:
+            return 4
+
+        def run_host(self, token_ids, context_lens, tables, slots):
+            LeaderGraphs.calls += 1
+            meta = decode_metadata(context_lens, tables, slots)
+            return model(torch.tensor(token_ids), meta.context_lens - 1, meta, engine.cache)
+
+    prompts = [tok.encode(t) for t in ("The order", "A")]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 4)]
+    reference = Engine(model, tok, EngineConfig(max_num_seqs=4))
+    reference.start()
+    try:
+        expected = run_engine(reference, prompts, params)[:2]
+    finally:
+        reference.stop()
+    model.make_graph_decoder = None  # what marks a distributed leader
+    try:
+        engine = Engine(model, tok, EngineConfig(max_num_seqs=4))
+    finally:
+        del model.make_graph_decoder
+    assert not engine.overlap
+    engine.graphs = LeaderGraphs()
+    engine.start()
+    try:
+        assert run_engine(engine, prompts, params)[:2] == expected
+    finally:
+        engine.stop()
+    assert LeaderGraphs.calls >= 5
+
+
 def test_long_prompt_does_not_starve_running_decodes(tiny):
     from runtime.engine import Engine, EngineConfig, Sequence
     from runtime.sampling import SamplingParams
