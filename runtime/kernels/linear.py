@@ -1,12 +1,13 @@
-"""``x @ w.T`` for a few tokens: the decode step's small projections at the bandwidth their bytes allow.
+"""``x @ w.T`` for one token: the decode step's small projections at the pace their bytes allow.
 
 At batch 1 a decode layer multiplies one row by q/kv_a (15 MB), W_UK and W_UV (2 MB each, per head), o_proj
-(8 MB) and the router (0.5 MB fp32). Each is a GEMV that should take its bytes over the HBM bandwidth, 0.1-4
-µs; cuBLAS takes 3-6 µs for each of them (docs/benchmarks.md: its kernels for one row are tuned for large
-matrices, and the router's fp32 GEMV is two launches). Here one program per block of output rows streams
-its rows of ``w`` once and multiplies every token by them (the tokens' few kB stay in cache), so the weight
-is read once per step whatever the batch, and every block of rows has its own program: ~256-1,000 programs
-keep all SMs reading.
+(8 MB) and the router (0.5 MB fp32). Each GEMV should take its bytes over the HBM bandwidth, 0.1-4 µs; cuBLAS
+took 3.5-7 µs for each (its one-row kernels are tuned for large matrices, and the router's fp32 GEMV is two
+launches). Here one program per row or few rows streams its rows of ``w`` once in long K blocks with one or
+two warps, so each thread keeps many loads in flight, and 512-3,648 programs (the bf16 weights) keep every SM
+reading (benchmarks/linear_gpu.py: 2.8-5.9 µs for these shapes, docs/benchmarks.md). Every token is multiplied by
+the tile in registers, so the weight is read once whatever the batch, but those per-token reductions run on
+the CUDA cores: from 2 tokens cuBLAS's tensor-core GEMV wins on the bf16 weights (see the limits below).
 
 Batched form for the absorbed attention: ``x [G, T, K]``, ``w [G, N, K]`` → ``[G, T, N]`` (G heads), any
 strides, so W_UK (``[nh, dn, r]`` read as ``[nh, r, dn]``, transposed) needs no copy. Accumulation is fp32;
