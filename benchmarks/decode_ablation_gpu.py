@@ -72,7 +72,8 @@ STEPS = (
     "+ small-linear kernel",
     "+ overlapped loop",
 )
-SMALL_LINEAR_MAX_TOKENS = ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS
+# the small-linear kernel's token limits (projections, router) as the runtime sets them; rows before 7 use 0
+KERNEL_TOKEN_LIMITS = ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS
 
 
 def random_model(config: ModelConfig) -> DeepseekForCausalLM:
@@ -87,7 +88,7 @@ def random_model(config: ModelConfig) -> DeepseekForCausalLM:
 
 
 def configure(model: DeepseekForCausalLM, step: int) -> None:
-    ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS = SMALL_LINEAR_MAX_TOKENS if step >= 6 else (0, 0)
+    ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS = KERNEL_TOKEN_LIMITS if step >= 6 else (0, 0)
     for _, m in model.moe_layers():
         m.kernel_routing = step >= 2
     for layer in model.model.layers:
@@ -107,8 +108,8 @@ def use_tuned_linear_configs(path: str) -> None:
         table[(*entry["dims"], entry["tokens"] > 1)] = tuple(entry["config"])
     default = ln.launch_config
 
-    def tuned(n_rows: int, k: int, groups: int, tokens: int) -> tuple[int, int, int, int]:
-        return table.get((n_rows, k, groups, tokens > 1)) or default(n_rows, k, groups, tokens)
+    def tuned(n_rows: int, k: int, groups: int, tokens: int, elem_bytes: int = 2) -> tuple[int, int, int, int]:
+        return table.get((n_rows, k, groups, tokens > 1)) or default(n_rows, k, groups, tokens, elem_bytes)
 
     ln.launch_config = tuned
     log("small-linear configs:", json.dumps([(list(key), c) for key, c in table.items()]))
