@@ -18,7 +18,7 @@ export TF_PLUGIN_CACHE_DIR := $(CURDIR)/.cache/terraform/plugins
 export CHECKPOINT_DISABLE := 1
 export CDKTF_DISABLE_PLUGIN_CACHE_ENV := 1
 export DISABLE_VERSION_CHECK := 1
-# Written by scripts/setup.sh only when the machine has a provider filesystem mirror (DESIGN.md §2).
+# Written by scripts/setup.sh only when the machine has a provider filesystem mirror (offline machines).
 ifneq ($(wildcard $(CURDIR)/.tfrc),)
 export TF_CLI_CONFIG_FILE := $(CURDIR)/.tfrc
 endif
@@ -65,7 +65,7 @@ destroy: setup
 	npx --no-install cdktf destroy $(ENV) --skip-provider-lock
 
 demo: setup
-	$(BIN)/python -m infra.demo $(ARGS)
+	$(BIN)/python -m infra.embedded.demo $(ARGS)
 
 bench-synth: setup
 	$(BIN)/python benchmarks/synth_time.py
@@ -84,7 +84,7 @@ image:
 	  -t $(IMAGE_NAME):$(IMAGE_TAG) .
 
 push: setup
-	$(BIN)/python -m infra.kube.push --env $(ENV) --tag $(IMAGE_TAG) --image $(IMAGE_NAME)
+	$(BIN)/python -m infra.cli.push --env $(ENV) --tag $(IMAGE_TAG) --image $(IMAGE_NAME)
 
 render: setup
 	$(BIN)/moefleet render $(ENV) --tag $(IMAGE_TAG) --out $(OUT) $(ARGS)

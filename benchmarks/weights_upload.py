@@ -23,7 +23,7 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.emulator.process import Emulator
+from infra.embedded.emulator.process import Emulator
 from infra.ops import weights as w
 from infra.ops.aws import make_client
 

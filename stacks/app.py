@@ -14,8 +14,8 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 from cdktf import App
 
-from infra.cli_options import EMULATOR_ENDPOINT_VAR, ENVIRONMENTS_VAR
-from infra.config import DEFAULT_ENVIRONMENTS_FILE, load_environments
+from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE, load_environments
+from infra.catalog.names import EMULATOR_ENDPOINT_VAR, ENVIRONMENTS_VAR
 from stacks.environment_stack import EnvironmentStack
 
 

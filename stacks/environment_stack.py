@@ -1,4 +1,8 @@
-"""One environment's stack. Reads like the diagram: network → cluster → node pools → add-ons → outputs."""
+"""One environment's stack. Reads like the diagram: network → cluster → node pools → add-ons → outputs.
+
+Its outputs are the contract in `infra.catalog.outputs.StackOutputs`: the stack fills one instance of it
+and emits each field as a Terraform output with the field's description, so what the installer, the
+operator commands and the demo read back is exactly what is written here."""
 
 from __future__ import annotations
 
@@ -7,29 +11,35 @@ from cdktf_cdktf_provider_aws.data_aws_caller_identity import DataAwsCallerIdent
 from cdktf_cdktf_provider_aws.data_aws_partition import DataAwsPartition
 from constructs import Construct
 
-from infra.alerts import alert_rules
-from infra.cluster import Cluster, ClusterProps
-from infra.config import Environment
-from infra.identities import WorkloadRole, WorkloadRoleProps, ebs_csi_key_policy, fsx_csi_policy, runtime_policy
-from infra.kms import EncryptionKey, EncryptionKeyProps
-from infra.labels import SIZE_LABEL, SYSTEM_POOL
-from infra.monitoring import Monitoring, MonitoringProps
-from infra.network import Network, NetworkProps
-from infra.node_pools import GpuNodePool, GpuPoolProps, NodePool, NodePoolProps, node_role
-from infra.provider import aws_provider, standard_tags
-from infra.registry import Registry, RegistryProps
-from infra.sizes import HotTierKind
-from infra.storage import MODELS_PREFIX, ColdTier, ColdTierProps, FsxHotTier, FsxHotTierProps
-from infra.workloads import (
+from infra.catalog.environments import Environment
+from infra.catalog.names import (
     EBS_CSI_SERVICE_ACCOUNT,
     FSX_CSI_SERVICE_ACCOUNT,
+    MODELS_PREFIX,
     RUNTIME_NAMESPACE,
     RUNTIME_SERVICE_ACCOUNT,
+    SIZE_LABEL,
+    SYSTEM_POOL,
 )
-
-
-def cluster_name(env: Environment) -> str:
-    return f"moefleet-{env.name}"
+from infra.catalog.outputs import StackOutputs
+from infra.catalog.sizes import HotTierKind
+from infra.constructs.cluster import Cluster, ClusterProps
+from infra.constructs.context import AwsContext
+from infra.constructs.identities import (
+    WorkloadRole,
+    WorkloadRoleProps,
+    ebs_csi_key_policy,
+    fsx_csi_policy,
+    runtime_policy,
+)
+from infra.constructs.kms import EncryptionKey, EncryptionKeyProps
+from infra.constructs.monitoring import Monitoring, MonitoringProps
+from infra.constructs.network import Network, NetworkProps
+from infra.constructs.node_pools import GpuNodePool, GpuPoolProps, NodePool, NodePoolProps, node_role
+from infra.constructs.provider import aws_provider, standard_tags
+from infra.constructs.registry import Registry, RegistryProps
+from infra.constructs.storage import ColdTier, ColdTierProps, FsxHotTier, FsxHotTierProps
+from infra.observability.alerts import alert_rules, rules_yaml
 
 
 class EnvironmentStack(TerraformStack):
@@ -37,11 +47,14 @@ class EnvironmentStack(TerraformStack):
         super().__init__(scope, env.name)
         self.env = env
         size = env.size_spec
-        name = cluster_name(env)
+        name = env.cluster_name
         aws_provider(self, env, endpoint_override)
         self._backend(env)
-        account_id = DataAwsCallerIdentity(self, "account").account_id
-        partition = self.partition = DataAwsPartition(self, "partition").partition
+        self.aws = aws = AwsContext(
+            account_id=DataAwsCallerIdentity(self, "account").account_id,
+            partition=DataAwsPartition(self, "partition").partition,
+            region=env.region,
+        )
 
         # One key for every log group of the environment (control plane, flow logs, later the runtime).
         self.logs_key = EncryptionKey(
@@ -50,9 +63,7 @@ class EnvironmentStack(TerraformStack):
             EncryptionKeyProps(
                 alias=f"{name}-logs",
                 description=f"CloudWatch Logs encryption for {name}",
-                account_id=account_id,
-                partition=partition,
-                region=env.region,
+                aws=aws,
                 service_principals=["logs"],
             ),
         )
@@ -62,7 +73,7 @@ class EnvironmentStack(TerraformStack):
             "network",
             NetworkProps(
                 name=name,
-                region=env.region,
+                aws=aws,
                 cidr=env.vpc_cidr,
                 azs=env.azs,
                 public_subnets=public_subnets,
@@ -78,9 +89,7 @@ class EnvironmentStack(TerraformStack):
             ClusterProps(
                 name=name,
                 kubernetes_version=env.kubernetes_version,
-                account_id=account_id,
-                partition=partition,
-                region=env.region,
+                aws=aws,
                 subnet_ids=self.network.private_subnet_ids,
                 logs_key_arn=self.logs_key.arn,
                 public_endpoint=env.public_api_endpoint,
@@ -93,13 +102,11 @@ class EnvironmentStack(TerraformStack):
             EncryptionKeyProps(
                 alias=f"{name}-ebs",
                 description=f"EBS volumes of {name} nodes and model caches",
-                account_id=account_id,
-                partition=partition,
-                region=env.region,
+                aws=aws,
                 autoscaling_may_use=True,
             ),
         )
-        role, attachments = node_role(self, "node-role", f"{name}-node", partition)
+        role, attachments = node_role(self, "node-role", f"{name}-node", aws)
         self.system_pool = NodePool(
             self,
             "system-pool",
@@ -146,26 +153,22 @@ class EnvironmentStack(TerraformStack):
             depends_on=attachments,
         )
         self.cluster.add_core_addons(after=[self.system_pool.node_group])
-        self._storage(env, name, account_id, partition)
-        self.registry = Registry(
-            self, "registry", RegistryProps(name=name, account_id=account_id, partition=partition, region=env.region)
-        )
+        self._storage(env, name)
+        self.registry = Registry(self, "registry", RegistryProps(name=name, aws=aws))
         self.monitoring = Monitoring(
             self,
             "monitoring",
             MonitoringProps(
                 name=name,
-                account_id=account_id,
-                partition=partition,
-                region=env.region,
-                rules=alert_rules(env.thresholds),
+                aws=aws,
+                rules_yaml=rules_yaml(alert_rules(env.thresholds)),
                 logs_key_arn=self.logs_key.arn,
                 alarm_email=env.alarm_email,
             ),
         )
         self._outputs()
 
-    def _storage(self, env: Environment, name: str, account_id: str, partition: str) -> None:
+    def _storage(self, env: Environment, name: str) -> None:
         """Cold tier everywhere; hot tier per size; the identities that read them."""
         size = env.size_spec
         self.cold = ColdTier(
@@ -173,9 +176,7 @@ class EnvironmentStack(TerraformStack):
             "cold-tier",
             ColdTierProps(
                 name=name,
-                account_id=account_id,
-                partition=partition,
-                region=env.region,
+                aws=self.aws,
                 noncurrent_days=size.storage.cold_noncurrent_days,
                 force_destroy=env.emulated,
             ),
@@ -198,9 +199,7 @@ class EnvironmentStack(TerraformStack):
                 "hot-tier",
                 FsxHotTierProps(
                     name=name,
-                    account_id=account_id,
-                    partition=partition,
-                    region=env.region,
+                    aws=self.aws,
                     vpc_id=self.network.vpc.id,
                     # The GPU pool of the large size lives in the first private subnet (placement group).
                     subnet_id=self.network.private_subnet_ids[0],
@@ -224,12 +223,12 @@ class EnvironmentStack(TerraformStack):
             f"{role}-identity",
             WorkloadRoleProps(
                 cluster_name=self.cluster.name,
-                role_name=f"{cluster_name(self.env)}-{role}",
+                role_name=f"{self.env.cluster_name}-{role}",
                 namespace=service_account[0],
                 service_account=service_account[1],
                 policy=policy,
                 managed_policies=managed_policies,
-                partition=self.partition,
+                aws=self.aws,
             ),
             depends_on=[self.cluster.addons["eks-pod-identity-agent"]],
         )
@@ -249,38 +248,37 @@ class EnvironmentStack(TerraformStack):
         self.add_override("terraform.backend.s3.use_lockfile", True)
 
     def _outputs(self) -> None:
-        outputs = {
-            "cluster_name": self.cluster.name,
-            "cluster_endpoint": self.cluster.cluster.endpoint,
-            "cluster_arn": self.cluster.cluster.arn,
-            "cluster_oidc_issuer": self.cluster.cluster.identity.get(0).oidc.get(0).issuer,
-            "cluster_security_group_id": self.cluster.security_group_id,
-            "system_node_group": self.system_pool.name,
-            "gpu_node_group": self.gpu_pool.name,
-            "vpc_id": self.network.vpc.id,
-            "private_subnet_ids": self.network.private_subnet_ids,
-            "public_subnet_ids": self.network.public_subnet_ids,
-            "deployment_size": self.env.size.value,
-            "models_bucket": self.cold.bucket.bucket,
-            "models_prefix": MODELS_PREFIX,
-            "models_kms_key_arn": self.cold.key.arn,
-            "access_log_bucket": self.cold.log_bucket.bucket,
-            "volume_kms_key_arn": self.volume_key.arn,
-            "ecr_repository_url": self.registry.repository_url,
-            "amp_workspace_id": self.monitoring.workspace.id,
-            "amp_remote_write_url": self.monitoring.remote_write_url,
-            "amp_query_url": self.monitoring.query_url,
-            "alerts_topic_arn": self.monitoring.topic.arn,
-            "runtime_role_arn": self.runtime_role.arn,
-            "hot_tier_kind": self.env.size_spec.storage.hot_kind.value,
-            "region": self.env.region,
-        }
-        if self.hot is not None:
-            outputs |= {
-                "fsx_file_system_id": self.hot.file_system.id,
-                "fsx_dns_name": self.hot.file_system.dns_name,
-                "fsx_mount_name": self.hot.file_system.mount_name,
-                "fsx_kms_key_arn": self.hot.key.arn,
-            }
-        for key, value in outputs.items():
-            TerraformOutput(self, key, value=value)
+        """Every field of the outputs contract, emitted with its description (FSx fields with the FSx hot tier)."""
+        self.outputs = StackOutputs(
+            cluster_name=self.cluster.name,
+            cluster_endpoint=self.cluster.cluster.endpoint,
+            cluster_arn=self.cluster.cluster.arn,
+            cluster_oidc_issuer=self.cluster.cluster.identity.get(0).oidc.get(0).issuer,
+            cluster_security_group_id=self.cluster.security_group_id,
+            system_node_group=self.system_pool.name,
+            gpu_node_group=self.gpu_pool.name,
+            vpc_id=self.network.vpc.id,
+            private_subnet_ids=tuple(self.network.private_subnet_ids),
+            public_subnet_ids=tuple(self.network.public_subnet_ids),
+            deployment_size=self.env.size.value,
+            models_bucket=self.cold.bucket.bucket,
+            models_prefix=MODELS_PREFIX,
+            models_kms_key_arn=self.cold.key.arn,
+            access_log_bucket=self.cold.log_bucket.bucket,
+            volume_kms_key_arn=self.volume_key.arn,
+            ecr_repository_url=self.registry.repository_url,
+            amp_workspace_id=self.monitoring.workspace.id,
+            amp_remote_write_url=self.monitoring.remote_write_url,
+            amp_query_url=self.monitoring.query_url,
+            alerts_topic_arn=self.monitoring.topic.arn,
+            runtime_role_arn=self.runtime_role.arn,
+            hot_tier_kind=self.env.size_spec.storage.hot_kind.value,
+            region=self.env.region,
+            fsx_file_system_id=self.hot.file_system.id if self.hot is not None else None,
+            fsx_dns_name=self.hot.file_system.dns_name if self.hot is not None else None,
+            fsx_mount_name=self.hot.file_system.mount_name if self.hot is not None else None,
+            fsx_kms_key_arn=self.hot.key.arn if self.hot is not None else None,
+        )
+        descriptions = StackOutputs.descriptions()
+        for key, value in self.outputs.to_mapping().items():
+            TerraformOutput(self, key, value=value, description=descriptions[key])

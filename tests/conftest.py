@@ -17,8 +17,8 @@ import pytest
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
-from infra.config import DEFAULT_ENVIRONMENTS_FILE
-from infra.emulator.process import Emulator
+from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE
+from infra.embedded.emulator.process import Emulator
 from tests.e2e.demo_runs import DemoRun
 
 #: Test-only environments appended to the real file: they exercise, against the emulator, what the

@@ -1,2 +1,3 @@
-"""The embedded AWS: moto server on loopback, plus small documented patches for the APIs our stacks use
-that moto lacks (see `patches.py`). Used by `make demo` and the test suite, never against real AWS."""
+"""Alias of `infra.embedded.emulator` for importers outside `infra` that still use this path (tests/runtime
+imports `free_port` from `infra.emulator.process`). New code imports `infra.embedded.emulator`; this
+package goes once nothing imports it."""

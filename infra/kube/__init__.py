@@ -1,9 +1,10 @@
 """Kubernetes objects for the runtime and its monitoring, rendered in Python from an environment's stack
 outputs and its size, validated against the cluster's OpenAPI schemas, and applied with the `kubernetes`
-client (`moefleet render`, `moefleet install`).
+client (`moefleet render`, `moefleet install`), plus the image push to the environment's registry.
 
-Modules: `outputs` (what the stack hands over), `objects` (one function per object), `render` (the whole
-set, in apply order, and YAML), `schema` (OpenAPI/CRD validation), `installer` (server-side apply, rollout
-wait, rollback), `cli` (the two subcommands). Names, ports and paths come from `runtime.contract`,
-node labels and taints from `infra.labels`, sizes from `infra.sizes`, identities from `infra.workloads`.
+Modules: `objects` (one function per object), `render` (the whole set, in apply order, and YAML), `schema`
+(OpenAPI/CRD validation), `installer` (server-side apply, rollout wait, rollback), `push` (ECR login and
+docker push). Names, ports and paths come from `runtime.contract`; node labels, taints, namespace and
+service account from `infra.catalog.names`; sizes from `infra.catalog.sizes`; the stack's outputs from
+`infra.catalog.outputs`. The command-line side lives in `infra.cli`.
 """

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from infra.catalog.exit_codes import ExitCode
+
 Obj = dict[str, Any]
 
 FIELD_MANAGER = "moefleet"
@@ -70,9 +72,9 @@ _SERVER_FIELDS = ("managedFields", "resourceVersion", "generation", "uid", "crea
 
 
 class InstallError(RuntimeError):
-    """The install stopped; `code` is the CLI exit status (1: cluster-side failure, 2: bad input)."""
+    """The install stopped; `code` is the exit status (`ExitCode.FAILED`: cluster side, `BAD_INPUT`: ours)."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = ExitCode.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -355,6 +357,6 @@ def api_client(kubeconfig: str | None = None, context: str | None = None) -> Any
             raise InstallError(
                 f"no Kubernetes credentials: {kube_err}. Run `aws eks update-kubeconfig --name <cluster_name> "
                 "--region <region>` or pass --kubeconfig",
-                2,
+                ExitCode.BAD_INPUT,
             ) from None
     return client.ApiClient()

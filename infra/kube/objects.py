@@ -1,15 +1,17 @@
 """One function per Kubernetes object of the runtime, as plain dicts (what the API server takes as JSON).
 
 Every value that another part of the project also knows is read from its one source: ports, paths,
-environment variable names and metric names from `runtime.contract`; node labels and the GPU taint from
-`infra.labels` (the node pools set them); GPUs, CPU, memory and the hot tier from `infra.sizes`; the
-namespace and service account from `infra.workloads` (the stack's Pod Identity association binds the
-runtime's IAM role to exactly that namespace + service account, so no annotation is needed).
+environment variable names and metric names from `runtime.contract`; node labels, the GPU taint, the
+namespace and the service account from `infra.catalog.names` (the node pools set the labels; the stack's
+Pod Identity association binds the runtime's IAM role to exactly that namespace + service account, so no
+annotation is needed); GPUs, CPU, memory, the pod profile and the hot tier from `infra.catalog.sizes`;
+bucket, keys and endpoints from the stack outputs contract (`infra.catalog.outputs`).
 
-The anchors' recurring failures are made impossible here by construction: /dev/shm is a memory-backed
-volume sized per deployment size (NCCL breaks on Docker's 64 MB), GPU pods tolerate exactly the pool's
-taint and select exactly its labels (no Pending pods), the startup probe allows for the model load, and
-multi-node groups restart as a whole (LeaderWorkerSet `RecreateGroupOnPodRestart`) instead of hanging.
+The failures GPU serving deployments commonly hit are made impossible here by construction: /dev/shm is a
+memory-backed volume sized per deployment size (NCCL breaks on Docker's 64 MB), GPU pods tolerate exactly
+the pool's taint and select exactly its labels (no Pending pods), the startup probe allows for the model
+load, and multi-node groups restart as a whole (LeaderWorkerSet `RecreateGroupOnPodRestart`) instead of
+hanging.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from infra.kube.outputs import StackOutputs
-from infra.labels import GPU_POOL, GPU_TAINT, NODE_POOL_LABEL, SIZE_LABEL
-from infra.sizes import HotTierKind, InstanceType, Size, SizeName
-from infra.workloads import RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT
+from infra.catalog.names import (
+    GPU_POOL,
+    GPU_TAINT,
+    NODE_POOL_LABEL,
+    RUNTIME_NAMESPACE,
+    RUNTIME_SERVICE_ACCOUNT,
+    SIZE_LABEL,
+)
+from infra.catalog.outputs import StackOutputs
+from infra.catalog.sizes import HotTierKind, InstanceType, ModelRef, PodProfile, Size
 from runtime import contract as c
 
 Obj = dict[str, Any]
@@ -30,7 +38,7 @@ Obj = dict[str, Any]
 #: The image's non-root user (images/runtime/Dockerfile creates it; a test keeps the two equal).
 RUNTIME_UID = 10001
 #: Where the hot tier is mounted; it mirrors the cold tier's layout (`models/<name>/<revision>/`), which is
-#: also what the FSx data repository association exposes (infra.storage.FSX_MODELS_PATH = /models).
+#: also what the FSx data repository association exposes (infra.constructs.storage.FSX_MODELS_PATH).
 HOT_TIER_MOUNT = "/mnt/hot"
 TMP_MOUNT = "/tmp"
 #: torch.distributed rendezvous port (torchrun --master-port on the group leader).
@@ -43,42 +51,6 @@ PART_OF = "moe-fleet"
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 KEDA_API = "keda.sh/v1alpha1"
 ROLE_LABEL = "moefleet.io/role"  # leader | worker (LeaderWorkerSet) or server
-
-
-@dataclass(frozen=True)
-class SizeProfile:
-    """What one pod of a size gets. The GPU count and host ratios come from `infra.sizes`; the rest is the
-    per-size choice, written once here with its reason."""
-
-    shm_gib: int  # memory-backed /dev/shm; counts against the pod's memory limit
-    model_gb: int  # checkpoint size on disk, bounds the load time from the hot tier
-    warmup_s: int  # CUDA graphs + compiled regions after the load
-
-
-PROFILES: dict[SizeName, SizeProfile] = {
-    # V2-Lite bf16 31 GB (infra.sizes: devtest model). One process, 8 GiB shm for loader workers.
-    SizeName.DEVTEST: SizeProfile(shm_gib=8, model_gb=31, warmup_s=300),
-    # 4 ranks on NVLink exchange over shm: EKS Blueprints give vLLM 15Gi for 8 GPUs; 32 GiB for 4 is generous.
-    SizeName.MEDIUM: SizeProfile(shm_gib=32, model_gb=240, warmup_s=600),
-    # 8 ranks per node plus EFA bounce buffers: 64 GiB of the node's 2 TiB.
-    SizeName.LARGE: SizeProfile(shm_gib=64, model_gb=671, warmup_s=900),
-}
-
-
-#: Model folder served by default per size (infra.sizes `model`): models/<name>/<revision>/ in the cold tier.
-DEFAULT_MODELS: dict[SizeName, str] = {
-    SizeName.DEVTEST: "deepseek-v2-lite",
-    SizeName.MEDIUM: "deepseek-v2",
-    SizeName.LARGE: "deepseek-v3",
-}
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Which checkpoint to serve: `s3://<bucket>/<models_prefix><name>/<revision>/` in the cold tier."""
-
-    name: str
-    revision: str
 
 
 @dataclass(frozen=True)
@@ -107,8 +79,8 @@ class RenderInput:
         return self.size.requirements.nodes_per_replica > 1
 
     @property
-    def profile(self) -> SizeProfile:
-        return PROFILES[self.size.name]
+    def profile(self) -> PodProfile:
+        return self.size.pod
 
     @property
     def model_prefix(self) -> str:
@@ -316,7 +288,7 @@ def persistent_volume_claim(inp: RenderInput) -> Obj:
 
 def resources(inp: RenderInput) -> Obj:
     """Requests = limits for memory and devices (Guaranteed-like for what matters); CPU is not limited
-    (CFS throttling of the scheduler thread costs latency). The seed's 8 CPU / 64 GiB per GPU."""
+    (CFS throttling of the scheduler thread costs latency). The source document's 8 CPU / 64 GiB per GPU."""
     req = inp.size.requirements
     gpus = inp.gpus_per_pod
     memory = f"{req.min_host_memory_gib_per_gpu * gpus}Gi"

@@ -1,22 +1,23 @@
-"""`make push ENV=<env>`: log in to the environment's ECR repository and push the runtime image.
+"""Push the runtime image to an environment's ECR repository (`make push ENV=<env>`, `infra.cli.push`).
 
-The repository comes from the stack output `ecr_repository_url` (or `--outputs FILE`); the login from
-boto3's `ecr.get_authorization_token` (a base64 `AWS:<password>` valid for 12 hours), handed to
+The repository comes from the stack output `ecr_repository_url`; the login from boto3's
+`ecr.get_authorization_token` (a base64 `AWS:<password>` valid for 12 hours), handed to
 `docker login --password-stdin` so it never appears in a process list.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import shutil
 import subprocess
-import sys
-from pathlib import Path
+
+from infra.catalog.exit_codes import ExitCode
 
 
 class PushError(RuntimeError):
-    def __init__(self, message: str, code: int = 1) -> None:
+    """A push step failed; `code` is the exit status (a missing docker is bad input, the rest failures)."""
+
+    def __init__(self, message: str, code: int = ExitCode.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -39,12 +40,14 @@ def ecr_credentials(region: str, endpoint_url: str | None = None) -> tuple[str, 
 
 def docker_ready() -> None:
     if shutil.which("docker") is None:
-        raise PushError("no docker CLI on the PATH: install Docker (engine + buildx) to build and push images", 2)
+        raise PushError(
+            "no docker CLI on the PATH: install Docker (engine + buildx) to build and push images", ExitCode.BAD_INPUT
+        )
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         raise PushError(
             "the docker CLI is here but no Docker engine answers (`docker info` failed): start dockerd or set "
             "DOCKER_HOST to a reachable engine",
-            2,
+            ExitCode.BAD_INPUT,
         )
 
 
@@ -60,33 +63,3 @@ def push(local_image: str, repository_url: str, tag: str, region: str, endpoint_
         if subprocess.run(cmd).returncode != 0:
             raise PushError(f"{' '.join(cmd)} failed")
     return remote
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.kube.push", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", required=True, help="environment whose ECR repository receives the image")
-    parser.add_argument("--tag", required=True, help="image tag (make: git describe --tags --always --dirty)")
-    parser.add_argument("--image", default="moe-runtime", help="local image name (default: moe-runtime)")
-    parser.add_argument("--outputs", type=Path, help="stack outputs JSON instead of terraform output")
-    args = parser.parse_args(argv)
-    from infra.kube.outputs import OutputsError, StackOutputs
-    from infra.ops.outputs import OutputsUnavailable, default_stack_dir, stack_outputs
-
-    try:
-        if args.outputs:
-            outputs = StackOutputs.from_file(args.outputs)
-        else:
-            outputs = StackOutputs.from_mapping(stack_outputs(default_stack_dir(args.env)), f"outputs of {args.env}")
-        remote = push(f"{args.image}:{args.tag}", outputs.ecr_repository_url, args.tag, outputs.region)
-    except (OutputsError, OutputsUnavailable) as err:
-        print(f"push: {err}", file=sys.stderr)
-        return 2
-    except PushError as err:
-        print(f"push: {err}", file=sys.stderr)
-        return err.code
-    print(f"push: {remote}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

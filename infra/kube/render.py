@@ -8,37 +8,35 @@ Operator) come from their operators' own installs; the installer checks they exi
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from infra.catalog.names import RUNTIME_NAMESPACE
+from infra.catalog.outputs import OutputsError, StackOutputs
+from infra.catalog.sizes import INSTANCE_TYPES, SIZES, HotTierKind, ModelRef, SizeName
 from infra.kube import objects as o
-from infra.kube.outputs import StackOutputs
-from infra.sizes import INSTANCE_TYPES, SIZES, HotTierKind, SizeName
-from infra.workloads import RUNTIME_NAMESPACE
+from infra.observability import monitoring_objects as mon
+
+if TYPE_CHECKING:
+    from infra.catalog.environments import Environment
 
 Obj = dict[str, Any]
 
-#: Module of the monitoring issue (device plugin, DCGM exporter, ServiceMonitor/PodMonitor, PrometheusRule).
-MONITORING_MODULE = "infra.monitoring_objects"
 GPU_MONITORING_NAMESPACE = "kube-system"
 
 
 def render_input(
-    env: Any,
+    env: Environment,
     outputs: StackOutputs,
     *,
     image: str,
-    model: o.ModelRef,
+    model: ModelRef,
     version: str = "dev",
 ) -> o.RenderInput:
-    """Combine an `infra.config.Environment` with its stack outputs; the outputs must be of the same size."""
+    """Combine an environment with its stack outputs; the outputs must be of the same size."""
     if outputs.deployment_size != env.size.value:
-        from infra.kube.outputs import OutputsError
-
         raise OutputsError(
             f"deployment_size = {outputs.deployment_size!r} in the outputs, but environment {env.name!r} is "
             f"size {env.size.value!r}: outputs of another environment?"
@@ -78,14 +76,11 @@ def runtime_objects(inp: o.RenderInput) -> list[Obj]:
 def monitoring_objects(inp: o.RenderInput) -> list[Obj]:
     """GPU metrics (device plugin, DCGM exporter + its ServiceMonitor) in kube-system, the runtime's
     ServiceMonitor and the alert rules (PrometheusRule) in the runtime's namespace, from
-    `infra.monitoring_objects` (the monitoring issue's module). Empty when that module is absent.
+    `infra.observability.monitoring_objects`.
 
     The GPU DaemonSets need host paths (the kubelet's pod-resources socket), which the runtime namespace's
     'restricted' Pod Security level forbids, hence kube-system. The runtime is scraped through its Service,
     which selects the serving pods (group leaders on the large size)."""
-    if importlib.util.find_spec(MONITORING_MODULE) is None:
-        return []
-    mon = importlib.import_module(MONITORING_MODULE)
     return [
         *mon.gpu_monitoring_objects(GPU_MONITORING_NAMESPACE),
         mon.runtime_service_monitor(RUNTIME_NAMESPACE, o.selector_labels(inp)),

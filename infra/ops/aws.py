@@ -1,8 +1,8 @@
 """boto3 clients for real AWS or the embedded emulator (boto3 + stdlib only: the init container uses it).
 
 Emulated environments (an `aws_endpoint` on loopback) get dummy credentials, as the Terraform provider
-does in infra/provider.py: the emulator accepts any, and a developer's real credentials must never be
-sent to it, nor the emulator's to AWS.
+does in infra/constructs/provider.py: the emulator accepts any, and a developer's real credentials must
+never be sent to it, nor the emulator's to AWS.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-#: Credentials for the emulator only (loopback; validated in infra/config.py).
+#: Credentials for the emulator only (loopback; validated in infra/catalog/environments.py).
 EMULATED_CREDENTIALS = {"aws_access_key_id": "emulated", "aws_secret_access_key": "emulated"}
 
 

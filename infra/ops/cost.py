@@ -1,22 +1,24 @@
-"""What an environment costs per hour and per month on AWS, against what the seed says its hardware costs.
+"""What an environment costs per hour and per month on AWS, against what the source document says its
+hardware costs.
 
 Prices are us-east-1 on-demand LIST prices (no savings plans, reservations or spot, no tax, no data
-transfer) as of the date below. Instance prices come from infra/sizes.py (the one catalog of instance
-types); the other services' prices are here. The seed's purchase price per size (`Size.seed_capex_cny`)
-gives the break-even: how many months of running the environment around the clock cost as much as buying
-the seed's hardware (purchase price only: the seed gives no power, hosting or staff figures).
+transfer) as of the date below. Instance prices come from infra/catalog/sizes.py (the one catalog of
+instance types); the other services' prices are here. The source document's purchase price per size
+(`Size.source_capex_cny`) gives the break-even: how many months of running the environment around the
+clock cost as much as buying the source document's hardware (purchase price only: the source document
+gives no power, hosting or staff figures).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infra.config import Environment
-from infra.sizes import INSTANCE_TYPES, PRICES_AS_OF, SYSTEM_INSTANCE_TYPES, HotTierKind, SizeName
+from infra.catalog.environments import Environment
+from infra.catalog.sizes import INSTANCE_TYPES, PRICES_AS_OF, SYSTEM_INSTANCE_TYPES, HotTierKind
 
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
 
-#: Date and source of SERVICE_PRICES (instance prices: infra.sizes.PRICES_AS_OF).
+#: Date and source of SERVICE_PRICES (instance prices: infra.catalog.sizes.PRICES_AS_OF).
 SERVICE_PRICES_AS_OF = "2025-07, us-east-1 list prices from the AWS pricing pages of EKS, VPC, FSx, S3, AMP, EBS"
 SERVICE_PRICES = {
     "eks_cluster_hour": 0.10,  # standard support; extended support is 0.60
@@ -28,12 +30,11 @@ SERVICE_PRICES = {
 }
 #: FSx for Lustre PERSISTENT_2, per GB-month of capacity, by throughput tier (MB/s per TiB).
 FSX_GB_MONTH = {125: 0.145, 250: 0.21, 500: 0.34, 1000: 0.60}
-#: Yuan per US dollar for the seed's capex (2025-07 average, rounded).
+#: Yuan per US dollar for the source document's capex (2025-07 average, rounded).
 CNY_PER_USD = 7.17
 
 # Usage assumptions (not prices): what the estimate counts, in one place.
-#: Checkpoint size per size (from Size.model) and revisions kept in the cold tier (current + one noncurrent).
-MODEL_WEIGHTS_GB = {SizeName.DEVTEST: 31, SizeName.MEDIUM: 240, SizeName.LARGE: 671}
+#: Revisions kept in the cold tier (current + one noncurrent), each the size's checkpoint (Size.pod.model_gb).
 COLD_REVISIONS = 2
 #: Active Prometheus series per node (node exporter, kubelet/cAdvisor, DCGM per GPU, the runtime's
 #: histograms), scraped every 30 s into AMP.
@@ -60,8 +61,8 @@ class CostEstimate:
     environment: str
     size: str
     lines: list[Line]
-    seed_hardware: str
-    seed_capex_cny: int
+    source_hardware: str
+    source_capex_cny: int
 
     @property
     def hourly(self) -> float:
@@ -77,13 +78,13 @@ class CostEstimate:
         return sum(line.usd_per_month for line in self.lines if not line.scales_to_zero)
 
     @property
-    def seed_capex_usd(self) -> float:
-        return self.seed_capex_cny / CNY_PER_USD
+    def source_capex_usd(self) -> float:
+        return self.source_capex_cny / CNY_PER_USD
 
     @property
     def break_even_months(self) -> float:
-        """Months of serving around the clock that cost the seed's purchase price."""
-        return self.seed_capex_usd / self.monthly
+        """Months of serving around the clock that cost the source document's purchase price."""
+        return self.source_capex_usd / self.monthly
 
 
 def _monthly(usd_per_month: float) -> float:
@@ -129,7 +130,7 @@ def estimate(env: Environment) -> CostEstimate:
         lines.append(
             Line(f"EBS gp3 ({role} node root volumes)", f"{gb} GB", _monthly(gb * p["ebs_gp3_gb_month"]), role == "GPU")
         )
-    cold_gb = MODEL_WEIGHTS_GB[size.name] * COLD_REVISIONS
+    cold_gb = size.pod.model_gb * COLD_REVISIONS
     lines.append(
         Line(
             "S3 (cold tier)",
@@ -146,11 +147,11 @@ def estimate(env: Environment) -> CostEstimate:
             _monthly(samples_m * p["amp_per_million_samples"]),
         )
     )
-    return CostEstimate(env.name, size.name.value, lines, size.seed_hardware, size.seed_capex_cny)
+    return CostEstimate(env.name, size.name.value, lines, size.source_hardware, size.source_capex_cny)
 
 
 def price_note() -> str:
     return (
         f"List prices, not a quote: instances {PRICES_AS_OF}; services {SERVICE_PRICES_AS_OF}. "
-        f"Capex converted at {CNY_PER_USD} CNY/USD; break-even = seed capex ÷ monthly serving cost."
+        f"Capex converted at {CNY_PER_USD} CNY/USD; break-even = source document's capex ÷ monthly serving cost."
     )

@@ -1,8 +1,8 @@
 """Preflight: what must be true in the AWS account before a GPU environment is deployed.
 
 GPU capacity errors otherwise show up only in node-group or autoscaler logs, long after `cdktf deploy`
-returned (DESIGN.md §6). Each check returns a row with a remedy; the CLI prints them and exits non-zero
-when any fails. The emulator cannot answer every question; such rows say so instead of passing.
+returned. Each check returns a row with a remedy; the CLI prints them and exits non-zero when any
+fails. The emulator cannot answer every question; such rows say so instead of passing.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from infra.config import Environment
+from infra.catalog.environments import Environment
+from infra.catalog.sizes import allowed_instance_types
 from infra.ops.aws import error_code, make_client
-from infra.sizes import allowed_instance_types
 
 #: Service Quotas codes of the EC2 on-demand vCPU quotas, per instance family letter.
 GPU_QUOTAS = {
@@ -41,7 +41,7 @@ class Check:
 
 def gpu_pool_azs(env: Environment) -> list[str]:
     """AZs the GPU node group spans: all of them, or the first only when the size uses a cluster placement
-    group (infra/node_pools.py puts such a pool in the first private subnet)."""
+    group (infra/constructs/node_pools.py puts such a pool in the first private subnet)."""
     return env.azs[:1] if env.size_spec.uses_placement_group else list(env.azs)
 
 

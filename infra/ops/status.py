@@ -1,8 +1,9 @@
 """What is deployed for an environment right now: cluster, node groups, FSx, the cold tier's latest model.
 
-Names come from the stack's terraform outputs when they can be read; otherwise the cluster and the file
-system are found by the tags every resource carries (`project = moe-fleet`, `environment = <name>`,
-infra/provider.py), so `status` also works from a machine that never ran terraform.
+Names come from the stack's outputs (`infra.catalog.outputs.StackOutputs`) when they can be read;
+otherwise the cluster and the file system are found by the tags every resource carries
+(`project = moe-fleet`, `environment = <name>`, infra/constructs/provider.py), so `status` also works from
+a machine that never ran terraform.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from infra.config import Environment
+from infra.catalog.environments import Environment
+from infra.catalog.names import MODELS_PREFIX
+from infra.catalog.outputs import StackOutputs
+from infra.catalog.sizes import HotTierKind
 from infra.ops.aws import error_code, make_client
 from infra.ops.weights import MANIFEST_NAME, Manifest
-from infra.sizes import HotTierKind
 
 
 @dataclass(frozen=True)
@@ -29,22 +32,28 @@ def _tagged(tags: dict[str, str] | None, env: Environment) -> bool:
     return tags.get("project") == "moe-fleet" and tags.get("environment") == env.name
 
 
-def gather(env: Environment, outputs: dict[str, Any], endpoint: str | None = None) -> list[Row]:
+def gather(
+    env: Environment, outputs: StackOutputs | None, endpoint: str | None = None, *, bucket: str | None = None
+) -> list[Row]:
+    """One row per component. `outputs` None: find the cluster and file system by their tags; `bucket`
+    names the cold tier when the outputs cannot (or overrides theirs)."""
     endpoint = (endpoint or env.aws_endpoint) if env.emulated else None
     rows: list[Row] = []
     eks = make_client("eks", env.region, endpoint)
-    cluster = outputs.get("cluster_name") or _find_cluster(eks, env)
+    cluster = (outputs.cluster_name if outputs else None) or _find_cluster(eks, env)
     if not cluster:
         rows.append(Row("cluster", "-", "NOT FOUND", f"no EKS cluster tagged environment={env.name} in {env.region}"))
     else:
         rows += _cluster_rows(eks, make_client("ec2", env.region, endpoint), cluster)
     if env.size_spec.storage.hot_kind is HotTierKind.FSX_LUSTRE:
-        rows.append(_fsx_row(make_client("fsx", env.region, endpoint), env, outputs.get("fsx_file_system_id")))
-    bucket = outputs.get("models_bucket")
+        fs_id = outputs.fsx_file_system_id if outputs else None
+        rows.append(_fsx_row(make_client("fsx", env.region, endpoint), env, fs_id))
+    bucket = bucket or (outputs.models_bucket if outputs else None)
     if not bucket:
         rows.append(Row("cold tier", "-", "UNKNOWN", "no stack outputs; pass --bucket or --stack-dir"))
     else:
-        rows += _bucket_rows(make_client("s3", env.region, endpoint), bucket, outputs.get("models_prefix", "models/"))
+        prefix = outputs.models_prefix if outputs else MODELS_PREFIX
+        rows += _bucket_rows(make_client("s3", env.region, endpoint), bucket, prefix)
     return rows
 
 

@@ -9,7 +9,8 @@ The runtime image's init container runs this module directly, without the enviro
 
     python -m infra.ops.weights pull --bucket B --prefix models/NAME/REV/ --dest /models/NAME/REV
 
-Exit codes: 0 ok, 1 AWS or local I/O error, 2 bad input, 4 verification failed (checksum or size mismatch).
+Exit codes (`infra.catalog.exit_codes`, shared by every command): 0 ok, 1 AWS or local I/O error, 2 bad
+input, 4 verification failed (checksum or size mismatch), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TextIO
 
+from infra.catalog.exit_codes import ExitCode
+
 MANIFEST_NAME = "moefleet-manifest.json"
 MANIFEST_FORMAT = 1
 #: Object metadata key (x-amz-meta-sha256) holding the object's SHA-256, hex.
@@ -47,19 +50,17 @@ HASH_BUFFER = 8 * MIB
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-EXIT_OK, EXIT_AWS, EXIT_BAD_INPUT, EXIT_MISMATCH = 0, 1, 2, 4
-
 
 class WeightsError(Exception):
     """Bad input or a state that stops the operation (missing folder, no manifest, conflicting revision)."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class VerificationError(WeightsError):
     """Objects or files do not match the manifest; `problems` lists each one."""
 
-    exit_code = EXIT_MISMATCH
+    exit_code = ExitCode.CHECK_FAILED
 
     def __init__(self, message: str, problems: list[str]) -> None:
         super().__init__(message + ":\n  - " + "\n  - ".join(problems))
@@ -611,20 +612,20 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except OSError as err:  # disk full, permissions: one line in the init container's log
         print(f"weights {args.command}: {err}", file=sys.stderr)
-        return EXIT_AWS
+        return ExitCode.FAILED
     except Exception as err:  # botocore errors: one line, not a traceback
         if type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
             print(f"weights {args.command}: AWS error: {err}", file=sys.stderr)
-            return EXIT_AWS
+            return ExitCode.FAILED
         raise
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def exit_now_on_interrupt(what: str) -> None:
     """After Ctrl-C: say how to resume, then leave at once (transfer threads are not waited for)."""
     print(f"{what}: interrupted; nothing is marked complete (no manifest written). Run the same command "
           "again to resume: finished files are skipped.", file=sys.stderr, flush=True)  # fmt: skip
-    os._exit(130)
+    os._exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.emulator.process import free_port, port_in_use
-from infra.terraform import PROJECT_ROOT
+from infra.embedded.emulator.process import free_port, port_in_use
+from infra.terraform.runner import PROJECT_ROOT
 
 
 def port_args() -> tuple[list[str], list[int]]:
@@ -24,7 +24,7 @@ def port_args() -> tuple[list[str], list[int]]:
 
 @dataclass
 class DemoRun:
-    """One `python -m infra.demo` process writing to a log file (never a pipe nobody reads yet)."""
+    """One `python -m infra.embedded.demo` process writing to a log file (never a pipe nobody reads yet)."""
 
     proc: subprocess.Popen[bytes]
     log: Path
@@ -37,7 +37,7 @@ class DemoRun:
         log = workdir.parent / f"{workdir.name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.demo", *extra, *args, "--workdir", str(workdir)],
+                [sys.executable, "-m", "infra.embedded.demo", *extra, *args, "--workdir", str(workdir)],
                 cwd=PROJECT_ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""The README's main command, end to end: `python -m infra.demo --once` (what `make demo ARGS=--once` runs)."""
+"""The README's main command, end to end: `python -m infra.embedded.demo --once` (what `make demo ARGS=--once` runs)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from infra.emulator.process import free_port, port_in_use
-from infra.terraform import PROJECT_ROOT
+from infra.embedded.emulator.process import free_port, port_in_use
+from infra.terraform.runner import PROJECT_ROOT
 from tests.e2e.demo_runs import DemoRun
 
 
 def demo(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "infra.demo", *args],
+        [sys.executable, "-m", "infra.embedded.demo", *args],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -46,7 +46,7 @@ def test_demo_names_a_missing_tool(tmp_path: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "terraform").symlink_to(shutil.which("terraform"))  # type: ignore[arg-type]
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.demo", "--once", "--workdir", str(tmp_path / "w")],
+        [sys.executable, "-m", "infra.embedded.demo", "--once", "--workdir", str(tmp_path / "w")],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

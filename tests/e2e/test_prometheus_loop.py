@@ -1,5 +1,5 @@
 """Real Prometheus in the loop: the Debian ``prometheus`` binary scrapes a running ``moe-runtime serve``
-with a config and rules rendered by infra.prometheus_config / infra.alerts.
+with a config and rules rendered by infra.observability.prometheus_config / infra.observability.alerts.
 
 - Prometheus's P99 (``histogram_quantile`` over the runtime's latency histogram) agrees with the P99 the
   clients measured, within the histogram's bucket resolution.
@@ -25,8 +25,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra import alerts, dashboard, prometheus_config
-from infra.alerts import Thresholds, alert_rules
+from infra.catalog.thresholds import Thresholds
+from infra.observability import alerts, dashboard, prometheus_config
+from infra.observability.alerts import alert_rules
 from runtime import contract as c
 from runtime.tiny import make_tiny
 from tests.runtime.service.conftest import Server, free_port, run_server

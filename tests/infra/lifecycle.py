@@ -11,8 +11,8 @@ from pathlib import Path
 
 import boto3
 
-from infra.storage import MODELS_PREFIX
-from infra.terraform import Terraform
+from infra.catalog.names import MODELS_PREFIX
+from infra.terraform.runner import Terraform
 from tests.infra.helpers import resource_types
 
 

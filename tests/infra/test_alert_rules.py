@@ -1,6 +1,6 @@
 """The alert rules against the real tools: ``promtool check rules`` and ``promtool test rules``.
 
-The promtool unit tests are generated here from :class:`infra.alerts.Thresholds`, so they follow any
+The promtool unit tests are generated here from :class:`infra.catalog.thresholds.Thresholds`, so they follow any
 threshold change: for every alert, input series that cross the threshold for longer than ``for:`` (it
 fires, with the expected labels and the measured value in its description), series just below the
 threshold (silent) and a spike shorter than ``for:`` (silent, though it would fire without ``for:``).
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import alerts
-from infra.alerts import GPU_EXPORTER_JOB, RUNTIME_JOB, AlertRule, Thresholds, alert_rules
+from infra.catalog.thresholds import Thresholds
+from infra.observability import alerts
+from infra.observability.alerts import GPU_EXPORTER_JOB, RUNTIME_JOB, AlertRule, alert_rules
 from runtime import contract as c
 
 REPO = Path(__file__).resolve().parents[2]
@@ -489,7 +490,7 @@ def test_spikes_cross_the_threshold_so_only_for_keeps_them_silent(tmp_path: Path
 
 
 def test_local_and_amp_scrape_configs_pass_promtool(tmp_path: Path) -> None:
-    from infra import prometheus_config as pc
+    from infra.observability import prometheus_config as pc
 
     local = pc.write_local(tmp_path / "local", ["127.0.0.1:8000"], alerts.rules_yaml(alert_rules()))
     proc = run_promtool("check", "config", str(local), cwd=tmp_path)
@@ -520,8 +521,8 @@ def test_local_and_amp_scrape_configs_pass_promtool(tmp_path: Path) -> None:
 
 
 def test_gpu_monitoring_objects_run_on_the_gpu_pool_and_keep_pod_labels() -> None:
-    from infra import monitoring_objects as mo
-    from infra.labels import GPU_POOL, GPU_TAINT, NODE_POOL_LABEL
+    from infra.catalog.names import GPU_POOL, GPU_TAINT, NODE_POOL_LABEL
+    from infra.observability import monitoring_objects as mo
 
     objs = mo.gpu_monitoring_objects("gpu-monitoring", monitor_labels={"release": "kps"})
     kinds = [(o["kind"], o["metadata"]["name"]) for o in objs]
@@ -563,7 +564,7 @@ def test_gpu_monitoring_objects_run_on_the_gpu_pool_and_keep_pod_labels() -> Non
 
 
 def test_runtime_monitors_and_prometheus_rule() -> None:
-    from infra import monitoring_objects as mo
+    from infra.observability import monitoring_objects as mo
 
     selector = {mo.NAME_KEY: c.APP_NAME, mo.COMPONENT_KEY: "server"}
     sm = mo.runtime_service_monitor("moe", selector, labels={"release": "kps"})

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.terraform import PROJECT_ROOT, terraform_env
+from infra.terraform.runner import PROJECT_ROOT, terraform_env
 
 CDKTF = PROJECT_ROOT / "node_modules" / ".bin" / "cdktf"
 
 
 def cdktf(args: list[str], emulator: str) -> subprocess.CompletedProcess[str]:
     assert CDKTF.exists(), "`make setup` installs the pinned cdktf CLI into node_modules"
-    # `cdktf diff` runs its own `terraform init`, outside infra.terraform's turn-taking on the shared plugin
+    # `cdktf diff` runs its own `terraform init`, outside infra.terraform.runner's turn-taking on the shared plugin
     # cache: with several inits running at the start of the session, it gets a cache of its own
     own_cache = str(PROJECT_ROOT / ".cache" / "terraform" / "plugins-cdktf")
     env = terraform_env(

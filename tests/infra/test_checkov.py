@@ -1,5 +1,5 @@
 """checkov on every synthesized stack: each failed check is fixed, or skipped next to its resource with a
-reason (infra.checks.skip_check). checkov's terraform_json runner ignores inline suppressions, so this
+reason (infra.constructs.checks.skip_check). checkov's terraform_json runner ignores inline suppressions, so this
 harness applies them: a failure counts as skipped only where that very resource records the skip."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.checks import skips_in
-from infra.terraform import PROJECT_ROOT
+from infra.constructs.checks import skips_in
+from infra.terraform.runner import PROJECT_ROOT
 
 CHECKOV = PROJECT_ROOT / ".venv-tools" / "bin" / "checkov"
 

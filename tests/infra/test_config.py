@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import DEFAULT_ENVIRONMENTS_FILE, ConfigError, load_environments
+from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE, ConfigError, load_environments
 
 GOOD = """
 [environments.dev]

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from infra import alerts, dashboard
-from infra.alerts import Thresholds
+from infra.catalog.thresholds import Thresholds
+from infra.observability import alerts, dashboard
 from runtime import contract as c
 
 SUFFIXES = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
@@ -25,7 +25,7 @@ def declared_names() -> set[str]:
 def test_committed_dashboard_is_current() -> None:
     committed = json.loads(dashboard.DEFAULT_PATH.read_text())
     assert committed == dashboard.dashboard(), (
-        "run `python -m infra.dashboard` to regenerate docs/moe-fleet-dashboard.json"
+        "run `python -m infra.observability.dashboard` to regenerate docs/moe-fleet-dashboard.json"
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.emulator.process import free_port
+from infra.embedded.emulator.process import free_port
 from infra.kube.objects import HOT_TIER_MOUNT, RUNTIME_UID, runtime_config
 from runtime import contract as c
 
@@ -162,7 +162,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def served(image_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`moe-runtime serve` from the image's venv, configured by the rendered devtest ConfigMap."""
-    from infra.config import load_environments
+    from infra.catalog.environments import load_environments
     from tests.infra.kube.inputs import make_input
 
     tiny = tmp_path_factory.mktemp("tiny") / "ckpt"
@@ -227,7 +227,7 @@ def test_image_requirements_install_into_a_fresh_venv(image_venv: Path) -> None:
 
 @pytest.mark.slow
 def test_image_venv_serves_on_the_probe_paths_the_pod_uses(served: str) -> None:
-    from infra.config import load_environments
+    from infra.catalog.environments import load_environments
     from infra.kube.objects import probes
     from tests.infra.kube.inputs import make_input
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import DEFAULT_ENVIRONMENTS_FILE, load_environments
+from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE, load_environments
+from infra.catalog.outputs import OutputsError, representative_outputs
+from infra.catalog.sizes import INSTANCE_TYPES, SIZES
 from infra.ops import cost
 from infra.ops.aws import make_client
-from infra.ops.outputs import OutputsUnavailable, stack_outputs
-from infra.sizes import INSTANCE_TYPES, SIZES
-from infra.terraform import Terraform
+from infra.terraform.outputs import OutputsUnavailable, read_stack_outputs
+from infra.terraform.runner import Terraform
 
 ROOT = Path(__file__).resolve().parents[2]
 MOEFLEET = ROOT / ".venv" / "bin" / "moefleet"
@@ -87,7 +88,7 @@ def test_cost_estimate_adds_up_from_the_sizes_catalog() -> None:
     assert prod.idle_monthly == pytest.approx(
         prod.monthly - sum(x.usd_per_month for x in prod.lines if x.scales_to_zero)
     )
-    assert prod.seed_capex_cny == SIZES[envs["prod"].size].seed_capex_cny == 8_000_000
+    assert prod.source_capex_cny == SIZES[envs["prod"].size].source_capex_cny == 8_000_000
     assert prod.break_even_months == pytest.approx(8_000_000 / cost.CNY_PER_USD / prod.monthly)
     items = {line.item.split(" (")[0] for line in prod.lines}
     assert {
@@ -194,10 +195,18 @@ def test_bucket_comes_from_the_applied_stacks_outputs(
     s3 = make_client("s3", "us-east-1", emulator)
     bucket = f"ops-out-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
-    stack = applied_outputs(models_bucket=bucket, models_prefix="models/")
-    assert stack_outputs(stack) == {"models_bucket": bucket, "models_prefix": "models/"}
+    local = load_environments(DEFAULT_ENVIRONMENTS_FILE)["local"]
+    stack = applied_outputs(**(representative_outputs(local) | {"models_bucket": bucket}))
+    outputs = read_stack_outputs(stack)
+    assert (outputs.models_bucket, outputs.models_prefix) == (bucket, "models/")
     with pytest.raises(OutputsUnavailable, match="no such folder"):
-        stack_outputs(tmp_path / "absent")
+        read_stack_outputs(tmp_path / "absent")
+    partial = applied_outputs(models_bucket=bucket, models_prefix="models/")
+    with pytest.raises(OutputsError, match="cluster_name: missing"):
+        read_stack_outputs(partial)
+    refused = moefleet("weights", "upload", "local", str(checkpoint), "--model", "m", "--revision", "r1",
+                       "--stack-dir", str(partial), endpoint=emulator, check=2)  # fmt: skip
+    assert "no cold-tier bucket for 'local'" in refused.stderr and "cluster_name: missing" in refused.stderr
     up = moefleet("weights", "upload", "local", str(checkpoint), "--model", "m", "--revision", "r1", "--stack-dir",
                   str(stack), endpoint=emulator)  # fmt: skip
     assert f"s3://{bucket}/models/m/r1/" in up.stdout

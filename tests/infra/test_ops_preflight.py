@@ -1,5 +1,5 @@
 """`moefleet preflight` against the emulator: instance offerings per AZ (moto's real offering data), GPU
-vCPU quotas and capacity reservations (infra/emulator/ops_extras.py), the Kubernetes version (not
+vCPU quotas and capacity reservations (infra/embedded/emulator/ops_extras.py), the Kubernetes version (not
 answerable by moto: the row must say so). Each test uses its own environment names and, where it changes
 quotas, its own region, so the shared emulator's state never leaks between tests."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import load_environments
+from infra.catalog.environments import load_environments
 from infra.ops.aws import make_client
 from infra.ops.preflight import Status, gpu_pool_azs, run_preflight
 
@@ -22,7 +22,7 @@ MOEFLEET = ROOT / ".venv" / "bin" / "moefleet"
 
 @pytest.fixture(scope="module")
 def ops_emulator(emulator: str) -> str:
-    """The shared emulator; infra/emulator/ops_extras.py serves the quotas and reservations moto lacks."""
+    """The shared emulator; infra/embedded/emulator/ops_extras.py serves the quotas and reservations moto lacks."""
     return emulator
 
 

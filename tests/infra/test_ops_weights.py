@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.catalog.exit_codes import ExitCode
 from infra.ops import weights as w
 from infra.ops.aws import make_client
 
@@ -136,7 +137,7 @@ def test_verify_detects_a_corrupted_and_a_missing_object(s3, bucket: str, checkp
     assert w.verify(s3, bucket, prefix, deep=False), "a quick check sees only sizes and metadata"
     with pytest.raises(w.VerificationError) as caught:
         w.verify(s3, bucket, prefix)
-    assert caught.value.exit_code == w.EXIT_MISMATCH
+    assert caught.value.exit_code == ExitCode.CHECK_FAILED
     assert len(caught.value.problems) == 1 and "model-00002-of-00002.safetensors" in caught.value.problems[0]
     s3.delete_object(Bucket=bucket, Key=prefix + "config.json")
     with pytest.raises(w.VerificationError) as caught:
@@ -229,7 +230,8 @@ def test_init_container_entry_runs_with_boto3_and_stdlib_only(
     output is plain lines into a pipe."""
     w.upload(s3, bucket, "models/", "init", "r1", checkpoint)
     dest = tmp_path / "init-dest"
-    blocked = ("rich", "pydantic", "cdktf", "constructs", "yaml", "infra.config", "infra.sizes", "infra.terraform")
+    blocked = ("rich", "pydantic", "cdktf", "constructs", "yaml", "infra.catalog.environments", "infra.catalog.sizes")
+    blocked += ("infra.terraform",)
     code = (
         "import runpy, sys\n"
         f"for name in {blocked!r}: sys.modules[name] = None\n"

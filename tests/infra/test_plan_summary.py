@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.cli import EXIT_BAD_INPUT, EXIT_DESTROY, EXIT_OK, main
-from infra.plan_summary import (
+from infra.catalog.exit_codes import ExitCode
+from infra.cli.main import main
+from infra.terraform.plan_summary import (
     MARKDOWN_MARKER,
     STATEFUL_RESOURCE_TYPES,
     is_stateful,
@@ -30,7 +31,7 @@ from infra.plan_summary import (
     render_text,
     summarize,
 )
-from infra.terraform import PROJECT_ROOT, Terraform
+from infra.terraform.runner import PROJECT_ROOT, Terraform
 
 ENV = "plan-a"
 BASE_ENVIRONMENT = f"""
@@ -59,7 +60,7 @@ class Plans:
     in_place: Path
 
 
-#: Speed, through Terraform's own variables (the runner in infra/terraform.py reads the environment): more
+#: Speed, through Terraform's own variables (the runner in infra/terraform/runner.py reads the environment): more
 #: parallel requests to the emulator; no refresh on plan/destroy, since the state was just applied and the
 #: summary must show what the configuration change does, not emulator drift (test_terraform checks that).
 TF_ARGS = {
@@ -113,7 +114,7 @@ def plan_variants(root: Path, emulator: str, base_stack: Path, replace_stack: Pa
         cmd += ["--environments", str(_write_variant("in-place", root)), "--emulator-endpoint", emulator]
         cmd += ["--workdir", str(tf.workdir), "--save-json", str(in_place)]
         run = subprocess.run(cmd, env=tf.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
-        assert run.returncode == EXIT_OK, run.stdout + run.stderr
+        assert run.returncode == ExitCode.OK, run.stdout + run.stderr
         return Plans(replace=replace, in_place=in_place)
     finally:
         shutil.copy(base_stack / "cdk.tf.json", tf.workdir / "cdk.tf.json")
@@ -139,19 +140,19 @@ def test_node_group_replacement_is_flagged(plans: Plans, capsys: pytest.CaptureF
     assert any('"g6e.4xlarge"' in d and '"p5.4xlarge"' in d for d in gpu.details)
     assert summary.counts()["aws_eks_node_group"]["replace"] == 1
 
-    assert main(["plan-summary", str(plans.replace)]) == EXIT_OK
+    assert main(["plan-summary", str(plans.replace)]) == ExitCode.OK
     text = capsys.readouterr().out
     assert f"Environment {ENV}:" in text and "1 to replace" in text
     assert f"!! REPLACE {gpu.address} (forced by instance_types" in text
 
-    assert main(["plan-summary", "--format", "markdown", str(plans.replace)]) == EXIT_OK
+    assert main(["plan-summary", "--format", "markdown", str(plans.replace)]) == ExitCode.OK
     markdown = capsys.readouterr().out
     assert markdown.startswith(MARKDOWN_MARKER + "\n")
     assert "[!CAUTION]" in markdown and f"### `{ENV}`" in markdown and "**1 replace**" in markdown
     assert f"| :warning: **replace** | `{gpu.address}` |" in markdown
     assert "| `aws_eks_node_group` |" in markdown
 
-    assert main(["plan-summary", "--fail-on-destroy", str(plans.replace)]) == EXIT_DESTROY
+    assert main(["plan-summary", "--fail-on-destroy", str(plans.replace)]) == ExitCode.STATEFUL_CHANGE
     assert gpu.address in capsys.readouterr().err
 
 
@@ -164,7 +165,7 @@ def test_in_place_change_passes_the_gate(plans: Plans, capsys: pytest.CaptureFix
     assert gpu.action == "update" and "scaling_config" in gpu.forced_by
     assert summary.totals()["replace"] == summary.totals()["destroy"] == 0
 
-    assert main(["plan-summary", "--fail-on-destroy", "--format", "markdown", str(plans.in_place)]) == EXIT_OK
+    assert main(["plan-summary", "--fail-on-destroy", "--format", "markdown", str(plans.in_place)]) == ExitCode.OK
     markdown = capsys.readouterr().out
     assert "No stateful or disruptive resource is replaced or destroyed." in markdown
     assert "[!CAUTION]" not in markdown and "| `aws_eks_node_group` |  | 1 |  |  |" in markdown
@@ -212,7 +213,7 @@ def test_fsx_replace_and_bucket_destroy_are_flagged(tmp_path: Path, capsys: pyte
     assert "!! DESTROY aws_s3_bucket.cold (removed from the configuration)" in text
     assert "aws_cloudwatch_log_group" not in text
     assert render_markdown([summary]).count(MARKDOWN_MARKER) == 1
-    assert main(["plan-summary", "--fail-on-destroy", str(path)]) == EXIT_DESTROY
+    assert main(["plan-summary", "--fail-on-destroy", str(path)]) == ExitCode.STATEFUL_CHANGE
     assert "Environment prod:" in capsys.readouterr().out
 
 
@@ -244,16 +245,16 @@ def test_bad_plan_json_is_a_clear_error(
 ) -> None:
     path = tmp_path / "plan.json"
     path.write_text(content)
-    assert main(["plan-summary", str(path)]) == EXIT_BAD_INPUT
+    assert main(["plan-summary", str(path)]) == ExitCode.BAD_INPUT
     captured = capsys.readouterr()
     assert message in captured.err and str(path) in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
 
 
 def test_missing_file_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan-summary", str(tmp_path / "nope.json")]) == EXIT_BAD_INPUT
+    assert main(["plan-summary", str(tmp_path / "nope.json")]) == ExitCode.BAD_INPUT
     assert "file not found" in capsys.readouterr().err
-    assert main(["plan-summary"]) == EXIT_BAD_INPUT
+    assert main(["plan-summary"]) == ExitCode.BAD_INPUT
     assert "give plan JSON files or --env" in capsys.readouterr().err
-    assert main(["plan-summary", "--env", "nowhere"]) == EXIT_BAD_INPUT
+    assert main(["plan-summary", "--env", "nowhere"]) == ExitCode.BAD_INPUT
     assert "unknown environment 'nowhere'" in capsys.readouterr().err

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.sizes import (
+from infra.catalog.sizes import (
     INSTANCE_TYPES,
     SIZES,
     SizeName,
@@ -16,7 +16,7 @@ from infra.sizes import (
 def test_default_instance_meets_its_size(size: SizeName) -> None:
     spec = SIZES[size]
     assert check_instance_type(spec, spec.default_instance_type).name == spec.default_instance_type
-    assert spec.rationale and spec.seed_hardware
+    assert spec.rationale and spec.source_hardware
 
 
 def test_seed_tiers_as_requirements() -> None:

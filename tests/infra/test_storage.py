@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.config import load_environments
-from infra.sizes import SIZES, HotTierKind
-from infra.storage import FSX_MODELS_PATH, LUSTRE_PORTS, MODELS_PREFIX
-from infra.workloads import RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT
+from infra.catalog.environments import load_environments
+from infra.catalog.names import MODELS_PREFIX, RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT
+from infra.catalog.sizes import SIZES, HotTierKind
+from infra.constructs.storage import FSX_MODELS_PATH, LUSTRE_PORTS
 from tests.conftest import STANDARD_ENVIRONMENTS
 from tests.infra.helpers import one, resources
 

@@ -6,10 +6,10 @@ import base64
 
 import pytest
 
-from infra.config import load_environments
-from infra.labels import GPU_MODEL_LABEL, GPU_TAINT, NODE_POOL_LABEL, SIZE_LABEL
-from infra.node_pools import IMDS_HOP_LIMIT
-from infra.sizes import SIZES
+from infra.catalog.environments import load_environments
+from infra.catalog.names import GPU_MODEL_LABEL, GPU_TAINT, NODE_POOL_LABEL, SIZE_LABEL
+from infra.catalog.sizes import SIZES
+from infra.constructs.node_pools import IMDS_HOP_LIMIT
 from tests.conftest import STANDARD_ENVIRONMENTS
 from tests.infra.helpers import gpu_node_group, one, resources
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.terraform import Terraform
+from infra.terraform.runner import Terraform
 from tests.infra.lifecycle import LIVE_CHECKS
 
 

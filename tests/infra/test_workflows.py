@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.plan_summary import MARKDOWN_MARKER
+from infra.terraform.plan_summary import MARKDOWN_MARKER
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -58,7 +58,7 @@ def test_no_cloud_keys_only_oidc() -> None:
 
 
 def test_pr_plan_diffs_every_cloud_environment_and_updates_one_comment() -> None:
-    from infra.config import load_environments
+    from infra.catalog.environments import load_environments
 
     flow = load("pr-plan.yml")
     assert "pull_request" in flow["on"]

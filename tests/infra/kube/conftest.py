@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.config import DEFAULT_ENVIRONMENTS_FILE, Environment, load_environments
+from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE, Environment, load_environments
 from infra.kube.objects import RenderInput
 from tests.infra.kube.fake_api import FakeKubeAPI
 from tests.infra.kube.inputs import STANDARD_ENVIRONMENTS, make_input

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from infra.config import Environment
-from infra.kube.objects import DEFAULT_MODELS, ModelRef, RenderInput
-from infra.kube.outputs import StackOutputs, representative_outputs
+from infra.catalog.environments import Environment
+from infra.catalog.outputs import StackOutputs, representative_outputs
+from infra.catalog.sizes import DEFAULT_MODELS, ModelRef
+from infra.kube.objects import RenderInput
 from infra.kube.render import render_input
 
 STANDARD_ENVIRONMENTS = ("local", "dev", "staging", "prod")

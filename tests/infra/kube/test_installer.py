@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.cli import main
+from infra.catalog.outputs import representative_outputs
+from infra.cli.main import main
 from infra.kube.installer import FIELD_MANAGER, Installer, InstallError, object_path
-from infra.kube.outputs import representative_outputs
 from infra.kube.render import render
 from tests.infra.kube.fake_api import FakeKubeAPI
 from tests.infra.kube.inputs import make_input

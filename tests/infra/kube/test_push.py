@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.kube.push import PushError, docker_ready, ecr_credentials, main, registry_host
+from infra.cli.push import main
+from infra.kube.push import PushError, docker_ready, ecr_credentials, registry_host
 
 
 @pytest.mark.moto
@@ -45,7 +46,7 @@ def test_clear_errors_without_docker(tmp_path: Path, monkeypatch):
 
 @pytest.mark.moto
 def test_push_logs_in_tags_and_pushes(emulator: str, tmp_path: Path, monkeypatch, environments):
-    from infra.kube.outputs import representative_outputs
+    from infra.catalog.outputs import representative_outputs
 
     monkeypatch.setenv("PATH", f"{_fake_docker(tmp_path, info_rc=0)}:{os.environ['PATH']}")
     monkeypatch.setattr(

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.cli import main
+from infra.catalog.names import GPU_TAINT
+from infra.catalog.outputs import OutputsError, StackOutputs, representative_outputs
+from infra.cli.main import main
 from infra.kube import objects as o
-from infra.kube.outputs import OutputsError, StackOutputs, representative_outputs
 from infra.kube.render import render, runtime_objects
 from infra.kube.schema import DEFAULT_CRD_DIR, crd_schemas, schema_version, validate_all, validate_object
-from infra.labels import GPU_TAINT
 from runtime import contract as c
 from tests.infra.helpers import gpu_node_group, resources
 from tests.infra.kube.inputs import STANDARD_ENVIRONMENTS
@@ -313,10 +313,18 @@ def test_pods_tolerate_and_select_the_synthesized_gpu_pool(stacks, inputs, env):
 
 @pytest.mark.parametrize("env", STANDARD_ENVIRONMENTS)
 def test_representative_outputs_have_the_stack_output_keys(stacks, environments, env):
-    from infra.storage import FSX_MODELS_PATH, MODELS_PREFIX
+    from infra.catalog.names import MODELS_PREFIX
+    from infra.constructs.storage import FSX_MODELS_PATH
 
     synthesized = stacks[env]["output"]
     assert set(representative_outputs(environments[env])) == set(synthesized)
+    # The stack emits exactly the contract's fields for its hot tier, each with its description.
+    contract = StackOutputs.descriptions()
+    assert set(synthesized) == set(StackOutputs.names_for(environments[env].size_spec.storage.hot_kind))
+    assert {name: body.get("description") for name, body in synthesized.items()} == {
+        name: contract[name] for name in synthesized
+    }
+    assert all(contract.values()), "every contract field has a description"
     assert representative_outputs(environments[env])["models_prefix"] == MODELS_PREFIX
     assert FSX_MODELS_PATH.strip("/") + "/" == MODELS_PREFIX  # the FSx mount mirrors the bucket layout
     clusters = resources(stacks[env], "aws_eks_cluster")

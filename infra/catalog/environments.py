@@ -1,0 +1,314 @@
+"""Environments: `stacks/environments.toml` loaded and validated before anything touches AWS.
+
+Every problem is reported in one error that names the environment, the field, the value and what is
+allowed, so a typo in a pull request fails in `cdktf synth` rather than halfway through an apply.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from infra.catalog import names
+from infra.catalog.names import DEFAULT_ENVIRONMENTS_FILE
+from infra.catalog.sizes import (
+    INSTANCE_TYPES,
+    SIZES,
+    InstanceType,
+    Size,
+    SizeName,
+    SizeRequirementError,
+    allowed_instance_types,
+    check_instance_type,
+)
+from infra.catalog.thresholds import Thresholds
+
+#: EKS versions the stacks are written and tested for (standard support as of 2026-11).
+SUPPORTED_KUBERNETES_VERSIONS = ("1.31", "1.32", "1.33", "1.34")
+_REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+_CAPACITY_RESERVATION = re.compile(r"^cr-[0-9a-f]{8,17}$")
+_TAG_KEY = re.compile(r"^[\w .:/=+\-@]{1,128}$")
+
+
+class ConfigError(ValueError):
+    """environments.toml is invalid; the message lists every problem found."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StateBackend(Strict):
+    """Where terraform keeps this environment's state."""
+
+    kind: Literal["local", "s3"]
+    bucket: str | None = None
+    key: str | None = None
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> StateBackend:
+        if self.kind == "s3" and not (self.bucket and self.key):
+            raise ValueError("backend kind 's3' needs 'bucket' and 'key'")
+        return self
+
+
+class NodeCounts(Strict):
+    """GPU node group scaling. min 0 allows scale-to-zero; desired is what the first apply creates."""
+
+    min: int = Field(0, ge=0, le=64)
+    desired: int | None = Field(None, ge=0, le=64)
+    max: int | None = Field(None, ge=1, le=64)
+
+
+class Overrides(Strict):
+    instance_type: str | None = None
+    gpu_nodes: NodeCounts = NodeCounts()
+    capacity_reservation_id: str | None = None
+    single_nat_gateway: bool | None = None
+
+    @field_validator("capacity_reservation_id")
+    @classmethod
+    def _cr_id(cls, value: str | None) -> str | None:
+        if value is not None and not _CAPACITY_RESERVATION.match(value):
+            raise ValueError("expected an EC2 capacity reservation id like 'cr-0123456789abcdef0'")
+        return value
+
+
+Cidr = Annotated[str, Field(min_length=9)]
+
+
+class Environment(Strict):
+    """One deployment target: which size, where, and how it is reached."""
+
+    name: str
+    size: SizeName
+    region: str
+    azs: list[str] = Field(min_length=2, max_length=4)
+    vpc_cidr: Cidr
+    #: Optional explicit subnets (one per AZ each); derived from vpc_cidr when absent.
+    public_subnets: list[Cidr] | None = None
+    private_subnets: list[Cidr] | None = None
+    kubernetes_version: str
+    api_access_cidrs: list[Cidr] = Field(default_factory=list)
+    public_api_endpoint: bool = False
+    tags: dict[str, str] = Field(default_factory=dict)
+    state: StateBackend
+    overrides: Overrides = Overrides()
+    #: Only for the embedded default: the emulated AWS endpoint (moto server on loopback).
+    aws_endpoint: str | None = None
+    alarm_email: str | None = None
+    #: Per-environment overrides of infra.catalog.thresholds.Thresholds, e.g. { p99_latency_seconds = 0.8 }.
+    alert_thresholds: dict[str, float | str] = Field(default_factory=dict)
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _alert_thresholds(cls, value: dict[str, float | str]) -> dict[str, float | str]:
+        Thresholds().with_overrides(value)  # raises naming the threshold, the value and the allowed names
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not _REGION.match(value):
+            raise ValueError("expected an AWS region like 'us-east-1'")
+        return value
+
+    @field_validator("vpc_cidr")
+    @classmethod
+    def _vpc_cidr(cls, value: str) -> str:
+        net = _network(value)
+        if net.prefixlen > 20 or net.prefixlen < 16:
+            raise ValueError("the VPC needs a /16 to /20 IPv4 range (room for public and private subnets in each AZ)")
+        if not net.is_private:
+            raise ValueError("the VPC range must be private (RFC 1918)")
+        return value
+
+    @field_validator("api_access_cidrs")
+    @classmethod
+    def _api_cidrs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            net = _network(value)
+            if net.prefixlen == 0:
+                raise ValueError("0.0.0.0/0 would open the cluster API to the internet; list the CIDRs that need it")
+        return values
+
+    @field_validator("kubernetes_version")
+    @classmethod
+    def _k8s(cls, value: str) -> str:
+        if value not in SUPPORTED_KUBERNETES_VERSIONS:
+            raise ValueError(f"allowed: {', '.join(SUPPORTED_KUBERNETES_VERSIONS)}")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, values: dict[str, str]) -> dict[str, str]:
+        for key, value in values.items():
+            if not _TAG_KEY.match(key) or key.lower().startswith("aws:") or len(value) > 256:
+                raise ValueError(f"tag {key!r}: keys are 1-128 chars, not starting with 'aws:'; values ≤ 256 chars")
+        return values
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Environment:
+        for az in self.azs:
+            if not az.startswith(self.region) or len(az) != len(self.region) + 1:
+                raise ValueError(f"azs: {az!r} is not an availability zone of region {self.region!r}")
+        if len(set(self.azs)) != len(self.azs):
+            raise ValueError(f"azs: duplicates in {self.azs}")
+        if self.public_api_endpoint and not self.api_access_cidrs:
+            raise ValueError("api_access_cidrs: a public API endpoint needs at least one allowed CIDR")
+        if self.overrides.instance_type:
+            try:
+                check_instance_type(SIZES[self.size], self.overrides.instance_type)
+            except SizeRequirementError as err:
+                allowed = ", ".join(allowed_instance_types(SIZES[self.size]))
+                raise ValueError(f"overrides.instance_type: {err}; allowed for {self.size}: {allowed}") from None
+        counts = self.overrides.gpu_nodes
+        if counts.max is not None and counts.min > counts.max:
+            raise ValueError(f"overrides.gpu_nodes: min {counts.min} > max {counts.max}")
+        if counts.desired is not None and not counts.min <= counts.desired <= (counts.max or 64):
+            raise ValueError(f"overrides.gpu_nodes: desired {counts.desired} outside [min, max]")
+        vpc = _network(self.vpc_cidr)
+        for field_name in ("public_subnets", "private_subnets"):
+            explicit = getattr(self, field_name)
+            if explicit is None:
+                continue
+            if len(explicit) != len(self.azs):
+                raise ValueError(f"{field_name}: {len(explicit)} CIDRs for {len(self.azs)} AZs; give one per AZ")
+            for cidr in explicit:
+                if not _network(cidr).subnet_of(vpc):
+                    raise ValueError(f"{field_name}: {cidr} is not inside vpc_cidr {self.vpc_cidr}")
+        if self.aws_endpoint is not None and not re.match(r"^http://(127\.0\.0\.1|localhost):\d+$", self.aws_endpoint):
+            raise ValueError("aws_endpoint: only an emulator on loopback is allowed, like 'http://127.0.0.1:4566'")
+        return self
+
+    # Derived values: one place computes them, every construct reads them.
+    @property
+    def cluster_name(self) -> str:
+        """The EKS cluster's name; it prefixes every other resource name of the environment."""
+        return names.cluster_name(self.name)
+
+    @property
+    def size_spec(self) -> Size:
+        return SIZES[self.size]
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds().with_overrides(self.alert_thresholds)
+
+    @property
+    def emulated(self) -> bool:
+        return self.aws_endpoint is not None
+
+    @property
+    def gpu_instance_type(self) -> str:
+        return self.overrides.instance_type or self.size_spec.default_instance_type
+
+    @property
+    def gpu_instance_spec(self) -> InstanceType:
+        return INSTANCE_TYPES[self.gpu_instance_type]
+
+    @property
+    def gpu_node_counts(self) -> tuple[int, int, int]:
+        """(min, desired, max) GPU nodes. Desired defaults to 0: GPU nodes cost money from the first minute,
+        the workload scales them up (and the emulator cannot start real instances anyway)."""
+        needed = self.size_spec.gpu_nodes(self.gpu_instance_type)
+        counts = self.overrides.gpu_nodes
+        maximum = counts.max if counts.max is not None else max(needed, 1)
+        desired = counts.desired if counts.desired is not None else counts.min
+        return counts.min, desired, maximum
+
+    @property
+    def single_nat_gateway(self) -> bool:
+        if self.overrides.single_nat_gateway is not None:
+            return self.overrides.single_nat_gateway
+        return self.size != SizeName.LARGE
+
+    def subnets(self) -> tuple[list[str], list[str]]:
+        """(public, private) subnet CIDRs, one of each per AZ. Private subnets are 4× larger: pods get
+        VPC IPs from the CNI and need room; public subnets hold only NAT gateways and load balancers."""
+        vpc = _network(self.vpc_cidr)
+        quarters = list(vpc.subnets(prefixlen_diff=2))  # 4 quarters of the VPC
+        private_pool = list(quarters[0].subnets(prefixlen_diff=1)) + list(quarters[1].subnets(prefixlen_diff=1))
+        public_pool = list(quarters[3].subnets(prefixlen_diff=3))
+        private = self.private_subnets or [str(net) for net in private_pool[: len(self.azs)]]
+        public = self.public_subnets or [str(net) for net in public_pool[: len(self.azs)]]
+        return public, private
+
+
+def _network(value: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(value, strict=True)
+    except ValueError as err:
+        raise ValueError(f"not a valid IPv4 CIDR ({err}); expected e.g. '10.0.0.0/16'") from None
+
+
+def _check_disjoint(envs: dict[str, Environment]) -> list[str]:
+    """Subnets inside one VPC must not overlap (explicit ones by mistake, derived ones never)."""
+    problems = []
+    for env in envs.values():
+        public, private = env.subnets()
+        nets = [ipaddress.IPv4Network(c) for c in public + private]
+        for i, a in enumerate(nets):
+            for b in nets[i + 1 :]:
+                if a.overlaps(b):
+                    problems.append(f"environment {env.name!r}: subnets {a} and {b} overlap")
+    return problems
+
+
+def _format_error(env_name: str, err: ValidationError, raw: dict[str, Any]) -> list[str]:
+    lines = []
+    for item in err.errors():
+        loc = [str(part) for part in item["loc"]]
+        field = ".".join(loc) or "(environment)"
+        value: Any = raw
+        for part in item["loc"]:
+            value = value.get(part) if isinstance(value, dict) else None
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if item["type"] == "enum":
+            msg = f"allowed: {', '.join(s.value for s in SizeName)}"
+        shown = f" = {value!r}" if value is not None and not isinstance(value, dict) else ""
+        lines.append(f"environment {env_name!r}: field '{field}'{shown}: {msg}")
+    return lines
+
+
+def load_environments(path: Path | str = DEFAULT_ENVIRONMENTS_FILE) -> dict[str, Environment]:
+    """Parse and validate every environment; raise one ConfigError listing all problems."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    unknown_top = set(data) - {"environments"}
+    problems = [f"unknown top-level key {key!r} (allowed: 'environments')" for key in sorted(unknown_top)]
+    raw_envs = data.get("environments")
+    if not isinstance(raw_envs, dict) or not raw_envs:
+        problems.append("no [environments.<name>] tables found")
+        raw_envs = {}
+    envs: dict[str, Environment] = {}
+    for name, raw in raw_envs.items():
+        if not re.match(r"^[a-z][a-z0-9-]{1,20}$", name):
+            problems.append(f"environment {name!r}: name must be 2-21 chars of a-z, 0-9, '-', starting with a letter")
+            continue
+        if not isinstance(raw, dict):
+            problems.append(f"environment {name!r}: expected a table")
+            continue
+        try:
+            envs[name] = Environment(name=name, **raw)
+        except ValidationError as err:
+            problems.extend(_format_error(name, err, raw))
+        except TypeError as err:
+            problems.append(f"environment {name!r}: {err}")
+    problems.extend(_check_disjoint(envs))
+    if problems:
+        raise ConfigError(f"{path}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return envs

@@ -1,3 +1,0 @@
-from infra.demo import main
-
-main()
