@@ -5,22 +5,21 @@ Each row adds one change to the row above; all rows are CUDA-graph decode with t
 both decode kernels, as ``benchmarks/model_gpu.py`` measures them:
 
 1. ``tensor staging``: the step's inputs copied into the graph's buffers field by field from device
-   tensors built per step (session 3's benchmark loop);
+   tensors built per step;
 2. ``host staging``: :meth:`CUDAGraphDecoder.run_host`, one pinned copy of host lists (the engine's path);
 3. ``+ router kernel``: a greedy router's softmax, top-k, weights and load counts in one launch
-   (:mod:`runtime.kernels.router`);
-4. ``+ one region per layer``: the whole decode layer as one compiled graph;
+   (:mod:`runtime.kernels.router`, ``ExecutionOptions.kernel_routing``);
+4. ``+ one region per layer``: the whole decode layer as one compiled graph (``ExecutionOptions.decode_region``);
 5. ``+ graph in pieces``: the step captured as ``GRAPH_PIECES`` graphs, so the GPU starts on the first
    while the host launches the rest (rows 1-4 capture one graph);
-6. ``+ q/kv_a in one GEMM``: the two input projections stacked (``fuse_input_projections``; session 4's
-   last change);
+6. ``+ q/kv_a in one GEMM``: the two input projections stacked (``fuse_input_projections``);
 7. ``+ small-linear kernel``: the decode projections (q/kv_a, W_UK, W_UV, o_proj, router) through
    :mod:`runtime.kernels.linear` instead of cuBLAS;
 8. ``+ overlapped loop``: step k+1 launched with step k's tokens fed on the device before the host reads
    them (the engine's ``overlap``; rows 1-7 read each step's tokens before launching the next). The default
    now.
 
-By default the run starts at row 6 (``--first-step 5``); rows 1-6 were measured in session 4 (docs/benchmarks.md).
+By default the run starts at row 6 (``--first-step 5``); docs/benchmarks.md has the earlier rows.
 
 Per row: tokens/s of the full loop (host reads every step's tokens), GPU time of one graph replay, the
 fraction of the HBM roofline, kernels per step (profiler) and the host time of one ``graph.replay()`` call
@@ -34,6 +33,7 @@ number of greedy steps the first and last rows agree on (random weights have nea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -58,9 +58,11 @@ from benchmarks.model_gpu import (
 from runtime import moe as moe_mod
 from runtime.config import ModelConfig
 from runtime.cuda_graph import GRAPH_PIECES
+from runtime.execution import AttentionDecode, ExecutionOptions, MoEImpl
 from runtime.kernels import linear as ln
 from runtime.kv_cache import AttentionMetadata
-from runtime.model import DeepseekForCausalLM, build_model
+from runtime.model import DeepseekForCausalLM
+from runtime.registry import build_model
 
 STEPS = (
     "tensor staging",
@@ -87,17 +89,18 @@ def random_model(config: ModelConfig) -> DeepseekForCausalLM:
     return model
 
 
-def configure(model: DeepseekForCausalLM, step: int) -> None:
+def apply_step(model: DeepseekForCausalLM, step: int) -> None:
+    """The model as row ``step`` runs it (compiled regions on)."""
     ln.SMALL_LINEAR_MAX_TOKENS, moe_mod.ROUTER_MAX_TOKENS = KERNEL_TOKEN_LIMITS if step >= 6 else (0, 0)
-    for _, m in model.moe_layers():
-        m.kernel_routing = step >= 2
     for layer in model.model.layers:
-        layer.decode_region = step >= 3
         attn = layer.self_attn
         if step >= 5 and attn.in_proj_weight is None:
             attn.fuse_input_projections()
         elif step < 5:
             attn.in_proj_weight = None  # the parameters stay views of the old stack: the two-GEMM path
+    # configuring compile marks the (re)stacked projection weights static
+    options = dataclasses.replace(model.options, kernel_routing=step >= 2, decode_region=step >= 3, compile=True)
+    model.configure(options)
 
 
 def use_tuned_linear_configs(path: str) -> None:
@@ -116,7 +119,7 @@ def use_tuned_linear_configs(path: str) -> None:
 
 
 def tensor_staged_decode(bench: OursBench, tokens, tables, start: int, steps: int) -> list:
-    """Session 3's loop: metadata built on the device each step, copied into the graph field by field."""
+    """Row 1's loop: metadata built on the device each step, copied into the graph field by field."""
     return bench.decode_device_inputs(bench.graphs, tokens, tables, start, steps)
 
 
@@ -180,7 +183,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument(
         "--first-step", type=int, default=5,
-        help="row to start from (0: session 3's code; each row compiles the decode layer again, and dynamo "
+        help="row to start from (0: tensor staging; each row compiles the decode layer again, and dynamo "
         "gives up on a function after 8 compiles)",
     )  # fmt: skip
     ap.add_argument("--linear-configs", help="the small-linear kernel's launch configs per shape (linear_gpu --save)")
@@ -200,19 +203,18 @@ def main() -> int:
 
     def prefill(B: int):
         """Uncompiled (identical cache rows in every use; no prefill compile time)."""
-        compiled = model.compile_enabled
-        model.set_compile(False)
+        compiled, options = model.compile_enabled, model.options
+        model.configure(dataclasses.replace(options, compile=False))
         try:
             return bench.prefill(prompts[B])
         finally:
-            model.set_compile(compiled)
+            model.configure(dataclasses.replace(options, compile=compiled))
 
     with torch.inference_mode():
         # Each prefill takes a fresh allocator, so every batch reuses the same blocks: a batch is prefilled
         # again right before each use (same prompts, same rows) and never reads another batch's writes.
         ref_logits = {}  # the first decode step through the general paths (grouped GEMM, gathered attention)
-        model.set_moe_impl("grouped")
-        model.set_attention_decode("gather")
+        model.configure(ExecutionOptions(moe_impl=MoEImpl.GROUPED, attention_decode=AttentionDecode.GATHER))
         for B in args.batches:
             logits, tables = prefill(B)
             meta_pos = PROMPT
@@ -221,14 +223,11 @@ def main() -> int:
                 context_lens=torch.full((B,), PROMPT + 1, device="cuda"), block_tables=tables, slot_mapping=slot
             )
             ref_logits[B] = model(logits.argmax(-1), torch.full((B,), PROMPT, device="cuda"), meta, bench.cache)
-        model.set_moe_impl("auto")
-        model.set_attention_decode("auto")
-        model.set_compile(True)
+        model.configure(ExecutionOptions(compile=True))
         rows, tokens_by_step = [], {}
         first = args.first_step
         for step, what in list(enumerate(STEPS))[first:]:
-            configure(model, step)
-            model.set_compile(True)  # marks the (re)stacked projection weights static
+            apply_step(model, step)
             bench.capture(args.batches, pieces=GRAPH_PIECES if step >= 4 else 1)
             for B in args.batches:
                 logits, tables = prefill(B)

@@ -24,6 +24,7 @@ Failure drill (ranks started by hand, not by torchrun, whose agent would end ran
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -40,13 +41,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.model_gpu as mg  # OursBench: the decode loop of the one-GPU table
-from runtime import model as model_mod
 from runtime.config import ModelConfig
+from runtime.execution import REGIONS, compile_failures
 from runtime.kv_cache import prefill_metadata
-from runtime.model import build_model
 from runtime.parallel.dist import ParallelState, make_groups
 from runtime.parallel.layout import ParallelLayout
 from runtime.parallel.shard import checkpoint_slice
+from runtime.registry import build_model
 
 TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
@@ -116,7 +117,7 @@ def run_config(config, ps, full_shapes, batches, compile_: bool, max_len: int):
     mem = torch.cuda.memory_allocated() / 2**30 if mg.DEV == "cuda" else 0.0
     log(f"  built + filled in {time.perf_counter() - t:.1f} s, {mem:.1f} GiB on GPU")
     if compile_:
-        model.set_compile(True)
+        model.configure(dataclasses.replace(model.options, compile=True))
     bench = mg.OursBench(model, max(batches), max_len=max_len, decode_len=mg.PROMPT + mg.NEW + 8)
     if mg.DEV == "cuda":
         t = time.perf_counter()
@@ -129,7 +130,7 @@ def run_config(config, ps, full_shapes, batches, compile_: bool, max_len: int):
 def free() -> None:
     """Drop what the last configuration left: compiled graphs (they hold its modules), cached memory."""
     gc.collect()
-    model_mod._COMPILED.clear()
+    REGIONS.clear()
     torch._dynamo.reset()
     if mg.DEV == "cuda":
         torch.cuda.empty_cache()
@@ -145,7 +146,7 @@ def serving_check(model, ps: ParallelState, prompts: torch.Tensor, want: list[li
         return {"worker_exit": worker_loop(model, ps)}
     leader = Leader(model, ps)
     cfg = EngineConfig(max_num_seqs=8, kv_blocks=256, max_model_len=512, compile=model.compile_enabled)
-    engine = Engine(leader, None, cfg)
+    engine = Engine(leader, None, cfg, graph_capture=leader.make_graph_decoder)
     seqs = []
     for i, p in enumerate(prompts.tolist()):
         s = Sequence(f"s{i}", p, SamplingParams(max_new_tokens=len(want[0]), ignore_eos=True))
@@ -160,7 +161,7 @@ def serving_check(model, ps: ParallelState, prompts: torch.Tensor, want: list[li
     engine.stop()
     leader.close()
     return {
-        "engine_cuda_graphs": engine.graphs is not None,
+        "engine_cuda_graphs": engine.runner.graphs is not None,
         "engine_greedy_agreement_with_spmd": same,
         "first_tokens_equal": [g[:1] for g in got] == [w[:1] for w in want],
         "engine_s": round(time.perf_counter() - t, 2),
@@ -197,8 +198,9 @@ def failure_drill(config, full_shapes, timeout_s: float, die_after: int, hang: b
     t_dead: list[float] = []
     leader = Leader(model, ps, on_failure=lambda msg: t_dead.append(time.perf_counter()) or log(f"on_failure: {msg}"))
     # compile off: a first compiled call can take longer than this drill's short timeout
-    engine = Engine(leader, None, EngineConfig(max_num_seqs=8, kv_blocks=1024, max_model_len=4096, compile=False))
-    log(f"engine ready (graphs: {engine.graphs is not None}); generating")
+    cfg = EngineConfig(max_num_seqs=8, kv_blocks=1024, max_model_len=4096, compile=False)
+    engine = Engine(leader, None, cfg, graph_capture=leader.make_graph_decoder)
+    log(f"engine ready (graphs: {engine.runner.graphs is not None}); generating")
     seqs = [Sequence(f"s{i}", [1, 2, 3, 4], SamplingParams(max_new_tokens=3000, ignore_eos=True)) for i in range(4)]
     engine.start()
     t0 = time.perf_counter()
@@ -287,8 +289,8 @@ def main() -> int:
                 row["greedy_tokens_equal"] = sum(x == y for x, y in pairs) / len(pairs)
                 log(f"  logits rel err vs one GPU {row['logits_rel_err']:.4f}, greedy {row['greedy_tokens_equal']:.0%}")
             row["tok_s"] = decode_rows(bench, batches)
-            if model_mod._compile_failed:
-                row["compile_failed"] = model_mod._compile_failed[0][:300]
+            if compile_failures():
+                row["compile_failed"] = compile_failures()[0][:300]
             results["rows"][name] = row
             last = spec == args.layouts.split(",")[-1]
             if last:

@@ -19,6 +19,7 @@ import time
 import torch
 
 from runtime.engine import Engine, EngineConfig, Sequence
+from runtime.execution import AttentionDecode, ExecutionOptions, MoEImpl
 from runtime.loader import load_model, load_tokenizer
 from runtime.sampling import SamplingParams
 
@@ -59,17 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--moe-impl", default="auto", help="auto | fused | grouped | loop | gather")
-    p.add_argument("--attention-decode", default="auto", help="auto | paged | gather")
+    p.add_argument("--moe-impl", default="auto", help=" | ".join(m.value for m in MoEImpl))
+    p.add_argument("--attention-decode", default="auto", help=" | ".join(m.value for m in AttentionDecode))
     a = p.parse_args(argv)
+    try:
+        options = ExecutionOptions(MoEImpl.parse(a.moe_impl), AttentionDecode.parse(a.attention_decode))
+    except ValueError as exc:
+        p.error(str(exc))
     path = a.model
     if path is None:
         from runtime.tiny import make_tiny
 
         path = str(make_tiny(tempfile.mkdtemp() + "/tiny", arch="v2", seed=0))
     model = load_model(path, dtype=a.dtype, device=a.device)
-    model.set_moe_impl(a.moe_impl)
-    model.set_attention_decode(a.attention_decode)
+    model.configure(options)
     tok = load_tokenizer(path)
     t0 = time.perf_counter()
     cfg = EngineConfig(max_num_seqs=max(a.batches), compile=not a.no_compile, cuda_graphs=not a.no_cuda_graphs)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     engine.warm_up()
     print(
-        f"device {a.device} dtype {a.dtype} graphs {engine.graphs is not None} moe {a.moe_impl} "
+        f"device {a.device} dtype {a.dtype} graphs {engine.runner.graphs is not None} moe {a.moe_impl} "
         f"attention {a.attention_decode} "
         f"start-up {time.perf_counter() - t0:.1f} s, {engine.allocator.capacity} KV blocks"
     )

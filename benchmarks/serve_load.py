@@ -1,4 +1,4 @@
-"""Closed-loop load test: our continuous-batching server vs the seed's design, same checkpoint, same run.
+"""Closed-loop load test: our continuous-batching server vs the source document's design, same checkpoint, same run.
 
 Both servers are started here as subprocesses on loopback over the same tiny checkpoint
 (``moe-runtime serve`` and :mod:`benchmarks.serve_seed`), then driven in turn by the same closed loop:
@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.emulator.process import free_port
+from infra.embedded.emulator.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,8 +185,8 @@ def designs(model: str, threads: int, max_num_seqs: int) -> dict[str, list[str]]
     py = sys.executable
     ours = [py, "-m", "runtime.cli", "serve", "--model", model, "--host", "127.0.0.1", "--log-level", "warning"]
     ours += ["--threads", str(threads), "--max-num-seqs", str(max_num_seqs), "--max-queue", "1024"]
-    seed = [py, "-m", "benchmarks.serve_seed", "--model", model, "--threads", str(threads)]
-    return {"ours": ours, "seed": seed}
+    source = [py, "-m", "benchmarks.serve_seed", "--model", model, "--threads", str(threads)]
+    return {"ours": ours, "source": source}
 
 
 def run(args: argparse.Namespace) -> list[LevelResult]:
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> list[LevelResult]:
     body = json.dumps({"prompt": prompt, "max_tokens": args.output_len, "temperature": 0, "ignore_eos": True}).encode()
     results = []
     # Both servers run side by side (an idle one costs no CPU) and each level drives ours, then the
-    # seed's, back to back: on a shared machine, background load then drifts little between the two.
+    # source document's, back to back: on a shared machine, background load then drifts little between the two.
     with contextlib.ExitStack() as stack:
         ports = {}
         for name, cmd in designs(model, args.threads, args.max_num_seqs).items():
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> list[LevelResult]:
                 results.append(r)
                 s = r.summary()
                 print(
-                    f"  {name:5s} c={conc:<3d} {s['rps']:8.1f} req/s {s['tok_s']:8.0f} tok/s "
+                    f"  {name:6s} c={conc:<3d} {s['rps']:8.1f} req/s {s['tok_s']:8.0f} tok/s "
                     f"p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms  errors {r.errors}",
                     flush=True,
                 )
@@ -225,12 +225,12 @@ def table(results: list[LevelResult]) -> str:
     by = {(r.design, r.concurrency): r for r in results}
     levels = sorted({r.concurrency for r in results})
     lines = [
-        "| clients | ours req/s | seed req/s | ratio | ours P50 ms | seed P50 ms | ours P99 ms | seed P99 ms "
-        "| ours errors | seed errors |",
+        "| clients | ours req/s | source doc req/s | ratio | ours P50 ms | source doc P50 ms | ours P99 ms "
+        "| source doc P99 ms | ours errors | source doc errors |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in levels:
-        o, s = by.get(("ours", c)), by.get(("seed", c))
+        o, s = by.get(("ours", c)), by.get(("source", c))
         if o is None or s is None:
             continue
         ratio = o.rps / s.rps if s.rps else float("inf")
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in both servers")
     p.add_argument("--max-num-seqs", type=int, default=64, help="our running-batch cap")
-    p.add_argument("--designs", nargs="+", default=["ours", "seed"])
+    p.add_argument(
+        "--designs", nargs="+", default=["ours", "source"], help="ours, source (the source document's design)"
+    )
     p.add_argument("--json", type=Path, help="write the raw results here")
     args = p.parse_args(argv)
     print(

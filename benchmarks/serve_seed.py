@@ -1,6 +1,6 @@
-"""A faithful re-creation of the seed's serving design, as the benchmark's baseline.
+"""A faithful re-creation of the source document's serving design, as the benchmark's baseline.
 
-The seed: an async FastAPI endpoint that hands each request to a 32-thread ``ThreadPoolExecutor``
+The source document's design: an async FastAPI endpoint that hands each request to a 32-thread ``ThreadPoolExecutor``
 which runs the model for that one request. Here each worker thread owns a reference
 :class:`~runtime.generate.Generator` (batch 1, its own KV pool) over the SAME loaded model our server
 uses, so the only difference measured is the serving design: no batching across requests, no
@@ -26,7 +26,7 @@ from runtime.generate import Generator
 from runtime.loader import load_model, load_tokenizer
 from runtime.sampling import SamplingParams
 
-WORKERS = 32  # the seed's executor size
+WORKERS = 32  # the source document's executor size
 
 
 class Req(BaseModel):

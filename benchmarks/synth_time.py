@@ -1,7 +1,8 @@
 """Time and peak memory of synthesizing every environment in one process.
 
 Baseline in the same run: a child process that only imports the provider bindings (the fixed cost every
-synthesis pays, DESIGN.md §2). Each measurement runs in a fresh child so imports are not cached.
+synthesis pays: the binding package loads every submodule eagerly). Each measurement runs in a fresh child
+so imports are not cached.
 Goal: whole synthesis ≤ 20 s on the 2-core CPU box.
 """
 

@@ -124,7 +124,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     layout = ParallelLayout(args.tp, args.ep, args.world_size)
     try:
-        layout.validate(ModelConfig.from_json_file(Path(args.model) / "config.json"))
+        config = ModelConfig.from_json_file(Path(args.model) / "config.json")
+        layout.validate(config)
+        from runtime.registry import architecture  # imports torch
+
+        architecture(config)
     except (LayoutError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -173,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not layout.distributed:
         return serve(settings, args.host, args.port, args.log_level)
     from runtime.parallel.dist import init_distributed
-    from runtime.parallel.lockstep import serve_worker
+    from runtime.server.lifecycle import serve_worker
 
     try:
         parallel = settings.parallel = init_distributed(layout, device, args.dist_timeout)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# the model class a config.json without ``architectures`` means (runtime.registry maps names to classes)
+DEFAULT_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "yarn")
@@ -114,7 +116,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything the runtime needs to build a DeepSeek-V2/V3 model; see DESIGN.md §4."""
+    """Everything the runtime needs to build a DeepSeek-V2/V3 model, read and validated from config.json."""
 
     model_type: str
     vocab_size: int
@@ -149,6 +151,7 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 0
     hidden_act: str = "silu"
+    architectures: tuple[str, ...] = ()  # model class names, as config.json lists them (runtime.registry)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -251,6 +254,10 @@ class ModelConfig:
             if d["topk_method"] == "noaux_tc" and E // n_group < 2:
                 raise ConfigError("n_group", n_group, "groups of at least 2 experts for noaux_tc")
 
+        archs = raw.get("architectures") or [DEFAULT_ARCHITECTURES[model_type]]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError("architectures", archs, "a list of model class names")
+
         eos = raw.get("eos_token_id", d["eos_token_id"])
         eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
@@ -287,6 +294,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id", d["bos_token_id"]),
             eos_token_id=eos_list,
             num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers", 0) or 0),
+            architectures=tuple(archs),
         )
 
 

@@ -3,7 +3,8 @@
 Alert rules, dashboards, Kubernetes objects, the ServiceMonitor and the local demo import the names
 below instead of repeating strings, so a renamed metric or path breaks a test, not a pager. This module
 must stay importable without torch, fastapi or prometheus-client (stdlib only): the infrastructure
-tooling imports it and never installs the runtime's heavy dependencies (DESIGN.md §3).
+tooling imports it and never installs the runtime's heavy dependencies. It imports nothing else from the
+runtime.
 
 Metric names follow vLLM's (``vllm:e2e_request_latency_seconds`` → ``moe_e2e_request_latency_seconds``)
 where vLLM has one, so existing dashboards and habits carry over.
@@ -26,7 +27,7 @@ COMPLETIONS_PATH = "/v1/completions"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 RISK_PATH = "/v1/risk/predict"
-RISK_ALIAS_PATH = "/risk_predict"  # the seed's original path
+RISK_ALIAS_PATH = "/risk_predict"  # the source document's original path
 FEEDBACK_PATH = "/v1/feedback"
 HEALTH_PATH = "/healthz"  # liveness: the process answers
 READY_PATH = "/readyz"  # readiness: model loaded, warmed up, not draining
@@ -47,7 +48,7 @@ ALL_PATHS = (*API_PATHS, HEALTH_PATH, READY_PATH, METRICS_PATH)
 
 # ---- environment variables ----------------------------------------------------------------------
 
-ENV_MODEL_PATH = "MODEL_PATH"  # as in the seed's image: MODEL_PATH=/opt/deepseek/model_weights
+ENV_MODEL_PATH = "MODEL_PATH"  # as in the source document's image: MODEL_PATH=/opt/deepseek/model_weights
 ENV_MODEL_NAME = "MOE_MODEL_NAME"  # name served in /v1/models (default: the folder name)
 ENV_HOST = "MOE_HOST"
 ENV_PORT = "MOE_PORT"

@@ -2,9 +2,9 @@
 
 The decode step has static shapes (``[B]`` token ids / positions / context lengths / slots and a
 ``[B, max_blocks]`` block table) and no host synchronisation, so one graph per batch-size bucket can be
-captured once and replayed: a few microseconds of launch cost instead of ~1,500 kernel launches from
-Python per step. Rows beyond the real batch are padding: token 0 at position 0 writing to the reserved
-scratch block (block 0) and reading one slot of it; their logits are dropped. (They are also counted in
+captured once and replayed: one launch per graph instead of every kernel launched from Python per step.
+Rows beyond the real batch are padding: token 0 at position 0 writing to the reserved scratch block
+(block 0) and reading one slot of it; their logits are dropped. (They are also counted in
 the expert-load statistics, a small bias toward whichever experts token 0 picks.)
 
 The step is captured in a few pieces (``GRAPH_PIECES``): the host launches piece i+1 while the GPU runs
@@ -16,7 +16,7 @@ tensor and a copy per field: host time between two replays is time the GPU idles
 
 A row's input token can also come from the device (``feed``): the token the previous step sampled for that
 sequence, not yet read by the host. The engine launches step k+1 that way before it reads step k's tokens,
-so the GPU never waits for the host's part of a step (see runtime/engine/engine.py).
+so the GPU never waits for the host's part of a step (see runtime/engine/model_runner.py).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from runtime.interfaces import PiecewiseCausalLM
 from runtime.kv_cache import AttentionMetadata, PagedKVCache
-from runtime.model import DeepseekForCausalLM
 
-# A decode step is captured as this many graphs, run back to back. Launching one graph of ~600 kernels takes
-# 0.15-0.35 ms of host time on an H200 host, during which a batch-1 step's GPU would idle; in pieces, the
-# GPU runs the first while the host launches the rest (benchmarks/decode_ablation_gpu.py measures it).
+# A decode step is captured as this many graphs, run back to back. Launching one graph of a whole step's
+# kernels takes host time during which a batch-1 step's GPU would idle; in pieces, the GPU runs the first
+# while the host launches the rest (benchmarks/decode_ablation_gpu.py measures it).
 GRAPH_PIECES = 4
 
 
@@ -51,7 +51,7 @@ class PiecewiseGraph:
 class CUDAGraphDecoder:
     def __init__(
         self,
-        model: DeepseekForCausalLM,
+        model: PiecewiseCausalLM,
         kv_cache: PagedKVCache,
         max_blocks: int,
         batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
@@ -73,7 +73,7 @@ class CUDAGraphDecoder:
         self._host_fields = self._host.numpy()
         self._staged = torch.cuda.Event()  # the last host-to-device copy of _host (reused each step)
         self.graphs: dict[int, tuple[PiecewiseGraph, torch.Tensor]] = {}
-        n_layers = len(model.model.layers)
+        n_layers = model.num_layers
         pieces = min(pieces, max(1, n_layers))  # no empty piece
         bounds = [round(i * n_layers / pieces) for i in range(pieces + 1)]
         pool = None

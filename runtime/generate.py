@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.interfaces import CausalLM
 from runtime.kv_cache import (
     BlockAllocator,
     PagedKVCache,
@@ -20,7 +21,6 @@ from runtime.kv_cache import (
     prefill_metadata,
 )
 from runtime.loader import Tokenizer
-from runtime.model import DeepseekForCausalLM
 from runtime.sampling import SamplingParams, make_generator, sample
 
 
@@ -37,7 +37,7 @@ class Generator:
 
     def __init__(
         self,
-        model: DeepseekForCausalLM,
+        model: CausalLM,
         tokenizer: Tokenizer | None = None,
         max_batch: int = 8,
         max_model_len: int | None = None,

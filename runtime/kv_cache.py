@@ -3,7 +3,7 @@
 MLA caches per token only the normalized latent (``kv_lora_rank``) and the roped shared key
 (``qk_rope_head_dim``) - 576 values for DeepSeek-V2/V3 instead of 2·heads·head_dim. The pool is a single
 tensor ``[num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`` allocated at start-up
-(the seed's "memory pool": no allocation, hence no fragmentation, while serving). Block 0 is reserved as
+(the source document's "memory pool": no allocation, hence no fragmentation, while serving). Block 0 is reserved as
 a scratch block: padded rows of a static-shape decode batch write there and never read anything real.
 
 The engine owns a :class:`BlockAllocator` and one :class:`SequenceBlocks` per request; it builds an

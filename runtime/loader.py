@@ -1,15 +1,15 @@
 """Checkpoint and tokenizer loading from a Hugging Face model folder.
 
 Weights: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, opened with
-``safe_open`` (memory-mapped, zero-copy until the cast/copy into the model's own storage). Everything is
-validated before any tensor is copied: every missing, unexpected and mis-shaped tensor is reported in one
+``safe_open`` (memory-mapped, zero-copy until the cast/copy into the model's own storage). The model class
+and the checkpoint-name → parameter mapping come from :mod:`runtime.registry`. Everything is validated before
+any tensor is copied: every missing, unexpected and mis-shaped tensor is reported in one
 :class:`CheckpointError`, as are missing or truncated shard files.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,10 @@ from typing import Any
 import torch
 
 from runtime.config import ModelConfig
-from runtime.model import DeepseekForCausalLM, build_model
+from runtime.interfaces import PiecewiseCausalLM
+from runtime.parallel.dist import ParallelState
+from runtime.parallel.shard import checkpoint_slice
+from runtime.registry import WeightNames, architecture, build_model
 
 DTYPES = {
     "float32": torch.float32,
@@ -120,18 +123,10 @@ def _data_end(fp: Path) -> int | None:
     return 8 + n + max(ends, default=0)
 
 
-def _ignored(name: str, config: ModelConfig) -> bool:
-    """DeepSeek-V3 checkpoints carry multi-token-prediction layers after the last decoder layer; we do
-    not run them (same as transformers)."""
-    if config.num_nextn_predict_layers <= 0:
-        return False
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= config.num_hidden_layers
-
-
-def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], config: ModelConfig) -> None:
+def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
+    """``expected``: the model's parameter shapes; ``found``: the checkpoint's, under parameter names."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(n for n in set(found) - set(expected) if not _ignored(n, config))
+    unexpected = sorted(set(found) - set(expected))
     misshaped = sorted(
         f"{n}: checkpoint {list(found[n])} vs model {list(expected[n])}"
         for n in set(expected) & set(found)
@@ -145,19 +140,30 @@ def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
 
 
-def _model_shapes(model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    if model.config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
+def _parameters(model: PiecewiseCausalLM, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint fills, by name (a tied LM head is the embedding's)."""
+    params = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    return params
+
+
+def _checkpoint_names(inv: _Inventory, names: WeightNames, config: ModelConfig) -> dict[str, str]:
+    """Parameter name → the checkpoint tensor that fills it (tensors the model does not run are left out)."""
+    out = {}
+    for name in inv.shapes:
+        param = names.parameter(name, config)
+        if param is not None:
+            out[param] = name
+    return out
 
 
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    parallel=None,  # runtime.parallel.dist.ParallelState
-) -> DeepseekForCausalLM:
+    parallel: ParallelState | None = None,
+) -> PiecewiseCausalLM:
     """Build the model for ``path``'s config.json and fill it from the safetensors shards.
 
     With ``parallel``, the rank builds only its shard and reads only that from the memory-mapped files:
@@ -167,25 +173,24 @@ def load_model(
 
     path = Path(path)
     config = load_config(path)
+    arch = architecture(config)
     dtype = parse_dtype(dtype)
     inv = _inventory(path)
     sharded = parallel is not None and parallel.world_size > 1
     full = build_model(config, dtype=dtype, device="meta") if sharded else None
     model = build_model(config, dtype=dtype, device=device, parallel=parallel)
-    check_names(_model_shapes(full or model), inv.shapes, config)
-    params = dict(model.state_dict(keep_vars=True))
-    if config.tie_word_embeddings:
-        params.pop("lm_head.weight", None)
+    source = _checkpoint_names(inv, arch.weight_names, config)
+    expected = {k: tuple(v.shape) for k, v in _parameters(full or model, config).items()}
+    check_names(expected, {param: inv.shapes[name] for param, name in source.items()})
+    params = _parameters(model, config)
     by_file: dict[str, list[str]] = {}
-    for name in params:
-        by_file.setdefault(inv.where[name], []).append(name)
-    if sharded:
-        from runtime.parallel.shard import checkpoint_slice
+    for param in params:
+        by_file.setdefault(inv.where[source[param]], []).append(param)
     with torch.no_grad():
         for f, names in by_file.items():
             with safe_open(str(path / f), framework="pt") as sf:
-                for name in names:
-                    dst = params[name]
+                for param in names:
+                    dst, name = params[param], source[param]
                     idx = checkpoint_slice(inv.shapes[name], tuple(dst.shape), parallel) if sharded else None
                     src = sf.get_tensor(name) if idx is None else sf.get_slice(name)[idx]
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))

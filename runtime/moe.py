@@ -18,19 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.collectives import all_reduce
 from runtime.config import ModelConfig
-from runtime.kernels import triton_usable
+from runtime.execution import MoEImpl, moe_dispatch
 from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
-from runtime.parallel.shard import all_reduce
-
-# Up to this many tokens a step's MoE runs as the two-launch kernel of runtime.kernels.moe_decode: below
-# it, reading each chosen expert once per pair beats sorting the pairs for a grouped GEMM (the crossover
-# was measured by benchmarks/model_gpu.py; docs/benchmarks.md).
-FUSED_MAX_TOKENS = 16
-
-MOE_IMPLS = ("auto", "fused", "grouped", "loop", "gather")  # MoE.impl; see use_grouped
 
 
 class MLP(nn.Module):
@@ -73,7 +66,7 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Gate:
-        return super()._apply(lambda t: _keep_fp32(fn(t)), recurse)
+        return super()._apply(lambda t: keep_fp32(fn(t)), recurse)
 
     def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
         """[T, G] group scores → [T, E] bool mask of experts in the ``topk_group`` best groups."""
@@ -105,7 +98,8 @@ class Gate(nn.Module):
         return ids, normalize_weights(weights, self.routing)
 
 
-def _keep_fp32(t: torch.Tensor) -> torch.Tensor:
+def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+    """For ``_apply`` overrides: floating-point tensors that must stay fp32 whatever the model dtype."""
     return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
@@ -123,16 +117,6 @@ class _ExpertView(nn.Module):
         self.gate_proj = _Proj(w13[:inter])
         self.up_proj = _Proj(w13[inter:])
         self.down_proj = _Proj(w2)
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """``torch._grouped_mm``'s fast CUDA kernel needs bf16 on Hopper (sm90) or newer."""
-    return (
-        hasattr(torch, "_grouped_mm")
-        and device.type == "cuda"
-        and dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(device) >= (9, 0)
-    )
 
 
 class MoE(nn.Module):
@@ -157,11 +141,6 @@ class MoE(nn.Module):
         self.shared_experts = MLP(H, inter * config.n_shared_experts) if config.n_shared_experts > 0 else None
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.register_buffer("expert_range", torch.arange(E), persistent=False)
-        # "auto": the fused decode kernel for few tokens on CUDA, grouped GEMM where supported, else a
-        # loop over active experts (eager) or the gather path (compiled); "fused", "grouped", "loop",
-        # "gather" force one (tests, benchmarks).
-        self.impl = "auto"
-        self.kernel_routing = True  # with the fused kernel, a greedy router runs as one kernel (False: the Gate)
 
     def _tie_expert_views(self) -> None:
         # keyed by global expert id, so a rank holding experts 8..15 still shows ``experts.8.*`` names
@@ -197,13 +176,15 @@ class MoE(nn.Module):
         self.expert_load.zero_()
         self.expert_range.copy_(torch.arange(self.n_experts, device=self.expert_range.device))
 
-    def forward(self, x: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
-        """``grouped``: the dispatch chosen by :meth:`use_grouped` (decided outside compiled code)."""
-        if grouped is None:
-            grouped = self.use_grouped(x)
-        fused = grouped == "fused"
+    def forward(self, x: torch.Tensor, dispatch: MoEImpl | None = None, kernel_routing: bool = True) -> torch.Tensor:
+        """``dispatch``: the step's path for the routed experts (:func:`runtime.execution.moe_dispatch`, decided
+        outside compiled code; None: decide here). ``kernel_routing``: with the fused kernel, a greedy router's
+        choice is one kernel too (:mod:`runtime.kernels.router`); False runs the Gate module."""
+        if dispatch is None:
+            dispatch = moe_dispatch(MoEImpl.AUTO, x)
+        fused = dispatch is MoEImpl.FUSED
         fuse_shared = fused and self._shared_fusable()  # the kernel adds the shared experts itself
-        y = self._fused(x, fuse_shared) if fused else self.routed(x, *self.gate(x), grouped)
+        y = self._fused(x, fuse_shared, kernel_routing) if fused else self.routed(x, *self.gate(x), dispatch)
         if self.shared_experts is None or fuse_shared:
             return all_reduce(y, self.ep_group)
         s = self.shared_experts(x)
@@ -217,12 +198,12 @@ class MoE(nn.Module):
         s = self.shared_experts
         return s is not None and type(s.down_proj) is nn.Linear and (self.ep_group is None or self.shared_partial)
 
-    def _fused(self, x: torch.Tensor, with_shared: bool) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, with_shared: bool, kernel_routing: bool) -> torch.Tensor:
         """Routed experts (and, ``with_shared``, the shared ones) through the decode kernel; no all-reduce.
-        A greedy router's choice is one kernel too (``kernel_routing``: :mod:`runtime.kernels.router`)."""
+        With ``kernel_routing`` a greedy router's choice is one kernel too (:mod:`runtime.kernels.router`)."""
         s = self.shared_experts
         sw = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight) if with_shared else (None, None, None)
-        if self.kernel_routing and self.gate.kernel_routable:
+        if kernel_routing and self.gate.kernel_routable:
             ids, weights = route(self.gate.logits(x), self.expert_load, *self.gate.routing)
         else:
             ids, weights = self.gate(x)
@@ -231,35 +212,14 @@ class MoE(nn.Module):
         y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
         return y.sum(dim=1).to(x.dtype)
 
-    def use_grouped(self, x: torch.Tensor, compiled: bool = False) -> bool | str:
-        """True: grouped GEMM; False: loop over active experts (host sync, eager only); "gather": each
-        (token, expert) pair against its gathered expert weights (static shapes, for compiled code
-        where the grouped GEMM is unsupported; reads k·T expert copies, so only for small T); "fused":
-        :func:`runtime.kernels.moe_decode.moe_decode` (Triton on CUDA, its reference elsewhere)."""
-        if self.impl == "fused":
-            return "fused"
-        if self.impl == "auto" and x.shape[0] <= FUSED_MAX_TOKENS and triton_usable(x):
-            return "fused"
-        if self.impl == "grouped":
-            return True
-        if self.impl == "loop" and not compiled:
-            return False
-        if self.impl == "gather":
-            return "gather"
-        if grouped_mm_supported(x.device, x.dtype):
-            return True
-        return "gather" if compiled else False
-
-    def routed(
-        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grouped: bool | str | None = None
-    ) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dispatch: MoEImpl) -> torch.Tensor:
         """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
-        un-sort and sum each token's k outputs by routing weight. No host sync on the grouped path.
+        un-sort and sum each token's k outputs by routing weight. ``dispatch``: ``GROUPED`` (grouped GEMM,
+        no host sync), ``GATHER`` (each pair against its gathered expert weights) or ``LOOP`` (one GEMM per
+        active expert).
 
         Under EP the sort key is ``(id - expert_offset) mod E``: this rank's experts come first, in order,
         and the pairs routed elsewhere trail behind them, computed by no expert and masked to zero."""
-        if grouped is None:
-            grouped = self.use_grouped(x)
         key = ids if not self.expert_offset else (ids - self.expert_offset) % self.n_experts
         sorted_ids, order = key.reshape(-1).sort(stable=True)
         token_idx = order // self.top_k
@@ -269,12 +229,12 @@ class MoE(nn.Module):
         self.expert_load += counts.roll(self.expert_offset) if self.expert_offset else counts
         offs = offs_all[: self.n_local]
         xs = x.index_select(0, token_idx)
-        if grouped == "gather":
+        if dispatch is MoEImpl.GATHER:
             local = sorted_ids if self.n_local == self.n_experts else sorted_ids.clamp(max=self.n_local - 1)
             h = torch.bmm(self.w13.index_select(0, local), xs[:, :, None]).squeeze(-1)
             g, u = h.split(self.inter, dim=-1)
             out = torch.bmm(self.w2.index_select(0, local), (F.silu(g) * u)[:, :, None]).squeeze(-1)
-        elif grouped:
+        elif dispatch is MoEImpl.GROUPED:
             h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
             g, u = h.split(self.inter, dim=-1)
             out = torch._grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
@@ -291,7 +251,7 @@ class MoE(nn.Module):
         if self.n_local < self.n_experts:  # rows of other ranks' experts hold no (or stale) values
             out = torch.where((sorted_ids < self.n_local)[:, None], out, 0)
         # back to (token, slot) order by the inverse permutation, then a weighted sum over the k slots: a
-        # gather and a reduction, where a scatter-add (index_add_) would serialise on atomics (~8x slower)
+        # gather and a reduction, where a scatter-add (index_add_) would serialise on atomics
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         pairs = out.index_select(0, inverse).view(*ids.shape, -1).float()
         return (pairs * weights.float()[..., None]).sum(dim=1).to(x.dtype)

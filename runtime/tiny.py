@@ -129,7 +129,7 @@ def tiny_config(arch: str = "v2", **overrides: Any) -> dict[str, Any]:
 
 def random_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """fp32 tensors for every checkpoint name, in the model's (checkpoint) order."""
-    from runtime.model import build_model
+    from runtime.registry import build_model
 
     names = {k: v.shape for k, v in build_model(config, device="meta").state_dict().items()}
     g = torch.Generator().manual_seed(seed)

@@ -51,12 +51,13 @@ class Sequence:
     params: SamplingParams
     on_event: Callable[[TokenEvent], None] = field(default=lambda ev: None, repr=False)
     arrival: float = field(default_factory=time.monotonic)
+    warmup: bool = False  # the engine's own start-up sequence: left out of the request metrics
 
     # engine-owned state
     output_ids: list[int] = field(default_factory=list)
     blocks: SequenceBlocks | None = field(default=None, repr=False)
     generator: object | None = field(default=None, repr=False)
-    num_computed: int = 0  # prompt tokens already in the KV cache (chunked prefill progress)
+    num_computed: int = 0  # prompt tokens in the KV cache, or scheduled into it this step (chunked prefill)
     first_token_at: float | None = None
     finish_reason: str | None = None
 

@@ -1,13 +1,13 @@
 """``x @ w.T`` for one token: the decode step's small projections at the pace their bytes allow.
 
-At batch 1 a decode layer multiplies one row by q/kv_a (15 MB), W_UK and W_UV (2 MB each, per head), o_proj
-(8 MB) and the router (0.5 MB fp32). Each GEMV should take its bytes over the HBM bandwidth, 0.1-4 µs; cuBLAS
-took 3.5-7 µs for each (its one-row kernels are tuned for large matrices, and the router's fp32 GEMV is two
-launches). Here one program per row or few rows streams its rows of ``w`` once in long K blocks with one or
-two warps, so each thread keeps many loads in flight, and 512-3,648 programs (the bf16 weights) keep every SM
-reading (benchmarks/linear_gpu.py: 2.8-5.9 µs for these shapes, docs/benchmarks.md). Every token is multiplied by
-the tile in registers, so the weight is read once whatever the batch, but those per-token reductions run on
-the CUDA cores: from 2 tokens cuBLAS's tensor-core GEMV wins on the bf16 weights (see the limits below).
+At batch 1 a decode layer multiplies one row by q/kv_a, W_UK and W_UV (per head), o_proj and the router
+(fp32). Each GEMV should take no longer than its bytes over the HBM bandwidth; cuBLAS's one-row kernels are
+tuned for large matrices, and its fp32 GEMV for the router is two launches. Here one program per row or few
+rows streams its rows of ``w`` once in long K blocks with one or two warps, so each thread keeps many loads
+in flight, and there are enough programs to keep every SM reading (benchmarks/linear_gpu.py measures it;
+results in docs/benchmarks.md). Every token is multiplied by the tile in registers, so the weight is read
+once whatever the batch, but those per-token reductions run on the CUDA cores: from 2 tokens cuBLAS's
+tensor-core GEMV wins on the bf16 weights (see the limits below).
 
 Batched form for the absorbed attention: ``x [G, T, K]``, ``w [G, N, K]`` → ``[G, T, N]`` (G heads), any
 strides, so W_UK (``[nh, dn, r]`` read as ``[nh, r, dn]``, transposed) needs no copy. Accumulation is fp32;
@@ -30,8 +30,8 @@ from runtime.kernels import HAS_TRITON, triton_usable
 SMALL_LINEAR_MAX_TOKENS = 1
 ROUTER_MAX_TOKENS = 16
 
-# The launch rule fitted to benchmarks/linear_gpu.py's sweep on an H200 (the q/kv_a, o_proj, W_UK, W_UV,
-# router and dense-MLP shapes; within 6% of each shape's best config): a program reads at least
+# The launch rule fitted to benchmarks/linear_gpu.py's sweep (the q/kv_a, o_proj, W_UK, W_UV, router and
+# dense-MLP shapes; close to each shape's best config): a program reads at least
 # ROW_BYTES of weight (one row of K ≥ 2048, several of a short K), in K blocks of up to 1,024, one warp per
 # 2,048 tile elements. Long blocks and few warps give each thread many loads in flight, which is what a
 # GEMV needs; one program per row or two gives every SM many programs.

@@ -1,7 +1,7 @@
 """Routed + shared experts for a few tokens in two kernel launches.
 
 At decode a batch of T tokens picks at most T·k experts; the step is bound by reading those experts'
-weights once. The general path (sort the pairs, gather rows, grouped GEMM, scatter-add) costs ~10 launches
+weights once. The general path (sort the pairs, gather rows, grouped GEMM, scatter-add) takes many launches
 per layer and a grouped GEMM tuned for many rows per expert. Here, for small T:
 
 1. ``up``: one program per (pair, block of intermediate rows) reads its expert's gate and up rows straight
@@ -22,10 +22,9 @@ import torch.nn.functional as F
 
 from runtime.kernels import HAS_TRITON, triton_usable
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel; chosen by benchmarks/model_gpu.py's sweep on H200.
-# One warp with long K blocks (many loads in flight per thread) won once the sweep covered 1-2 warps and
-# 1,024-wide blocks (session 5): down 471 → 358 µs per batch-1 step; up ties with its old (16, 128, 8, 3)
-# in one run and wins in the other, which the benchmark table used.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel; chosen by benchmarks/model_gpu.py's sweep (results in
+# docs/benchmarks.md). Few warps with long K blocks keep many loads in flight per thread, which is what
+# reading each expert's weights once at the bandwidth's pace needs.
 UP_CONFIG = (4, 256, 1, 3)
 DOWN_CONFIG = (4, 512, 1, 3)
 

@@ -2,14 +2,14 @@
 launch per layer.
 
 Given the fp32 logits ``[T, E]``, the general path spends a launch each on the scores, ``topk``, the weight
-normalisation and the expert-load count: at batch 1 that is ~5 kernels of 1-5 µs per MoE layer for 64
+normalisation and the expert-load count: at batch 1, several launches per MoE layer for a few dozen
 numbers. Here one program per token picks its k experts (k rounds of max, ties to the lower id), writes
 ids and weights, and adds its picks to the load counts (integer atomics: exact, order-free). Routers with
 expert groups or a correction bias (DeepSeek-V2's ``group_limited_greedy``, V3's ``noaux_tc``) stay on the
 general path.
 
-(Routing inside the MoE kernels themselves was measured too: every one of their ~600-5,000 programs then
-repeats the selection, which saved 0.18 ms per step at batch 1 but cost 0.9 ms at batch 8.)
+(Routing is not folded into the MoE kernels themselves: every one of their thousands of programs would then
+repeat the selection, which pays at batch 1 and costs more than it saves from a few tokens on.)
 """
 
 from __future__ import annotations

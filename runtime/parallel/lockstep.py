@@ -2,7 +2,7 @@
 
 The leader runs the HTTP server and the engine unchanged, except that its model is a :class:`Leader`:
 each forward first broadcasts a small header (what to run: a forward, a KV-pool allocation, a CUDA-graph
-capture, a setting) on the gloo control group, then the step's int64 inputs (token ids, positions,
+capture, the execution options) on the gloo control group, then the step's int64 inputs (token ids, positions,
 context lengths, slot mapping, block tables, logits rows) as one packed tensor on the compute group,
 then runs its own shard. The other ranks sit in :func:`worker_loop`, receive the same header and inputs
 and run the same call on their shard, so the collectives inside the model line up. Only the leader
@@ -30,6 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from runtime.cuda_graph import CUDAGraphDecoder
+from runtime.execution import ExecutionOptions
+from runtime.interfaces import PiecewiseCausalLM
 from runtime.kv_cache import AttentionMetadata, PagedKVCache, decode_metadata
 from runtime.parallel.dist import ParallelState
 
@@ -38,8 +41,6 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 1800.0  # loading a 671 GB checkpoint on 16 ranks takes minutes, not seconds
 CAPTURE_FACTOR = 10  # compiling + capturing CUDA graphs may take this many collective timeouts
 _FIELDS = ("input_ids", "positions", "context_lens", "slot_mapping", "block_tables", "logits_indices")
-# model settings every rank must share
-_SETTINGS = ("set_compile", "set_moe_impl", "set_absorb", "set_attention_decode")
 
 
 class RankLostError(RuntimeError):
@@ -132,9 +133,11 @@ def startup_barrier(ps: ParallelState) -> None:
 
 
 class Leader:
-    """Rank 0's stand-in for the model (same call signature and attributes the engine uses)."""
+    """Rank 0's stand-in for the model: a :class:`runtime.interfaces.CausalLM` for the whole replica."""
 
-    def __init__(self, model, ps: ParallelState, on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, model: PiecewiseCausalLM, ps: ParallelState, on_failure: Callable[[str], None] | None = None
+    ) -> None:
         self.model, self.ps = model, ps
         self.on_failure = on_failure
         self.failed: str | None = None
@@ -146,15 +149,23 @@ class Leader:
         self.heartbeat_s = max(0.5, min(10.0, ps.timeout_s / 4))
         threading.Thread(target=self._heartbeat, name="moe-heartbeat", daemon=True).start()
 
-    # attributes the engine and the service read
+    # what the engine and the service read; the expert-load statistics are complete on every rank
     config = property(lambda self: self.model.config)
     device = property(lambda self: self.model.device)
     dtype = property(lambda self: self.model.dtype)
+    options = property(lambda self: self.model.options)
 
-    def __getattr__(self, name: str):
-        if name in _SETTINGS:
-            return lambda *args: self._call(name, *args)
-        return getattr(self.model, name)  # statistics (expert load) are complete on every rank
+    def moe_layers(self) -> list[tuple[int, torch.nn.Module]]:
+        return self.model.moe_layers()
+
+    def expert_load(self) -> dict[int, torch.Tensor]:
+        return self.model.expert_load()
+
+    def expert_load_imbalance(self) -> dict[int, float]:
+        return self.model.expert_load_imbalance()
+
+    def reset_expert_load(self) -> None:
+        self.model.reset_expert_load()
 
     # ---- sending ----------------------------------------------------------------------------
     def _send(self, header: tuple, flat: torch.Tensor | None = None) -> None:
@@ -221,15 +232,15 @@ class Leader:
             self._send(("forward", spec, kv_cache is not None), flat)
             return self.model(input_ids, positions, attn_metadata, kv_cache, logits_indices)
 
-    def _call(self, name: str, *args) -> Any:
-        with self._op(name):
-            self._send(("call", name, args))
-            return getattr(self.model, name)(*args)
+    def configure(self, options: ExecutionOptions) -> None:
+        """Every rank runs with the same options (the collectives inside the model must line up)."""
+        with self._op("configure"):
+            self._send(("configure", options))
+            self.model.configure(options)
 
     def make_graph_decoder(self, kv_cache: PagedKVCache, max_blocks: int, batch_sizes):
-        """CUDA graphs captured on every rank at once (the NCCL collectives are part of each graph)."""
-        from runtime.cuda_graph import CUDAGraphDecoder
-
+        """CUDA graphs captured on every rank at once (the NCCL collectives are part of each graph); the engine
+        takes this as its ``graph_capture``."""
         with self._op("CUDA-graph capture", factor=CAPTURE_FACTOR):
             self._ensure_cache(kv_cache)
             self._send(("graphs", max_blocks, list(batch_sizes)))
@@ -246,7 +257,10 @@ class Leader:
 
 
 class _LeaderGraphs:
-    def __init__(self, leader: Leader, graphs) -> None:
+    """The leader's :class:`~runtime.interfaces.GraphDecoder`: each replay first sends the step's inputs to the
+    other ranks, which replay their own graphs; host inputs only (no device-fed tokens)."""
+
+    def __init__(self, leader: Leader, graphs: CUDAGraphDecoder) -> None:
         self.leader, self.graphs = leader, graphs
         self.batch_sizes = graphs.batch_sizes
         self.bucket = graphs.bucket
@@ -267,10 +281,8 @@ class _LeaderGraphs:
 # ---- the other ranks ---------------------------------------------------------------------------------
 
 
-def worker_loop(model, ps: ParallelState) -> int:
+def worker_loop(model: PiecewiseCausalLM, ps: ParallelState) -> int:
     """Run the leader's calls until it says stop (0) or is lost (1)."""
-    from runtime.cuda_graph import CUDAGraphDecoder
-
     watchdog = Watchdog(_hard_exit)
     cache, graphs, dev = None, None, model.device
     limit = ps.timeout_s * 1.5
@@ -290,8 +302,8 @@ def worker_loop(model, ps: ParallelState) -> int:
                     if op == "cache":
                         cache = None  # free the old pool first
                         cache = PagedKVCache(model.config, header[1], header[2], dtype=model.dtype, device=dev)
-                    elif op == "call":
-                        getattr(model, header[1])(*header[2])
+                    elif op == "configure":
+                        model.configure(header[1])
                     elif op == "graphs":
                         graphs = CUDAGraphDecoder(model, cache, header[1], header[2])
                     elif op in ("forward", "graph_forward"):
@@ -310,18 +322,3 @@ def worker_loop(model, ps: ParallelState) -> int:
                     "rank %d: lost the leader or failed a step (%s: %s); exiting", ps.rank, type(exc).__name__, exc
                 )
                 return 1
-
-
-def serve_worker(settings, ps: ParallelState) -> int:
-    """A non-leader rank of ``moe-runtime serve``: load this rank's shard, then follow the leader. SIGTERM
-    is only logged: the leader drains its requests (which needs every rank) and then sends stop."""
-    import signal
-
-    from runtime.loader import load_model
-
-    signal.signal(signal.SIGTERM, lambda *_: log.info("rank %d: SIGTERM; waiting for the leader's stop", ps.rank))
-    t0 = time.perf_counter()
-    model = load_model(settings.model_path, dtype=settings.dtype, device=settings.device, parallel=ps)
-    log.info("rank %d: shard loaded in %.1f s; waiting for the other ranks", ps.rank, time.perf_counter() - t0)
-    startup_barrier(ps)
-    return worker_loop(model, ps)

@@ -17,18 +17,12 @@ loader which part of the on-disk tensor a rank reads.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.collectives import all_reduce
+from runtime.moe import MoE
 from runtime.parallel.dist import ParallelState
-
-
-def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over ``group`` (identity when None)."""
-    if group is not None:
-        dist.all_reduce(x, group=group)
-    return x
 
 
 class RowParallelLinear(nn.Linear):
@@ -72,8 +66,6 @@ def _shard_mlp(mlp: nn.Module, n: int, group) -> None:
 
 def shard_model(model: nn.Module, ps: ParallelState) -> nn.Module:
     """In place, on the meta device (before ``to_empty``): the layout's shard of every layer."""
-    from runtime.moe import MoE
-
     tp = ps.tp
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI routes, the seed's risk case, feedback, probes and /metrics."""
+"""The FastAPI application: OpenAI routes, the risk score and its feedback, probes and /metrics."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from runtime import contract as c
-from runtime import risk
 from runtime.metrics import CONTENT_TYPE_LATEST
-from runtime.server import errors
+from runtime.server import errors, risk
 from runtime.server.errors import APIError
 from runtime.server.openai_api import engine_refusals, ready_state, router
 from runtime.server.schemas import (
@@ -43,7 +42,7 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
     app = FastAPI(
         title="MoE Fleet runtime",
         version="0.1.0",
-        description="OpenAI-compatible MoE inference with continuous batching, and the risk-score case.",
+        description="OpenAI-compatible MoE inference with continuous batching, and a risk score built on it.",
         lifespan=lifespan,
     )
     app.state.service = state
@@ -108,7 +107,7 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
             path,
             response_model=RiskResponse,
             responses=RISK_ERRORS,
-            summary="Risk score and factors (the seed's /risk_predict)",
+            summary="Risk score and factors (the source document's /risk_predict)",
         )(risk_predict)
 
     @app.post(

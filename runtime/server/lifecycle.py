@@ -3,7 +3,8 @@
 SIGTERM (Kubernetes' pod stop) does not stop uvicorn at once: admission closes, so new API requests get
 503 and ``/readyz`` drops while the listener stays open; in-flight requests run to completion; when
 none is left (or the grace period ends, then the rest are aborted) uvicorn shuts down and the process
-exits 0. A second SIGTERM/SIGINT exits at once.
+exits 0. A second SIGTERM/SIGINT exits at once. The other ranks of a multi-GPU replica run
+:func:`serve_worker` instead: no HTTP, they follow the leader (runtime.parallel.lockstep).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger("runtime.server")
 
 
 class ShmError(RuntimeError):
-    """/dev/shm cannot carry multi-process (NCCL) traffic: the seed's "model load fails" symptom."""
+    """/dev/shm cannot carry multi-process (NCCL) traffic: the source document's "model load fails" symptom."""
 
 
 def check_shm(path: str | Path = c.SHM_PATH, min_bytes: int = c.DEFAULT_SHM_MIN_BYTES) -> int:
@@ -115,3 +116,17 @@ def serve(settings, host: str, port: int, log_level: str = "info") -> int:
         log.error("exiting: %s", state.fatal)
         return 1
     return 0
+
+
+def serve_worker(settings, ps) -> int:  # ps: runtime.parallel.dist.ParallelState
+    """A non-leader rank of ``moe-runtime serve``: load this rank's shard, then follow the leader. SIGTERM
+    is only logged: the leader drains its requests (which needs every rank) and then sends stop."""
+    from runtime.loader import load_model
+    from runtime.parallel.lockstep import startup_barrier, worker_loop
+
+    signal.signal(signal.SIGTERM, lambda *_: log.info("rank %d: SIGTERM; waiting for the leader's stop", ps.rank))
+    t0 = time.perf_counter()
+    model = load_model(settings.model_path, dtype=settings.dtype, device=settings.device, parallel=ps)
+    log.info("rank %d: shard loaded in %.1f s; waiting for the other ranks", ps.rank, time.perf_counter() - t0)
+    startup_barrier(ps)
+    return worker_loop(model, ps)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.metrics import ServiceMetrics
-from runtime.risk import FeedbackTracker
+from runtime.server.risk import FeedbackTracker
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ServiceState:
 
             from runtime.engine import Engine
             from runtime.loader import load_model, load_tokenizer
-            from runtime.risk import label_token_ids
+            from runtime.server.risk import label_token_ids
 
             s = self.settings
             t0 = time.perf_counter()
@@ -116,7 +116,9 @@ class ServiceState:
                 model = self.leader = Leader(model, s.parallel, on_failure=self.fail)
             tok = load_tokenizer(s.model_path)
             cfg = s.engine_config()
-            engine = Engine(model, tok, cfg, metrics=self.metrics)
+            # a leader's graphs are captured on every rank at once, and replayed from host inputs only
+            capture = self.leader.make_graph_decoder if self.leader is not None else None
+            engine = Engine(model, tok, cfg, metrics=self.metrics, graph_capture=capture)
             self.label_ids = label_token_ids(tok)
             engine.start()
             if s.warmup:
@@ -124,8 +126,8 @@ class ServiceState:
             engine.emit = self._emit  # from now on, events go to the asyncio loop
             self.engine, self.tokenizer = engine, tok
             # Everything allocated so far (torch, the model, the app) lives for the whole process:
-            # freezing it keeps the cyclic GC from rescanning it, which otherwise shows as 10-100 ms
-            # pauses in the latency tail.
+            # freezing it keeps the cyclic GC from rescanning it, which otherwise shows as pauses in the
+            # latency tail.
             gc.collect()
             gc.freeze()
             self.ready = not self.draining

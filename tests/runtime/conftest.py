@@ -8,7 +8,8 @@ import pytest
 
 from runtime.tiny import make_tiny
 
-# name → (arch, seed, config overrides). One parity config per routing variant the issue names.
+# name → (arch, seed, config overrides). One parity config per DeepSeek routing variant (greedy,
+# group_limited_greedy, noaux_tc).
 CHECKPOINTS = {
     "v2_greedy": ("v2", 1, {}),
     "v2_group": (

@@ -1,4 +1,4 @@
-"""The torch.compile'd layer regions (``set_compile``) compute the same function as eager, on CPU (fp32,
+"""The torch.compile'd layer regions (``ExecutionOptions.compile``) compute the same function as eager, on CPU (fp32,
 inductor's C++ backend): packed prefill, a batched decode step and a batch-1 decode step (its own
 specialised graph), with one compiled graph shared by all layers."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import model as model_mod
+from runtime.execution import ExecutionOptions, MoEImpl, compile_failures
 from runtime.kv_cache import prefill_metadata
 from runtime.loader import load_model
 from tests.runtime.decoding import prefill_then_decode, rel
@@ -23,12 +23,12 @@ def test_compiled_equals_eager(ckpts: dict[str, Path], name: str) -> None:
     ours = load_model(ckpts[name])
     for lens in ([20, 18, 17], [9]):  # batch 3 (dynamic graph) and batch 1 (specialised graph)
         ref = prefill_then_decode(ours, lens, steps=2)
-        ours.set_compile(True)
+        ours.configure(ExecutionOptions(compile=True))
         try:
             got = prefill_then_decode(ours, lens, steps=2)
         finally:
-            ours.set_compile(False)
-        assert not model_mod._compile_failed, model_mod._compile_failed
+            ours.configure(ExecutionOptions())
+        assert not compile_failures(), compile_failures()
         for a, b in zip(ref, got, strict=True):
             assert rel(b, a) < 1e-5
     assert not ours.compile_enabled
@@ -40,11 +40,11 @@ def test_gather_dispatch_equals_loop(ckpts: dict[str, Path]) -> None:
     ids = torch.arange(5, 40)
     meta = prefill_metadata([len(ids)], [len(ids)], None, None)
     with torch.inference_mode():
-        ours.set_moe_impl("loop")
+        ours.configure(ExecutionOptions(moe_impl=MoEImpl.LOOP))
         a = ours(ids, torch.arange(len(ids)), meta)
-        ours.set_moe_impl("gather")
+        ours.configure(ExecutionOptions(moe_impl=MoEImpl.GATHER))
         b = ours(ids, torch.arange(len(ids)), meta)
-    ours.set_moe_impl("auto")
+    ours.configure(ExecutionOptions())
     assert rel(b, a) < 1e-5
 
 
@@ -65,7 +65,7 @@ def test_forward_in_pieces_equals_forward(ckpts: dict[str, Path]) -> None:
     with torch.inference_mode():
         whole = ours(ids, torch.arange(len(ids)), meta)
         step = ours.begin(ids, torch.arange(len(ids)), meta, None)
-        n = len(ours.model.layers)
+        n = ours.num_layers
         for start, end in ((0, 1), (1, 1), (1, n)):
             ours.run_layers(step, start, end)
         pieces = ours.finish(step)

@@ -11,6 +11,7 @@ On the GPU the same comparisons run in benchmarks/model_gpu.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import model as model_mod
+from runtime.execution import AttentionDecode, ExecutionOptions, MoEImpl, compile_failures
 from runtime.kernels.mla_decode import num_splits
 from runtime.loader import load_model
 from tests.runtime.decoding import prefill_then_decode, rel
@@ -158,6 +159,10 @@ def test_split_choice() -> None:
     assert n * rows >= 32768 and rows % 32 == 0 and n <= 264
 
 
+# each kernel's dispatch forced (their PyTorch references off the GPU)
+KERNELS = ExecutionOptions(moe_impl=MoEImpl.FUSED, attention_decode=AttentionDecode.PAGED)
+
+
 def _run(ours, lens: list[int], steps: int) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Decode-step logits and greedy tokens; small pages, so contexts span several blocks."""
     outs = prefill_then_decode(ours, lens, steps, block_size=4, num_blocks=24, max_blocks=8)[1:]
@@ -168,18 +173,15 @@ def _run(ours, lens: list[int], steps: int) -> tuple[list[torch.Tensor], list[li
 def test_fused_moe_and_paged_attention_equal_general_paths(ckpts: dict[str, Path], name: str) -> None:
     ours = load_model(ckpts[name])
     lens = [13, 6, 9]
-    ours.set_moe_impl("loop")
-    ours.set_attention_decode("gather")
+    ours.configure(ExecutionOptions(moe_impl=MoEImpl.LOOP, attention_decode=AttentionDecode.GATHER))
     ref, ref_tok = _run(ours, lens, steps=4)
     ours.reset_expert_load()
-    ours.set_moe_impl("fused")
-    ours.set_attention_decode("paged")
+    ours.configure(KERNELS)
     try:
         got, got_tok = _run(ours, lens, steps=4)
         loads = ours.expert_load()
     finally:
-        ours.set_moe_impl("auto")
-        ours.set_attention_decode("auto")
+        ours.configure(ExecutionOptions())
     assert got_tok == ref_tok
     for a, b in zip(ref, got, strict=True):
         assert rel(b, a) < 1e-5
@@ -192,20 +194,17 @@ def test_fused_moe_and_paged_attention_equal_general_paths(ckpts: dict[str, Path
 @pytest.mark.parametrize("name", ["v2_group", "v2_greedy"])  # the Gate's routing / the router op (in place)
 def test_kernels_trace_through_torch_compile(ckpts: dict[str, Path], name: str) -> None:
     ours = load_model(ckpts[name])
-    ours.set_moe_impl("fused")
-    ours.set_attention_decode("paged")
+    ours.configure(KERNELS)
     try:
         ref, _ = _run(ours, [7, 5], steps=2)
         ref_load = {i: c.clone() for i, c in ours.expert_load().items()}
         ours.reset_expert_load()
-        ours.set_compile(True)
+        ours.configure(dataclasses.replace(KERNELS, compile=True))
         got, _ = _run(ours, [7, 5], steps=2)
         got_load = ours.expert_load()
     finally:
-        ours.set_compile(False)
-        ours.set_moe_impl("auto")
-        ours.set_attention_decode("auto")
-    assert not model_mod._compile_failed, model_mod._compile_failed
+        ours.configure(ExecutionOptions())
+    assert not compile_failures(), compile_failures()
     for a, b in zip(ref, got, strict=True):
         assert rel(b, a) < 1e-5
     for i, counts in ref_load.items():  # the router op's in-place count survives compilation
@@ -224,29 +223,27 @@ def test_compiled_decode_writes_the_cache_in_place(ckpts: dict[str, Path]) -> No
     from runtime.kv_cache import PagedKVCache, decode_metadata
 
     ours = load_model(ckpts["v2_greedy"])
-    ours.set_moe_impl("fused")
-    ours.set_attention_decode("paged")
     cache = PagedKVCache(ours.config, 16, 16)
     meta = decode_metadata([3, 9], [[1], [2]], [18, 40], max_blocks=2)
     torch._dynamo.reset()  # compile here, whatever earlier tests compiled
-    ours.set_compile(True)
+    ours.configure(dataclasses.replace(KERNELS, compile=True))
     try:
         with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
             _, codes = run_and_get_code(ours, torch.tensor([5, 6]), meta.context_lens - 1, meta, cache)
     finally:
-        ours.set_compile(False)
-        ours.set_moe_impl("auto")
-        ours.set_attention_decode("auto")
-    assert not model_mod._compile_failed, model_mod._compile_failed
+        ours.configure(ExecutionOptions())
+    assert not compile_failures(), compile_failures()
     layers = [c for c in codes if "moefleet.mla_decode" in c]
     assert len(layers) == 2, len(codes)  # the dense first layer and the MoE layers' shared graph
     for code in layers:
         assert "moefleet.write_cache" in code and "index_copy" not in code and "auto_functionalized" not in code
 
 
-def test_bad_settings_are_named(ckpts: dict[str, Path]) -> None:
-    ours = load_model(ckpts["v2_greedy"])
+def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="attention decode 'flash'; allowed: auto, paged, gather"):
-        ours.set_attention_decode("flash")
+        AttentionDecode.parse("flash")
     with pytest.raises(ValueError, match="moe impl 'cutlass'; allowed: auto, fused"):
-        ours.set_moe_impl("cutlass")
+        MoEImpl.parse("cutlass")
+    assert MoEImpl.parse("loop") is MoEImpl.LOOP and AttentionDecode.parse("paged") is AttentionDecode.PAGED
+    with pytest.raises(TypeError, match="moe_impl must be a MoEImpl"):
+        ExecutionOptions(moe_impl="loop")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from runtime.cli import main
 from runtime.config import ConfigError
 from runtime.loader import CheckpointError, load_model
 
@@ -128,6 +129,20 @@ def test_unknown_model_type(ckpt: Path) -> None:
     assert str(exc.value) == (
         "config field 'model_type' has unsupported value 'llama'; allowed: deepseek_v2, deepseek_v3"
     )
+
+
+def test_unknown_architecture_lists_the_registered_ones(ckpt: Path, capsys) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as exc:
+        load_model(ckpt)
+    assert str(exc.value) == (
+        "config field 'architectures' has unsupported value ['LlamaForCausalLM']; "
+        "allowed: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM"
+    )
+    assert main(["serve", "--model", str(ckpt)]) == 2  # refused before anything loads
+    assert "'architectures' has unsupported value" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra.emulator.process import free_port
+from infra.embedded.emulator.process import free_port
 from runtime.config import ModelConfig
 from runtime.parallel.layout import LayoutError, ParallelLayout
 
@@ -60,8 +60,9 @@ def spmd_main(ckpts: dict[str, str], layouts: list[tuple[int, int]], out_dir: st
         for name, ckpt in ckpts.items():
             model = load_model(ckpt, parallel=ps)
             if os.environ.get(KERNELS_ENV):  # the decode kernels' dispatch (their references on CPU)
-                model.set_moe_impl("fused")
-                model.set_attention_decode("paged")
+                from runtime.execution import AttentionDecode, ExecutionOptions, MoEImpl
+
+                model.configure(ExecutionOptions(moe_impl=MoEImpl.FUSED, attention_decode=AttentionDecode.PAGED))
             res = compute(model)
             if rank == 0:
                 torch.save(res, Path(out_dir) / f"{name}_tp{tp}_ep{ep}.pt")

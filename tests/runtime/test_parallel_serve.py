@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from infra.emulator.process import free_port
+from infra.embedded.emulator.process import free_port
 from runtime import contract as c
 
 REPO = Path(__file__).resolve().parents[2]

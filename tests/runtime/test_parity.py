@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.execution import ExecutionOptions, MoEImpl
 from runtime.generate import Generator
 from runtime.kv_cache import BlockAllocator, PagedKVCache, SequenceBlocks, decode_metadata, prefill_metadata
 from runtime.loader import Tokenizer, load_model
@@ -54,7 +55,7 @@ def test_configs_exercise_the_variants(models) -> None:
 @pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "expanded"])
 def test_prefill_and_decode_logits(models, name: str, absorb: bool) -> None:
     hf, ours, tok = models[name]
-    ours.set_absorb(absorb)
+    ours.configure(ExecutionOptions(absorb=absorb))
     ids = tok.encode(PROMPT)
     n = len(ids)
     cache = PagedKVCache(ours.config, num_blocks=32, block_size=4)
@@ -78,7 +79,7 @@ def test_prefill_and_decode_logits(models, name: str, absorb: bool) -> None:
             err = rel(out, ref.logits[0])
             assert err < TOL, f"decode step {step}: rel err {err}"
             token = int(out[0].argmax())
-    ours.set_absorb(True)
+    ours.configure(ExecutionOptions())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -146,11 +147,11 @@ def test_grouped_mm_dispatch_equals_loop(models) -> None:
     ids = tok.encode(PROMPT + " " + PROMPT)
     meta = prefill_metadata([len(ids)], [len(ids)], None, None)
     with torch.inference_mode():
-        ours.set_moe_impl("loop")
+        ours.configure(ExecutionOptions(moe_impl=MoEImpl.LOOP))
         a = ours(torch.tensor(ids), torch.arange(len(ids)), meta)
-        ours.set_moe_impl("grouped")
+        ours.configure(ExecutionOptions(moe_impl=MoEImpl.GROUPED))
         b = ours(torch.tensor(ids), torch.arange(len(ids)), meta)
-    ours.set_moe_impl("auto")
+    ours.configure(ExecutionOptions())
     assert rel(b, a) < 1e-5
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.emulator.process import free_port
+from infra.embedded.emulator.process import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -180,17 +180,17 @@ def test_overlapped_decode_gives_the_same_tokens_and_stops(tiny):
     seq = Sequence("s", prompts[0], free[0])
     engine.submit([seq])
     engine.step()  # prefill: its token is read at once
-    assert len(seq.output_ids) == 1 and engine._inflight is None
+    assert len(seq.output_ids) == 1 and engine.runner.inflight is None
     engine.step()  # the first decode step, launched and not read
-    assert len(seq.output_ids) == 1 and engine._inflight is not None
+    assert len(seq.output_ids) == 1 and engine.runner.inflight is not None
     engine.step()  # the second launched, the first read
-    assert seq.output_ids == ref[0][:2] and engine._inflight is not None
+    assert seq.output_ids == ref[0][:2] and engine.runner.inflight is not None
 
 
 def test_a_distributed_leader_decodes_step_by_step_through_its_host_list_entry(tiny):
-    """A TP/EP leader's graph decoder takes host tokens only (its followers read the leader's host lists): the
-    engine turns ``overlap`` off for a model with ``make_graph_decoder`` and calls ``run_host`` with the four
-    host lists, never a device feed. A stand-in decoder with exactly that signature runs the eager model."""
+    """A TP/EP leader's graph decoder takes host tokens only (its followers read the leader's host lists): an
+    engine given the leader's graph capture turns ``overlap`` off and calls ``run_host`` with the four host
+    lists, never a device feed. A stand-in decoder with exactly that signature runs the eager model."""
     import torch
 
     from runtime.engine import Engine, EngineConfig
@@ -209,7 +209,7 @@ def test_a_distributed_leader_decodes_step_by_step_through_its_host_list_entry(t
         def run_host(self, token_ids, context_lens, tables, slots):
             LeaderGraphs.calls += 1
             meta = decode_metadata(context_lens, tables, slots)
-            return model(torch.tensor(token_ids), meta.context_lens - 1, meta, engine.cache)
+            return model(torch.tensor(token_ids), meta.context_lens - 1, meta, engine.runner.cache)
 
     prompts = [tok.encode(t) for t in ("The order", "A")]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 4)]
@@ -219,13 +219,10 @@ def test_a_distributed_leader_decodes_step_by_step_through_its_host_list_entry(t
         expected = run_engine(reference, prompts, params)[:2]
     finally:
         reference.stop()
-    model.make_graph_decoder = None  # what marks a distributed leader
-    try:
-        engine = Engine(model, tok, EngineConfig(max_num_seqs=4))
-    finally:
-        del model.make_graph_decoder
-    assert not engine.overlap
-    engine.graphs = LeaderGraphs()
+    captured = []  # off CUDA the engine captures no graphs: install the stand-in by hand below
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4), graph_capture=lambda *a: captured.append(a))
+    assert not engine.runner.overlap and not captured
+    engine.runner.graphs = LeaderGraphs()
     engine.start()
     try:
         assert run_engine(engine, prompts, params)[:2] == expected
@@ -297,7 +294,7 @@ def test_requests_that_can_never_run_are_refused(tiny):
         engine.submit(seqs[2:])
 
 
-# ---- /dev/shm check (the seed's model-load failure) -----------------------------------------------
+# ---- /dev/shm check (the source document's model-load failure) ------------------------------------
 def test_shm_check_passes_on_a_writable_large_enough_dir(tmp_path):
     assert check_shm(tmp_path, min_bytes=1) > 0
 

@@ -1,4 +1,4 @@
-"""The seed's risk case: scores in [0, 1], factors are the input features, feedback drives accuracy."""
+"""The risk score: scores in [0, 1], factors are the input features, feedback drives accuracy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from runtime import contract as c
-from runtime.risk import FeedbackTracker, leave_one_out_prompts, rank_factors, score_from_logprobs
+from runtime.server.risk import FeedbackTracker, leave_one_out_prompts, rank_factors, score_from_logprobs
 
 FEATURES = {
     "amount": 1250.0,

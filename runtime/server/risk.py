@@ -1,4 +1,5 @@
-"""The seed's case: an e-commerce risk score from the language model, plus accuracy-drift tracking.
+"""The risk-score application of the service: an e-commerce risk score from the language model, plus
+accuracy-drift tracking (the use case of the source document, a deployment guide).
 
 The features are rendered into a fixed prompt that ends where the model should answer " yes" or
 " no"; the risk score is P(yes) / (P(yes) + P(no)) from the next-token log-probabilities of those two
@@ -7,7 +8,7 @@ prompts scored in ONE batched forward (the engine's scoring job), impact_i = sco
 
 Feedback joins a later ground-truth label to the stored prediction by ``request_id``; the share of
 correct predictions over the last ``window`` labels is the rolling-accuracy gauge, compared against a
-configured baseline (the seed's ±3% accuracy-drift alert).
+configured baseline (the source document's ±3% accuracy-drift alert).
 """
 
 from __future__ import annotations

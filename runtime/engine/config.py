@@ -1,0 +1,32 @@
+"""The engine's limits and switches (``moe-runtime serve`` flags map onto these one to one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # running batch cap (largest decode batch)
+    max_queue: int = 256  # waiting sequences + scoring jobs; beyond this, QueueFullError (429)
+    max_prefill_tokens: int = 512  # prompt tokens per step: keeps decodes flowing under long prompts
+    block_size: int = 16
+    kv_blocks: int | None = None  # pool size; None: from memory (CUDA) or enough for a full batch (CPU)
+    kv_memory_fraction: float = 0.5  # of free device memory, when kv_blocks is None on CUDA
+    max_model_len: int | None = None  # prompt + max_tokens per request; default: the model's positions
+    cuda_graphs: bool = True
+    # launch decode step k+1 (its input tokens fed on the device) before reading step k's tokens, so the GPU
+    # does not wait for the host's part of a step; a distributed leader's graphs take host inputs only, so an
+    # engine given their capture runs without it
+    overlap: bool = True
+    compile: bool = True  # CUDA only: compiled layer regions (ExecutionOptions.compile) before graph capture
+    imbalance_interval_s: float = 5.0  # window of the expert-load imbalance gauge
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_queue", "max_prefill_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_blocks is not None and self.kv_blocks < 2:
+            raise ValueError(f"kv_blocks must be >= 2, got {self.kv_blocks}")
+        if not 0 < self.kv_memory_fraction <= 0.95:
+            raise ValueError(f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}")

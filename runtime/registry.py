@@ -1,0 +1,110 @@
+"""Architecture registry: config.json's ``architectures`` → the model class, how checkpoint tensor names map
+onto its parameters, and how it is sharded; :func:`build_model` builds whichever class the config names.
+
+Adding an architecture is one :data:`ARCHITECTURES` entry plus the module with its class: an ``nn.Module``
+built from a :class:`~runtime.config.ModelConfig` that provides :class:`runtime.interfaces.PiecewiseCausalLM`
+and ``on_materialized()`` (what :func:`build_model` calls once the weights have their dtype and device). An
+``architectures`` value with no entry is refused with the list of registered names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.config import ConfigError, ModelConfig
+from runtime.interfaces import PiecewiseCausalLM
+from runtime.model import DeepseekForCausalLM
+from runtime.parallel.dist import ParallelState
+from runtime.parallel.shard import shard_model
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """Checkpoint tensor name → model parameter name (``state_dict`` key), or None for a tensor the model does
+    not run. The default is one-to-one."""
+
+    def parameter(self, name: str, config: ModelConfig) -> str | None:
+        return name
+
+
+@dataclass(frozen=True)
+class DeepseekWeightNames(WeightNames):
+    """One-to-one, DeepSeek-V3's multi-token-prediction layers (``model.layers.{>= num_hidden_layers}``) left
+    out, as transformers does. The stacks the fast paths read - each MoE's ``w13`` (gate rows, then up rows)
+    and ``w2`` over its experts, each attention's ``in_proj_weight`` (``q_proj`` or ``q_a_proj``, then
+    ``kv_a_proj_with_mqa``) - are non-persistent buffers whose slices are those parameters, so loading a
+    named tensor fills its stack in place and no name needs rewriting."""
+
+    def parameter(self, name: str, config: ModelConfig) -> str | None:
+        if config.num_nextn_predict_layers > 0:
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            if m and int(m.group(1)) >= config.num_hidden_layers:
+                return None
+        return name
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_class: Callable[[ModelConfig], nn.Module]
+    weight_names: WeightNames = WeightNames()
+    # cut a model on the meta device to one rank's shard (tensor / expert parallelism); None: unsupported
+    shard: Callable[[nn.Module, ParallelState], object] | None = None
+
+
+_DEEPSEEK = Architecture(DeepseekForCausalLM, DeepseekWeightNames(), shard_model)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "DeepseekV2ForCausalLM": _DEEPSEEK,
+    "DeepseekV3ForCausalLM": _DEEPSEEK,
+}
+
+
+def architecture(config: ModelConfig) -> Architecture:
+    """The entry for the config's first registered ``architectures`` name; ConfigError when none is."""
+    for name in config.architectures:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise ConfigError("architectures", list(config.architectures), ", ".join(ARCHITECTURES))
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """No-op ``torch.nn.init`` while building on meta: nothing is initialized there anyway, and ``normal_``
+    on meta alone pulls in torch._dynamo the first time (seconds)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def build_model(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    parallel: ParallelState | None = None,
+) -> PiecewiseCausalLM:
+    """An uninitialized model on ``device``: built on the meta device then materialized, so no time is spent
+    on random init that the checkpoint overwrites (and no CPU detour for GPU models). With ``parallel``
+    (several ranks), layers are cut to this rank's shard while still on meta, so only the shard is allocated."""
+    arch = architecture(config)
+    with torch.device("meta"), _skip_init():
+        model = arch.model_class(config)
+    if parallel is not None and parallel.world_size > 1:
+        if arch.shard is None:
+            raise ValueError(f"{type(model).__name__} cannot be sharded (tensor / expert parallelism)")
+        arch.shard(model, parallel)
+    model = model.to(dtype).to_empty(device=device)
+    model.on_materialized()
+    model.requires_grad_(False)
+    return model.eval()
