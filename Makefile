@@ -31,7 +31,7 @@ help:
 	@echo "make synth        synthesize every environment into cdktf.out/"
 	@echo "make diff ENV=e   cdktf diff for one environment"
 	@echo "make deploy ENV=e cdktf deploy for one environment"
-	@echo "make lint         ruff"
+	@echo "make lint         ruff and the import layering contracts (lint-imports)"
 	@echo "make image        build the runtime image (docker buildx; tag: git describe)"
 	@echo "make push ENV=e   push it to the environment's ECR repository"
 	@echo "make render ENV=e render its Kubernetes objects into build/rendered/<env>/ (OUT=dir)"
@@ -50,7 +50,7 @@ test-fast: setup
 	$(BIN)/pytest -m "not slow" $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 synth: setup
 	$(BIN)/python -m stacks.app
