@@ -4,7 +4,7 @@ The promtool unit tests are generated here from :class:`infra.catalog.thresholds
 threshold change: for every alert, input series that cross the threshold for longer than ``for:`` (it
 fires, with the expected labels and the measured value in its description), series just below the
 threshold (silent) and a spike shorter than ``for:`` (silent, though it would fire without ``for:``).
-They run for the seed's thresholds and for a tightened set, and a mismatched pair must fail.
+They run for the source document's thresholds and for a tightened set, and a mismatched pair must fail.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ RT = {"job": RUNTIME_JOB, "instance": "10.0.1.7:8000"}
 GPU = {"job": GPU_EXPORTER_JOB, "instance": "10.0.1.7:9400", "gpu": "0", "Hostname": "gpu-node-a"}
 
 THRESHOLD_SETS = {
-    "seed": Thresholds(),
+    "source-document": Thresholds(),
     "tightened": Thresholds().with_overrides(
         {
             "gpu_utilization_perc": 80,
@@ -430,7 +430,7 @@ def test_every_alert_has_firing_below_and_spike_cases() -> None:
 
 
 def test_tests_fail_when_rules_and_thresholds_disagree(tmp_path: Path) -> None:
-    """The generated tests are able to fail: seed rules checked against tightened expectations."""
+    """The generated tests are able to fail: default rules checked against tightened expectations."""
     alerts.write_rules_file(tmp_path / "rules.yml", alert_rules(Thresholds()))
     spec = promtool_tests(THRESHOLD_SETS["tightened"], alert_rules(THRESHOLD_SETS["tightened"]), "rules.yml")
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(spec, sort_keys=False))

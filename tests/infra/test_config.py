@@ -150,7 +150,7 @@ def test_alert_thresholds_are_overridable_and_checked(tmp_path: Path) -> None:
     )
     thresholds = envs["dev"].thresholds
     assert thresholds.p99_latency_seconds == 0.8 and thresholds.latency_for == "15m"
-    assert thresholds.gpu_utilization_perc == 90.0, "the rest keep the seed's values"
+    assert thresholds.gpu_utilization_perc == 90.0, "the rest keep the source document's values"
     message = error_for(tmp_path, GOOD + "alert_thresholds = { p99_latency_ms = 800 }\n")
     assert "dev" in message and "alert_thresholds" in message and "p99_latency_ms" in message
     assert "p99_latency_seconds" in message, "the allowed names are listed"
