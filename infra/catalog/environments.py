@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.catalog import names
-from infra.catalog.names import DEFAULT_ENVIRONMENTS_FILE
+from infra.catalog.names import DEFAULT_ENVIRONMENTS_FILE, DEFAULT_REVISION, model_name_problem, model_revision_problem
 from infra.catalog.sizes import (
     INSTANCE_TYPES,
     SIZES,
     InstanceType,
+    ModelRef,
     Size,
     SizeName,
     SizeRequirementError,
@@ -40,7 +41,7 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 class StateBackend(Strict):
@@ -80,6 +81,28 @@ class Overrides(Strict):
         return value
 
 
+class ModelSetting(Strict):
+    """The checkpoint the environment serves: `models/<name>/<revision>/` in its cold tier. `name` defaults
+    to the size's `default_model`; the same names `moefleet weights upload` accepts."""
+
+    name: str | None = None
+    revision: str = DEFAULT_REVISION
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (problem := model_name_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if problem := model_revision_problem(value):
+            raise ValueError(problem)
+        return value
+
+
 Cidr = Annotated[str, Field(min_length=9)]
 
 
@@ -100,6 +123,8 @@ class Environment(Strict):
     tags: dict[str, str] = Field(default_factory=dict)
     state: StateBackend
     overrides: Overrides = Overrides()
+    #: `model = { name, revision }` in the file; read it through `model` (a ModelRef with the defaults filled in).
+    model_setting: ModelSetting = Field(ModelSetting(), alias="model")
     #: Only for the embedded default: the emulated AWS endpoint (moto server on loopback).
     aws_endpoint: str | None = None
     alarm_email: str | None = None
@@ -196,6 +221,11 @@ class Environment(Strict):
     @property
     def size_spec(self) -> Size:
         return SIZES[self.size]
+
+    @property
+    def model(self) -> ModelRef:
+        """The model revision this environment serves, the default of every command that needs one."""
+        return ModelRef(self.model_setting.name or self.size_spec.default_model, self.model_setting.revision)
 
     @property
     def thresholds(self) -> Thresholds:

@@ -21,7 +21,8 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2
     #: `plan-summary --fail-on-destroy` found a stateful resource that would be replaced or destroyed.
     STATEFUL_CHANGE = 3
-    #: A check ran and failed: a preflight check, or weights that do not match their manifest.
+    #: A check ran and failed: a preflight check, weights that do not match their manifest, or `install`
+    #: finding the model revision missing or incomplete in the cold tier.
     CHECK_FAILED = 4
     #: Interrupted (Ctrl-C / SIGINT), as shells report it; an interrupted upload resumes when re-run.
     INTERRUPTED = 130
@@ -32,6 +33,6 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.FAILED: "an external tool or service failed (terraform, AWS, Kubernetes, docker, local disk)",
     ExitCode.BAD_INPUT: "bad input (usage, environments file, unknown environment, stack outputs, plan JSON)",
     ExitCode.STATEFUL_CHANGE: "plan-summary --fail-on-destroy: a stateful resource would be replaced or destroyed",
-    ExitCode.CHECK_FAILED: "a check failed (preflight, weights that do not match their manifest)",
+    ExitCode.CHECK_FAILED: "a check failed (preflight, weights that do not match their manifest or are not uploaded)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

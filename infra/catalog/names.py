@@ -2,13 +2,15 @@
 
 The stack names the cluster and grants IAM roles to Kubernetes service accounts; the node pools set node
 labels and taints; the installer selects and tolerates those labels and creates those service accounts;
-the cold tier, the runtime's IAM policy and the FSx link share one key layout; `stacks.app` and every
+the cold tier, the runtime's IAM policy and the FSx link share one key layout, whose model names and
+revisions environments.toml, `moefleet weights` and the init container check alike; `stacks.app` and every
 command find the environments file the same way. A name that drifts between two of them fails at deploy
 time (Pending pods, AccessDenied), so each lives here and nowhere else. Standard library only.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,3 +80,24 @@ RUNTIME_NAMESPACE = "moe-fleet"
 RUNTIME_SERVICE_ACCOUNT = contract.APP_NAME
 EBS_CSI_SERVICE_ACCOUNT = ("kube-system", "ebs-csi-controller-sa")
 FSX_CSI_SERVICE_ACCOUNT = ("kube-system", "fsx-csi-controller-sa")
+
+
+# ---- model names -----------------------------------------------------------------------------------------
+
+#: A model name and a revision become S3 key segments and folder names (cold tier, hot tier, init container).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?")
+MODEL_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODEL_NAME_ALLOWED = "NAME or ORG/NAME of letters, digits, '.', '_', '-' (e.g. 'deepseek-ai/DeepSeek-V2-Lite')"
+MODEL_REVISION_ALLOWED = "letters, digits, '.', '_', '-' (e.g. 'main' or a sha)"
+#: The revision served when an environment names none.
+DEFAULT_REVISION = "main"
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a model name (None when it can)."""
+    return None if MODEL_NAME.fullmatch(name) else f"expected {MODEL_NAME_ALLOWED}"
+
+
+def model_revision_problem(revision: str) -> str | None:
+    """Why `revision` cannot be a model revision (None when it can)."""
+    return None if MODEL_REVISION.fullmatch(revision) else f"expected {MODEL_REVISION_ALLOWED}"

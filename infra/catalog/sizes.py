@@ -317,7 +317,3 @@ def allowed_instance_types(size: Size) -> list[str]:
             continue
         allowed.append(name)
     return allowed
-
-
-#: Model folder served by default per size (`Size.default_model`), for lookups by size name.
-DEFAULT_MODELS: dict[SizeName, str] = {name: size.default_model for name, size in SIZES.items()}

@@ -18,6 +18,7 @@ from infra.catalog.names import DEFAULT_ENVIRONMENTS_FILE, EMULATOR_ENDPOINT_VAR
 
 if TYPE_CHECKING:
     from infra.catalog.environments import Environment
+    from infra.catalog.sizes import ModelRef
 
 Subparsers = argparse._SubParsersAction
 T = TypeVar("T")
@@ -57,6 +58,14 @@ def add_environment_options(parser: argparse.ArgumentParser) -> None:
     add_emulator_endpoint_option(parser)
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model and --revision: each overrides its half of the environment's `model` setting."""
+    parser.add_argument(
+        "--model", help="model name, e.g. deepseek-ai/DeepSeek-V2-Lite (default: the environment's model.name)"
+    )
+    parser.add_argument("--revision", help="revision, e.g. main or a commit sha (default: the environment's)")
+
+
 # ---- environments -------------------------------------------------------------------------------------
 
 
@@ -83,6 +92,21 @@ def environment(args: argparse.Namespace, name: str) -> Environment:
             f"{args.command}: unknown environment {name!r} in {environments_file(args)}; allowed: {', '.join(known)}"
         )
     return known[name]
+
+
+def model_ref(args: argparse.Namespace, env: Environment) -> ModelRef:
+    """The model revision a command acts on: the environment's `model` setting, --model/--revision override."""
+    from infra.catalog.names import model_name_problem, model_revision_problem
+    from infra.catalog.sizes import ModelRef
+
+    ref = ModelRef(args.model or env.model.name, args.revision or env.model.revision)
+    for flag, value, problem in (
+        ("--model", ref.name, model_name_problem(ref.name)),
+        ("--revision", ref.revision, model_revision_problem(ref.revision)),
+    ):
+        if problem:
+            raise CliError(f"{args.command}: {flag} {value!r}: {problem}")
+    return ref
 
 
 def emulator_endpoint(args: argparse.Namespace, env: Environment) -> str | None:

@@ -3,7 +3,14 @@
 Both read the environment from environments.toml and its stack outputs (`--outputs FILE`, else
 `terraform output -json` in the deployed stack folder), through the outputs contract. `render` falls
 back to representative outputs for an environment that was never applied here (and says so); `install`
-never does.
+never does. The pods serve the environment's `model` setting (`--model`/`--revision` override it).
+
+Before it touches the cluster (also with `--dry-run`), `install` checks that the revision is complete in the
+environment's cold tier: its manifest exists and every object it lists is there with the listed size and
+checksum metadata (`infra.ops.weights.verify`, without downloading). A revision that is missing or
+incomplete stops the install with ExitCode.CHECK_FAILED and the upload command to run; without that check
+the pods' init container would fail and the rollout would wait until its timeout. `--skip-weights-check`
+skips it (the weights are uploaded by another pipeline, or from a machine without AWS credentials).
 """
 
 from __future__ import annotations
@@ -15,12 +22,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.catalog.exit_codes import ExitCode
-from infra.catalog.sizes import SIZES, ModelRef
-from infra.cli.common import CliError, Subparsers, add_environments_option, environment
+from infra.cli.common import (
+    CliError,
+    Subparsers,
+    add_emulator_endpoint_option,
+    add_environments_option,
+    add_model_options,
+    aws_call,
+    emulator_endpoint,
+    environment,
+    model_ref,
+)
 
 if TYPE_CHECKING:
     from infra.catalog.environments import Environment
     from infra.catalog.outputs import StackOutputs
+    from infra.catalog.sizes import ModelRef
 
 
 def git_tag(cwd: Path | None = None) -> str:
@@ -40,8 +57,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack-dir", type=Path, help="deployed stack folder (default cdktf.out/stacks/<env>)")
     parser.add_argument("--tag", help="image tag (default: git describe --tags --always --dirty)")
     parser.add_argument("--image", help="full image reference (default: <ecr_repository_url>:<tag>)")
-    parser.add_argument("--model", help="model name under models/ in the cold tier (default per size)")
-    parser.add_argument("--revision", default="main", help="model revision folder (default: main)")
+    add_model_options(parser)
     add_environments_option(parser)
 
 
@@ -69,6 +85,12 @@ def add_install(sub: Subparsers) -> None:
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the rollout")
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between rollout checks")
+    parser.add_argument(
+        "--skip-weights-check",
+        action="store_true",
+        help="do not check that the model revision is complete in the cold tier before installing",
+    )
+    add_emulator_endpoint_option(parser)
     parser.set_defaults(handler=run_install)
 
 
@@ -101,7 +123,9 @@ def _outputs(args: argparse.Namespace, env: Environment, *, allow_representative
         raise CliError(str(err)) from None
 
 
-def _objects(args: argparse.Namespace, *, allow_representative: bool) -> tuple[Environment, list[dict[str, Any]]]:
+def _objects(
+    args: argparse.Namespace, *, allow_representative: bool
+) -> tuple[Environment, StackOutputs, ModelRef, list[dict[str, Any]]]:
     from infra.catalog.outputs import OutputsError
     from infra.kube.render import render, render_input
 
@@ -109,12 +133,38 @@ def _objects(args: argparse.Namespace, *, allow_representative: bool) -> tuple[E
     outputs = _outputs(args, env, allow_representative=allow_representative)
     tag = args.tag or git_tag()
     image = args.image or f"{outputs.ecr_repository_url}:{tag}"
-    model = ModelRef(args.model or SIZES[outputs.size].default_model, args.revision)
+    model = model_ref(args, env)
     try:
         inp = render_input(env, outputs, image=image, model=model, version=tag)
     except OutputsError as err:
         raise CliError(str(err)) from None
-    return env, render(inp)
+    return env, outputs, model, render(inp)
+
+
+def check_weights(args: argparse.Namespace, env: Environment, outputs: StackOutputs, model: ModelRef) -> None:
+    """Refuse unless the revision is complete in the cold tier (manifest present, every object listed in it
+    present with its size and checksum metadata); the message names the bucket, the prefix and the fix."""
+    from infra.ops.aws import make_client
+    from infra.ops.weights import WeightsError, revision_prefix, verify
+
+    bucket = outputs.models_bucket
+    try:
+        prefix = revision_prefix(outputs.models_prefix, model.name, model.revision)
+    except WeightsError as err:
+        raise CliError(f"{args.command}: {err}", err.exit_code) from None
+    s3 = make_client("s3", env.region, emulator_endpoint(args, env))
+    try:
+        aws_call(verify, s3, bucket, prefix, deep=False)
+    except WeightsError as err:  # no manifest, an unreadable one, or objects that do not match it
+        raise CliError(
+            f"{args.command}: model {model.name}@{model.revision} is not complete in the cold tier "
+            f"(bucket {bucket}, prefix {prefix}): {err}\n"
+            f"  upload it first: moefleet weights upload {env.name} DIR --model {model.name} "
+            f"--revision {model.revision}\n"
+            f"  (or set `model` of {env.name!r} in the environments file to a revision that is uploaded)",
+            ExitCode.CHECK_FAILED,
+        ) from None
+    print(f"{args.command}: weights s3://{bucket}/{prefix} complete (manifest and every object)", file=sys.stderr)
 
 
 def _validate(objs: list[dict[str, Any]], kubernetes_version: str) -> None:
@@ -128,7 +178,7 @@ def _validate(objs: list[dict[str, Any]], kubernetes_version: str) -> None:
 def run_render(args: argparse.Namespace) -> int:
     from infra.kube.render import to_yaml, write_dir
 
-    env, objs = _objects(args, allow_representative=True)
+    env, _, _, objs = _objects(args, allow_representative=True)
     if not args.no_validate:
         _validate(objs, env.kubernetes_version)
     if args.out:
@@ -142,8 +192,13 @@ def run_render(args: argparse.Namespace) -> int:
 def run_install(args: argparse.Namespace) -> int:
     from infra.kube.installer import Installer, InstallError, api_client
 
-    env, objs = _objects(args, allow_representative=False)
+    env, outputs, model, objs = _objects(args, allow_representative=False)
     _validate(objs, env.kubernetes_version)
+    if args.skip_weights_check:
+        skipped = f"{model.name}@{model.revision}"
+        print(f"install: --skip-weights-check: {skipped} not checked in the cold tier", file=sys.stderr)
+    else:
+        check_weights(args, env, outputs, model)
     try:
         installer = Installer(api_client(args.kubeconfig, args.context), timeout_s=args.timeout, poll_s=args.poll)
         if args.dry_run:

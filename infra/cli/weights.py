@@ -1,6 +1,7 @@
 """`moefleet weights upload|verify|pull ENV`: model weights in an environment's cold tier.
 
-The bucket comes from `--bucket` or from the environment's stack outputs. Progress is a rich bar on a
+The revision is the environment's `model` setting in environments.toml (`--model`/`--revision` override
+it); the bucket comes from `--bucket` or from the environment's stack outputs. Progress is a rich bar on a
 terminal and one plain line per file into a pipe or a log. The transfer logic lives in
 `infra.ops.weights` (boto3 + stdlib, shared with the init container); this module only parses, reports
 and maps its errors onto the exit codes.
@@ -18,14 +19,16 @@ from infra.cli.common import (
     CliError,
     Subparsers,
     add_environment_options,
+    add_model_options,
     aws_call,
     console,
     emulator_endpoint,
     environment,
+    model_ref,
 )
 
 if TYPE_CHECKING:
-    from infra.catalog.environments import Environment
+    from infra.catalog.sizes import ModelRef
 
 
 class RichProgress:
@@ -83,8 +86,7 @@ def register(sub: Subparsers) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("env", help="environment name")
-        p.add_argument("--model", required=True, help="model name, e.g. deepseek-ai/DeepSeek-V2-Lite")
-        p.add_argument("--revision", required=True, help="revision, e.g. main or a commit sha")
+        add_model_options(p)
         p.add_argument("--bucket", help="cold-tier bucket (default: stack output models_bucket)")
         p.add_argument("--stack-dir", type=Path, help="where the stack was applied (default cdktf.out/stacks/ENV)")
         add_environment_options(p)
@@ -104,8 +106,9 @@ def register(sub: Subparsers) -> None:
     pull.set_defaults(handler=_pull)
 
 
-def _cold_tier(args: argparse.Namespace) -> tuple[Environment, Any, str, str]:
-    """(environment, s3 client, bucket, models prefix): --bucket, else the stack's outputs."""
+def _cold_tier(args: argparse.Namespace) -> tuple[ModelRef, Any, str, str]:
+    """(model revision, s3 client, bucket, models prefix): the model from the environment's setting or
+    --model/--revision; the bucket from --bucket, else the stack's outputs."""
     from infra.catalog.outputs import OutputsError
     from infra.ops.aws import make_client
     from infra.ops.weights import DEFAULT_MODELS_PREFIX, FILE_WORKERS, PART_WORKERS
@@ -123,7 +126,7 @@ def _cold_tier(args: argparse.Namespace) -> tuple[Environment, Any, str, str]:
             ) from None
         bucket, prefix = outputs.models_bucket, outputs.models_prefix
     s3 = make_client("s3", env.region, emulator_endpoint(args, env), max_pool=FILE_WORKERS * PART_WORKERS)
-    return env, s3, bucket, prefix
+    return model_ref(args, env), s3, bucket, prefix
 
 
 def _call(func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -145,14 +148,14 @@ def _upload(args: argparse.Namespace) -> int:
 
     if not args.folder.is_dir():
         raise CliError(f"weights upload: folder {str(args.folder)!r} not found or not a directory")
-    _env, s3, bucket, prefix = _cold_tier(args)
+    model, s3, bucket, prefix = _cold_tier(args)
     report = _call(
         upload,
         s3,
         bucket,
         prefix,
-        args.model,
-        args.revision,
+        model.name,
+        model.revision,
         args.folder,
         progress=_progress(),
         overwrite=args.overwrite,
@@ -172,8 +175,8 @@ def _upload(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from infra.ops.weights import revision_prefix, verify
 
-    _env, s3, bucket, prefix = _cold_tier(args)
-    rev_prefix = _call(revision_prefix, prefix, args.model, args.revision)
+    model, s3, bucket, prefix = _cold_tier(args)
+    rev_prefix = _call(revision_prefix, prefix, model.name, model.revision)
     manifest = _call(verify, s3, bucket, rev_prefix, progress=_progress(), deep=not args.quick)
     how = "sizes and metadata" if args.quick else "SHA-256 of the stored bytes"
     print(f"weights verify: s3://{bucket}/{rev_prefix}: {len(manifest.files)} file(s) match the manifest ({how})")
@@ -183,11 +186,11 @@ def _verify(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from infra.ops.weights import pull, revision_prefix
 
-    _env, s3, bucket, prefix = _cold_tier(args)
-    rev_prefix = _call(revision_prefix, prefix, args.model, args.revision)
+    model, s3, bucket, prefix = _cold_tier(args)
+    rev_prefix = _call(revision_prefix, prefix, model.name, model.revision)
     report = _call(pull, s3, bucket, rev_prefix, args.dest, progress=_progress())
     if report.up_to_date:
-        print(f"weights pull: {report.dest} already holds {args.model}@{args.revision}; nothing to do")
+        print(f"weights pull: {report.dest} already holds {model.name}@{model.revision}; nothing to do")
     else:
         print(
             f"weights pull: {report.dest}: {len(report.downloaded)} downloaded, {len(report.reused)} reused, "

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TextIO
 
 from infra.catalog.exit_codes import ExitCode
+from infra.catalog.names import model_name_problem, model_revision_problem
 
 MANIFEST_NAME = "moefleet-manifest.json"
 MANIFEST_FORMAT = 1
@@ -46,9 +47,6 @@ MAX_PARTS = 9_000
 FILE_WORKERS = 4
 PART_WORKERS = 8
 HASH_BUFFER = 8 * MIB
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
-_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class WeightsError(Exception):
@@ -198,13 +196,10 @@ def _check_relative(path: str, where: str) -> None:
 
 def revision_prefix(models_prefix: str, model: str, revision: str) -> str:
     """`models/<model>/<revision>/`, after checking both names (they become S3 keys and folder names)."""
-    if not _NAME.match(model):
-        raise WeightsError(
-            f"--model {model!r}: expected NAME or ORG/NAME of letters, digits, '.', '_', '-' (e.g. "
-            "'deepseek-ai/DeepSeek-V2-Lite')"
-        )
-    if not _REVISION.match(revision):
-        raise WeightsError(f"--revision {revision!r}: expected letters, digits, '.', '_', '-' (e.g. 'main' or a sha)")
+    if problem := model_name_problem(model):
+        raise WeightsError(f"--model {model!r}: {problem}")
+    if problem := model_revision_problem(revision):
+        raise WeightsError(f"--revision {revision!r}: {problem}")
     base = models_prefix if not models_prefix or models_prefix.endswith("/") else models_prefix + "/"
     return f"{base}{model}/{revision}/"
 

@@ -154,3 +154,26 @@ def test_alert_thresholds_are_overridable_and_checked(tmp_path: Path) -> None:
     message = error_for(tmp_path, GOOD + "alert_thresholds = { p99_latency_ms = 800 }\n")
     assert "dev" in message and "alert_thresholds" in message and "p99_latency_ms" in message
     assert "p99_latency_seconds" in message, "the allowed names are listed"
+
+
+def test_model_defaults_to_the_sizes_model_and_main(tmp_path: Path) -> None:
+    env = load_environments(write(tmp_path, GOOD))["dev"]
+    assert (env.model.name, env.model.revision) == (env.size_spec.default_model, "main")
+    shipped = load_environments(DEFAULT_ENVIRONMENTS_FILE)
+    assert (shipped["local"].model.name, shipped["local"].model.revision) == ("tiny-deepseek", "demo")
+    assert shipped["staging"].model.name == shipped["staging"].size_spec.default_model
+
+
+def test_model_setting_is_read_and_checked(tmp_path: Path) -> None:
+    good = GOOD + 'model = { name = "deepseek-ai/DeepSeek-V2-Lite", revision = "0123abc" }\n'
+    env = load_environments(write(tmp_path, good))["dev"]
+    assert (env.model.name, env.model.revision) == ("deepseek-ai/DeepSeek-V2-Lite", "0123abc")
+    only_name = load_environments(write(tmp_path, GOOD + 'model = { name = "org/m" }\n'))["dev"]
+    assert (only_name.model.name, only_name.model.revision) == ("org/m", "main")
+
+    message = error_for(tmp_path, GOOD + 'model = { name = "../etc/passwd", revision = "has space" }\n')
+    assert "environment 'dev': field 'model.name' = '../etc/passwd': expected NAME or ORG/NAME of letters" in message
+    assert "environment 'dev': field 'model.revision' = 'has space': expected letters, digits" in message
+    assert "2 problem(s)" in message
+    assert "field 'model.name' = 'a/b/c'" in error_for(tmp_path, GOOD + 'model = { name = "a/b/c" }\n')
+    assert "field 'model.tag' = 'x': unknown key" in error_for(tmp_path, GOOD + 'model = { name = "m", tag = "x" }\n')

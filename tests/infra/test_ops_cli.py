@@ -156,6 +156,24 @@ def test_weights_upload_verify_pull_through_the_cli(emulator: str, tmp_path: Pat
     assert moefleet("weights", "verify", "local", *common, "--quick", endpoint=emulator).returncode == 0
 
 
+def test_weights_default_to_the_environments_model(emulator: str, tmp_path: Path, checkpoint: Path) -> None:
+    s3 = make_client("s3", "us-east-1", emulator)
+    bucket = f"ops-env-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    environments = _env_file(tmp_path, "modeled")
+    environments.write_text(environments.read_text() + 'model = { name = "org/Env-MoE", revision = "r7" }\n')
+    common = ("--bucket", bucket)
+    up = moefleet(
+        "weights", "upload", "modeled", str(checkpoint), *common, endpoint=emulator, environments=environments
+    )
+    assert f"s3://{bucket}/models/org/Env-MoE/r7/: 2 uploaded" in up.stdout
+    verified = moefleet("weights", "verify", "modeled", *common, endpoint=emulator, environments=environments)
+    assert f"s3://{bucket}/models/org/Env-MoE/r7/: 2 file(s) match" in verified.stdout
+    other = moefleet("weights", "verify", "modeled", *common, "--revision", "r8", endpoint=emulator,
+                     environments=environments, check=4)  # fmt: skip
+    assert f"s3://{bucket}/models/org/Env-MoE/r8/" in other.stderr and "never uploaded" in other.stderr
+
+
 def test_weights_bad_input(emulator: str, tmp_path: Path, checkpoint: Path) -> None:
     common = ("--model", "m", "--revision", "r1", "--bucket", "no-such-bucket-ops")
     missing = moefleet("weights", "upload", "local", str(tmp_path / "absent"), *common, endpoint=emulator, check=2)

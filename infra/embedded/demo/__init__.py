@@ -3,7 +3,8 @@
 Steps (each named when it fails; everything started so far is torn down, in reverse order):
   1. start the embedded AWS (moto + our patches) on 127.0.0.1
   2. synthesize the `local` environment and `terraform apply` it with the real binary
-  3. make a tiny DeepSeek-style checkpoint, upload it to the cold tier (`moefleet weights upload` code),
+  3. make a tiny DeepSeek-style checkpoint, upload it to the cold tier as the `local` environment's model
+     (its `model` setting in environments.toml; `moefleet weights upload` code),
      pull it into a local hot-tier folder (`moefleet weights pull` code, as the init container does)
   4. start the runtime on the pulled weights and a local Prometheus with our rules and scrape config
   5. send streamed chat completions and risk predictions with feedback; ask Prometheus what it saw
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.catalog.environments import load_environments
 from infra.catalog.outputs import StackOutputs
+from infra.catalog.sizes import ModelRef
 from infra.embedded.emulator.process import Emulator, port_in_use
 from infra.terraform.outputs import read_stack_outputs
 from infra.terraform.runner import PROJECT_ROOT, Terraform, TerraformError
@@ -35,8 +38,6 @@ from .services import prometheus_process, runtime_process, runtime_ready_url
 DEMO_ENV = "local"
 DEFAULT_EMULATOR_PORT = 4566
 DEFAULT_PROMETHEUS_PORT = 9090
-DEMO_MODEL = "tiny-deepseek"
-DEMO_REVISION = "demo"
 REQUIRED_TOOLS = {
     "terraform": "Terraform 1.11 (see README: requirements)",
     "prometheus": "Debian's prometheus package (`make setup` installs it)",
@@ -96,9 +97,16 @@ def print_table(rows: dict[str, Any], indent: str = "    ") -> None:
         print(f"{indent}{key:<{width}}  {shown}")
 
 
+def demo_model() -> ModelRef:
+    """The `local` environment's model setting in environments.toml: the name the tiny checkpoint is
+    uploaded under, pulled from and served as."""
+    return load_environments()[DEMO_ENV].model
+
+
 def run(once: bool, ports: Ports, workdir: Path) -> int:
     check_tools()
     ports.check_free()
+    model = demo_model()
     with contextlib.ExitStack() as teardown:
         workdir.mkdir(parents=True, exist_ok=True)
         emulator = Emulator(port=ports.emulator, log_path=workdir / "emulator.log")
@@ -121,9 +129,9 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
         with step("read stack outputs"):
             outputs = read_stack_outputs(tf.workdir)
 
-        model_dir = _weights(workdir, url, outputs)
-        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports)
-        results = _traffic(runtime_url, prom_url)
+        model_dir = _weights(workdir, url, outputs, model)
+        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model)
+        results = _traffic(runtime_url, prom_url, model)
         _summary(outputs, url, runtime_url, prom_url, results, workdir)
 
         if not once:
@@ -134,7 +142,7 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
     return 0
 
 
-def _weights(workdir: Path, endpoint: str, outputs: StackOutputs) -> Path:
+def _weights(workdir: Path, endpoint: str, outputs: StackOutputs, model: ModelRef) -> Path:
     """Cold tier in, hot tier out: the path a real revision takes (docs/storage.md)."""
     import subprocess
 
@@ -153,26 +161,28 @@ def _weights(workdir: Path, endpoint: str, outputs: StackOutputs) -> Path:
         )
     s3 = make_client("s3", outputs.region, endpoint)
     bucket = outputs.models_bucket
-    with step(f"upload it to the cold tier: s3://{bucket}/{outputs.models_prefix}{DEMO_MODEL}/{DEMO_REVISION}/"):
-        sent = weights.upload(s3, bucket, outputs.models_prefix, DEMO_MODEL, DEMO_REVISION, checkpoint)
+    prefix = weights.revision_prefix(outputs.models_prefix, model.name, model.revision)
+    with step(f"upload it to the cold tier: s3://{bucket}/{prefix}"):
+        sent = weights.upload(s3, bucket, outputs.models_prefix, model.name, model.revision, checkpoint)
         print(
             f"    {len(sent.uploaded)} files, {sent.bytes_uploaded / 1e6:.1f} MB in {sent.seconds:.1f} s; "
             "SHA-256 manifest written last",
             flush=True,
         )
-    hot = workdir / "hot-tier" / DEMO_MODEL / DEMO_REVISION
+    hot = workdir / "hot-tier" / model.name / model.revision
     with step(f"pull it into the local hot tier: {hot}"):
-        prefix = weights.revision_prefix(outputs.models_prefix, DEMO_MODEL, DEMO_REVISION)
         got = weights.pull(s3, bucket, prefix, hot)
         print(f"    {len(got.downloaded)} files verified against the manifest in {got.seconds:.1f} s", flush=True)
     return hot
 
 
-def _services(teardown: contextlib.ExitStack, workdir: Path, model_dir: Path, ports: Ports) -> tuple[str, str]:
+def _services(
+    teardown: contextlib.ExitStack, workdir: Path, model_dir: Path, ports: Ports, model: ModelRef
+) -> tuple[str, str]:
     from infra.observability.alerts import alert_rules, rules_yaml
     from infra.observability.prometheus_config import write_local
 
-    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", DEMO_MODEL)
+    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name)
     with step(f"start the runtime on 127.0.0.1:{ports.runtime} (CPU)"):
         runtime.start()
         teardown.callback(_announce, "runtime stopped", runtime.stop)
@@ -194,12 +204,12 @@ def _services(teardown: contextlib.ExitStack, workdir: Path, model_dir: Path, po
     return f"http://127.0.0.1:{ports.runtime}", f"http://127.0.0.1:{ports.prometheus}"
 
 
-def _traffic(runtime_url: str, prom_url: str) -> dict[str, Any]:
+def _traffic(runtime_url: str, prom_url: str, model: ModelRef) -> dict[str, Any]:
     from . import traffic
 
     results: dict[str, Any] = {}
     with step("send 16 streamed chat completions (4 at a time)"):
-        chats = traffic.chat_load(runtime_url, DEMO_MODEL, requests=16, concurrency=4)
+        chats = traffic.chat_load(runtime_url, model.name, requests=16, concurrency=4)
         if not all(c.chunks for c in chats):
             raise RuntimeError("a streamed completion returned no tokens")
         results["chats"] = chats

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 from infra.catalog.environments import Environment
 from infra.catalog.outputs import StackOutputs, representative_outputs
-from infra.catalog.sizes import DEFAULT_MODELS, ModelRef
 from infra.kube.objects import RenderInput
 from infra.kube.render import render_input
 
@@ -20,7 +19,7 @@ def make_input(env: Environment, tag: str = "v1", **overrides) -> RenderInput:
         env,
         outputs,
         image=f"{outputs.ecr_repository_url}:{tag}",
-        model=ModelRef(DEFAULT_MODELS[outputs.size], "main"),
+        model=env.model,
         version=tag,
     )
     return replace(inp, **overrides) if overrides else inp

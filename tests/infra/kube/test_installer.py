@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
 
 import pytest
 
+from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE
 from infra.catalog.outputs import representative_outputs
 from infra.cli.main import main
 from infra.kube.installer import FIELD_MANAGER, Installer, InstallError, object_path
@@ -141,9 +143,11 @@ def test_cli_install_through_a_kubeconfig(fake_api, environments, tmp_path: Path
             }
         )
     )
-    args = ["install", "dev", "--outputs", str(outputs), "--kubeconfig", str(kubeconfig), "--tag", "v7", "--poll", "0"]
+    args = ["install", "dev", "--outputs", str(outputs), "--kubeconfig", str(kubeconfig), "--skip-weights-check"]
+    args += ["--tag", "v7", "--poll", "0"]
     assert main(args) == 0
-    assert "install: dev is rolled out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "install: dev is rolled out" in err and "deepseek-v2-lite@main not checked in the cold tier" in err
     assert any(path.endswith("/deployments/moe-runtime") for path, _, _ in fake_api.applies())
     fake_api.outcome = lambda obj: "fail" if ":v8" in json.dumps(obj["spec"]) else "ok"
     assert main([*args[:-4], "--tag", "v8", "--poll", "0", "--timeout", "1"]) == 1
@@ -154,3 +158,89 @@ def test_cli_install_refuses_representative_outputs(environments, tmp_path, caps
     code = main(["install", "prod", "--stack-dir", str(tmp_path)])
     assert code == 2
     assert "no stack outputs for 'prod'" in capsys.readouterr().err
+
+
+def _kubeconfig(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": url}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return path
+
+
+MODEL = 'model = { name = "deepseek-ai/DeepSeek-V2-Lite", revision = "r1" }\n'
+
+
+def _environments_with_staging(tmp_path: Path, *extra: str) -> Path:
+    """The shipped environments file with staging's `model` set (and `extra` lines in its table)."""
+    text = DEFAULT_ENVIRONMENTS_FILE.read_text()
+    header = "[environments.staging]\n"
+    assert header in text
+    path = tmp_path / "environments.toml"
+    path.write_text(text.replace(header, header + MODEL + "".join(extra)))
+    return path
+
+
+def test_render_serves_the_environments_model(tmp_path: Path, capsys):
+    environments = _environments_with_staging(tmp_path)
+    never_applied = tmp_path / "never-applied"
+    base = ["render", "staging", "--stack-dir", str(never_applied), "--environments", str(environments), "--tag", "v1"]
+    assert main(base) == 0
+    rendered = capsys.readouterr().out
+    assert "models/deepseek-ai/DeepSeek-V2-Lite/r1/" in rendered and "models/deepseek-v2/" not in rendered
+    assert main([*base, "--revision", "r2"]) == 0
+    assert "models/deepseek-ai/DeepSeek-V2-Lite/r2/" in capsys.readouterr().out
+
+
+def test_cli_install_refuses_a_revision_that_is_not_in_the_cold_tier(fake_api, emulator, tmp_path: Path, capsys):
+    """`install staging --dry-run` against moto (S3) and the fake API: refused, with the bucket, the prefix and
+    the upload command, until `moefleet weights upload` of that revision; then an incomplete revision again."""
+    from infra.catalog.environments import load_environments
+    from infra.ops.aws import make_client
+
+    environments = _environments_with_staging(tmp_path, 'aws_endpoint = "http://127.0.0.1:4566"\n')
+    staging = load_environments(environments)["staging"]
+    s3 = make_client("s3", staging.region, emulator)
+    bucket = f"install-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(
+        json.dumps({k: {"value": v} for k, v in (representative_outputs(staging) | {"models_bucket": bucket}).items()})
+    )
+    where = ["--environments", str(environments), "--emulator-endpoint", emulator]
+    install = ["install", "staging", "--dry-run", "--outputs", str(outputs), "--tag", "v1", *where]
+    install += ["--kubeconfig", str(_kubeconfig(tmp_path, fake_api.url))]
+
+    assert main(install) == 4
+    err = capsys.readouterr().err
+    assert "model deepseek-ai/DeepSeek-V2-Lite@r1 is not complete in the cold tier" in err
+    assert f"bucket {bucket}, prefix models/deepseek-ai/DeepSeek-V2-Lite/r1/" in err
+    assert "no moefleet-manifest.json: never uploaded" in err
+    assert "moefleet weights upload staging DIR --model deepseek-ai/DeepSeek-V2-Lite --revision r1" in err
+    assert fake_api.applies() == []
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    (checkpoint / "model.safetensors").write_bytes(b"\0" * 4096)
+    assert main(["weights", "upload", "staging", str(checkpoint), "--bucket", bucket, *where]) == 0
+    assert f"s3://{bucket}/models/deepseek-ai/DeepSeek-V2-Lite/r1/" in capsys.readouterr().out
+
+    assert main(install) == 0
+    err = capsys.readouterr().err
+    assert f"weights s3://{bucket}/models/deepseek-ai/DeepSeek-V2-Lite/r1/ complete" in err
+    assert "create    deployment/moe-runtime" in err
+    assert fake_api.applies() and fake_api.applies(dry_run=False) == []
+
+    s3.delete_object(Bucket=bucket, Key="models/deepseek-ai/DeepSeek-V2-Lite/r1/model.safetensors")
+    assert main(install) == 4
+    assert "model.safetensors: missing" in capsys.readouterr().err
