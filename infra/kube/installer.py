@@ -5,7 +5,8 @@ order `render.sort_for_apply` gives: the server merges our fields and keeps othe
 replicas, controllers' annotations), and a re-run with nothing changed is a no-op.
 
 Before touching anything: the API answers, and the CRDs of every custom kind exist (LeaderWorkerSet,
-KEDA, Prometheus Operator come from their own installs) — nothing is half-applied for want of a CRD.
+KEDA, Prometheus Operator come from their own installs) — nothing is half-applied for want of a CRD, and
+the error gives each missing add-on's pinned install command (`infra.catalog.prerequisites`).
 
 Rollout: like `kubectl rollout status` — a Deployment is done when the controller has observed the new
 generation and every replica is updated and available; it has failed on `ProgressDeadlineExceeded` or at
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from infra.catalog.exit_codes import ExitCode
+from infra.catalog.prerequisites import BY_GROUP, Prerequisite
 
 Obj = dict[str, Any]
 
@@ -45,12 +47,8 @@ CLUSTER_SCOPED = {
     "RuntimeClass",
     "CSIDriver",
 }
-#: Which operator install provides a custom API group (what the error tells the operator to install).
-OPERATORS = {
-    "leaderworkerset.x-k8s.io": "LeaderWorkerSet controller (kubernetes-sigs/lws)",
-    "keda.sh": "KEDA",
-    "monitoring.coreos.com": "Prometheus Operator (kube-prometheus-stack or the operator alone)",
-}
+#: Which add-on provides a custom API group (infra.catalog.prerequisites: name, pinned version, install command).
+OPERATORS = {group: prerequisite.name for group, prerequisite in BY_GROUP.items()}
 _BUILTIN_GROUPS = {
     "",
     "apps",
@@ -252,17 +250,19 @@ class Installer:
         status, data = self.request("GET", "/version")
         if status >= 300:
             raise InstallError(f"GET /version: HTTP {status}: {_message(data)}")
-        missing = []
+        missing: dict[str, list[str]] = {}
         for group, kinds in sorted(_custom_kinds(objs).items()):
             for kind in sorted(kinds):
                 crd = f"{plural(kind)}.{group}"
                 code, _ = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
                 if code == 404:
-                    missing.append(f"{crd} (install {OPERATORS.get(group, group)})")
+                    missing.setdefault(group, []).append(crd)
                 elif code >= 300:
                     raise InstallError(f"GET customresourcedefinition {crd}: HTTP {code}")
         if missing:
-            raise InstallError("missing CRDs, nothing applied: " + "; ".join(missing))
+            raise InstallError(
+                "missing CRDs, nothing applied:\n" + "\n".join(_how_to_install(g, c) for g, c in missing.items())
+            )
 
     def plan(self, objs: list[Obj]) -> list[tuple[str, str, list[str]]]:
         """Server-side dry run: (object, action, changed paths) with action create / change / unchanged."""
@@ -336,6 +336,17 @@ def _custom_kinds(objs: list[Obj]) -> dict[str, set[str]]:
         if group in OPERATORS or (group not in _BUILTIN_GROUPS and not group.endswith(".k8s.io")):
             kinds.setdefault(group, set()).add(obj["kind"])
     return kinds
+
+
+def _how_to_install(group: str, crds: list[str]) -> str:
+    """Per missing add-on: its CRDs, its pinned install commands and its docs (or the group, if unknown)."""
+    prerequisite: Prerequisite | None = BY_GROUP.get(group)
+    if prerequisite is None:
+        return f"  {', '.join(crds)}: install the operator that provides API group {group}"
+    lines = [f"  {', '.join(crds)}: install {prerequisite.name} {prerequisite.version}:"]
+    lines += [f"    {command}" for command in prerequisite.install_commands]
+    lines.append(f"    ({prerequisite.docs_url})")
+    return "\n".join(lines)
 
 
 def _message(data: Any) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE, Environment, load_environments
+from infra.catalog.prerequisites import PREREQUISITES
 from infra.kube.objects import RenderInput
 from tests.infra.kube.fake_api import FakeKubeAPI
 from tests.infra.kube.inputs import STANDARD_ENVIRONMENTS, make_input
@@ -30,12 +31,5 @@ def inputs(environments: dict[str, Environment]) -> dict[str, RenderInput]:
 @pytest.fixture
 def fake_api() -> Iterator[FakeKubeAPI]:
     with FakeKubeAPI() as api:
-        api.crds |= {
-            "leaderworkersets.leaderworkerset.x-k8s.io",
-            "scaledobjects.keda.sh",
-            "triggerauthentications.keda.sh",
-            "servicemonitors.monitoring.coreos.com",
-            "podmonitors.monitoring.coreos.com",
-            "prometheusrules.monitoring.coreos.com",
-        }
+        api.crds |= {crd for prerequisite in PREREQUISITES for crd in prerequisite.crds}
         yield api

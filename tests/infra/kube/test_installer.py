@@ -12,8 +12,9 @@ import pytest
 
 from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE
 from infra.catalog.outputs import representative_outputs
+from infra.catalog.prerequisites import BY_GROUP, PREREQUISITES
 from infra.cli.main import main
-from infra.kube.installer import FIELD_MANAGER, Installer, InstallError, object_path
+from infra.kube.installer import FIELD_MANAGER, Installer, InstallError, object_path, plural
 from infra.kube.render import render
 from tests.infra.kube.fake_api import FakeKubeAPI
 from tests.infra.kube.inputs import make_input
@@ -244,3 +245,50 @@ def test_cli_install_refuses_a_revision_that_is_not_in_the_cold_tier(fake_api, e
     s3.delete_object(Bucket=bucket, Key="models/deepseek-ai/DeepSeek-V2-Lite/r1/model.safetensors")
     assert main(install) == 4
     assert "model.safetensors: missing" in capsys.readouterr().err
+
+
+# ---- prerequisites: each missing add-on is named with its pinned install command -------------------------
+
+_NEEDS = {"KEDA": "staging", "LeaderWorkerSet controller": "prod"}
+
+
+@pytest.mark.parametrize("prerequisite", PREREQUISITES, ids=lambda p: p.name.split()[0])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["install", "dry-run"])
+def test_missing_prerequisite_stops_with_its_pinned_install_command(fake_api, environments, prerequisite, dry_run):
+    objs = render(make_input(environments[_NEEDS.get(prerequisite.name, "dev")]))
+    fake_api.crds -= set(prerequisite.crds)
+    installer, _ = _installer(fake_api)
+    with pytest.raises(InstallError) as info:
+        installer.plan(objs) if dry_run else installer.install(objs)
+    message = str(info.value)
+    assert message.startswith("missing CRDs, nothing applied")
+    assert all(command in message for command in prerequisite.install_commands) and prerequisite.version in message
+    used = {f"{plural(o['kind'])}.{o['apiVersion'].split('/')[0]}" for o in objs}
+    assert all(crd in message for crd in set(prerequisite.crds) & used)
+    others = [p for p in PREREQUISITES if p is not prerequisite]
+    assert not any(p.install_commands[-1] in message for p in others), "only what is missing is named"
+    assert fake_api.applies() == [], "nothing applied, not even as a dry run"
+
+
+@pytest.mark.parametrize("env", ["dev", "staging", "prod"])
+def test_every_custom_kind_is_a_prerequisite_and_with_all_present_install_proceeds(fake_api, environments, env):
+    objs = render(make_input(environments[env]))
+    groups = {o["apiVersion"].rpartition("/")[0] for o in objs}
+    assert groups - {"", "apps", "policy", "networking.k8s.io", "storage.k8s.io"} <= set(BY_GROUP)
+    custom = {f"{plural(o['kind'])}.{o['apiVersion'].rpartition('/')[0]}" for o in objs}
+    assert {crd for crd in custom if crd.split(".", 1)[1] in BY_GROUP} <= {
+        crd for p in PREREQUISITES for crd in p.crds
+    }, "a custom kind whose CRD no prerequisite lists"
+    installer, out = _installer(fake_api)
+    installer.plan(objs)
+    installer.install(objs)
+    assert len(fake_api.applies(dry_run=False)) == len(objs)
+    assert "rolled out" in out.getvalue()
+
+
+def test_install_doc_lists_each_prerequisite_with_its_pinned_command():
+    doc = (Path(__file__).parents[3] / "docs" / "install.md").read_text()
+    for prerequisite in PREREQUISITES:
+        for command in prerequisite.install_commands:
+            assert command in doc, f"docs/install.md lacks {prerequisite.name}'s pinned command {command!r}"
+        assert prerequisite.docs_url in doc
