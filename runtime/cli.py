@@ -78,7 +78,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=float(os.environ[c.ENV_ACCURACY_BASELINE]) if os.environ.get(c.ENV_ACCURACY_BASELINE) else None,
         help="reference accuracy for the drift alert",
     )
-    p.add_argument("--accuracy-window", type=int, default=500, help="labels in the rolling accuracy")
+    p.add_argument(
+        "--accuracy-window",
+        type=int,
+        default=_env_int(c.ENV_ACCURACY_WINDOW) or c.DEFAULT_ACCURACY_WINDOW,
+        help=f"labels in the rolling accuracy (default: ${c.ENV_ACCURACY_WINDOW} or {c.DEFAULT_ACCURACY_WINDOW})",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1, help="default: $WORLD_SIZE")
     p.add_argument(
@@ -93,7 +98,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shm-min-bytes", type=int, default=_env_int(c.ENV_SHM_MIN_BYTES) or c.DEFAULT_SHM_MIN_BYTES)
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default=(os.environ.get(c.ENV_LOG_LEVEL) or c.DEFAULT_LOG_LEVEL).lower(),
+        choices=c.LOG_LEVELS,
+        help=f"default: ${c.ENV_LOG_LEVEL} or {c.DEFAULT_LOG_LEVEL}",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -101,8 +111,12 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
+    from runtime import contract as c
     from runtime.server.lifecycle import ShmError, check_shm
 
+    if args.log_level not in c.LOG_LEVELS:  # argparse checks choices given on the command line, not defaults
+        print(f"error: {c.ENV_LOG_LEVEL}={args.log_level!r}: allowed: {', '.join(c.LOG_LEVELS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.model:
         print("error: --model PATH (or MODEL_PATH) is required", file=sys.stderr)

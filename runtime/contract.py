@@ -56,7 +56,9 @@ ENV_DEVICE = "MOE_DEVICE"
 ENV_DTYPE = "MOE_DTYPE"
 ENV_KV_BLOCKS = "MOE_KV_BLOCKS"
 ENV_MAX_QUEUE = "MOE_MAX_QUEUE"
-ENV_ACCURACY_BASELINE = "MOE_ACCURACY_BASELINE"
+ENV_ACCURACY_BASELINE = "MOE_ACCURACY_BASELINE"  # reference accuracy of the drift alert (unset: no baseline)
+ENV_ACCURACY_WINDOW = "MOE_ACCURACY_WINDOW"  # labelled predictions in the rolling accuracy
+ENV_LOG_LEVEL = "MOE_LOG_LEVEL"
 ENV_WORLD_SIZE = "WORLD_SIZE"  # torchrun / LeaderWorkerSet convention
 ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
 
@@ -74,6 +76,10 @@ ENV_TP = "MOE_TP"  # default of serve --tp
 ENV_EP = "MOE_EP"  # default of serve --ep
 ENV_DIST_TIMEOUT = "MOE_DIST_TIMEOUT_S"  # collective / heartbeat timeout, seconds
 DEFAULT_DIST_TIMEOUT_S = 120.0
+
+DEFAULT_ACCURACY_WINDOW = 500
+LOG_LEVELS = ("debug", "info", "warning", "error")  # serve --log-level / $MOE_LOG_LEVEL
+DEFAULT_LOG_LEVEL = "info"
 
 DEFAULT_MODEL_PATH = "/opt/deepseek/model_weights"
 SHM_PATH = "/dev/shm"

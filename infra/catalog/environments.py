@@ -28,6 +28,7 @@ from infra.catalog.sizes import (
     check_instance_type,
 )
 from infra.catalog.thresholds import Thresholds
+from runtime import contract
 
 #: EKS versions the stacks are written and tested for (standard support as of 2026-11).
 SUPPORTED_KUBERNETES_VERSIONS = ("1.31", "1.32", "1.33", "1.34")
@@ -103,6 +104,49 @@ class ModelSetting(Strict):
         return value
 
 
+class RuntimeSettings(Strict):
+    """`runtime = { accuracy_baseline, accuracy_window, log_level }`: what the runtime's pods are started with,
+    rendered into their environment by the names in `runtime.contract`. Without `accuracy_baseline` the
+    runtime publishes no baseline and the accuracy-drift alert cannot fire."""
+
+    accuracy_baseline: float | None = None
+    accuracy_window: int = contract.DEFAULT_ACCURACY_WINDOW
+    log_level: str = contract.DEFAULT_LOG_LEVEL
+
+    @field_validator("accuracy_baseline", mode="before")
+    @classmethod
+    def _baseline(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError("expected a number in (0, 1]: the reference accuracy, e.g. 0.9")
+        return value
+
+    @field_validator("accuracy_window", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+            raise ValueError("expected a whole number of labelled predictions in [1, 100000], e.g. 500")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        if value not in contract.LOG_LEVELS:
+            raise ValueError(f"allowed: {', '.join(contract.LOG_LEVELS)}")
+        return value
+
+    def env(self) -> dict[str, str]:
+        """The runtime's environment variables for these settings (the baseline only when set)."""
+        out = {
+            contract.ENV_LOG_LEVEL: self.log_level,
+            contract.ENV_ACCURACY_WINDOW: str(self.accuracy_window),
+        }
+        if self.accuracy_baseline is not None:
+            out[contract.ENV_ACCURACY_BASELINE] = repr(float(self.accuracy_baseline))
+        return out
+
+
 Cidr = Annotated[str, Field(min_length=9)]
 
 
@@ -130,6 +174,8 @@ class Environment(Strict):
     alarm_email: str | None = None
     #: Per-environment overrides of infra.catalog.thresholds.Thresholds, e.g. { p99_latency_seconds = 0.8 }.
     alert_thresholds: dict[str, float | str] = Field(default_factory=dict)
+    #: `runtime = { accuracy_baseline = 0.9, log_level = "info" }`: settings the runtime's pods start with.
+    runtime: RuntimeSettings = RuntimeSettings()
 
     @field_validator("alert_thresholds")
     @classmethod

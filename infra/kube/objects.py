@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from infra.catalog.environments import RuntimeSettings
 from infra.catalog.names import (
     GPU_POOL,
     GPU_TAINT,
@@ -65,6 +66,8 @@ class RenderInput:
     model: ModelRef
     max_gpu_nodes: int
     version: str = "dev"
+    #: The environment's `runtime` table (log level, accuracy baseline and window).
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     @property
     def gpus_per_pod(self) -> int:
@@ -186,7 +189,8 @@ MULTI_GPU_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 def runtime_config(inp: RenderInput) -> dict[str, str]:
-    """The runtime's settings, by the environment variable names it reads (runtime.contract)."""
+    """The runtime's settings, by the environment variable names it reads (runtime.contract); the runtime
+    container takes them all (`envFrom`), and their hash in the pod template rolls the pods when one changes."""
     return {
         **(MULTI_GPU_ENV if inp.world_size > 1 else {}),
         **(EFA_NCCL_ENV if inp.size.uses_efa and inp.multi_node else {}),
@@ -195,6 +199,7 @@ def runtime_config(inp: RenderInput) -> dict[str, str]:
         c.ENV_HOST: c.DEFAULT_HOST,
         c.ENV_PORT: str(c.DEFAULT_PORT),
         c.ENV_SHM_MIN_BYTES: str(c.DEFAULT_SHM_MIN_BYTES),
+        **inp.runtime.env(),
         "AWS_REGION": inp.outputs.region,
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         "HOME": TMP_MOUNT,

@@ -50,6 +50,7 @@ def render_input(
         model=model,
         max_gpu_nodes=env.gpu_node_counts[2],
         version=version,
+        runtime=env.runtime,
     )
 
 

@@ -177,3 +177,35 @@ def test_model_setting_is_read_and_checked(tmp_path: Path) -> None:
     assert "2 problem(s)" in message
     assert "field 'model.name' = 'a/b/c'" in error_for(tmp_path, GOOD + 'model = { name = "a/b/c" }\n')
     assert "field 'model.tag' = 'x': unknown key" in error_for(tmp_path, GOOD + 'model = { name = "m", tag = "x" }\n')
+
+
+def test_runtime_settings_default_and_are_read(tmp_path: Path) -> None:
+    from runtime import contract as c
+
+    env = load_environments(write(tmp_path, GOOD))["dev"]
+    assert (env.runtime.accuracy_baseline, env.runtime.accuracy_window, env.runtime.log_level) == (
+        None,
+        c.DEFAULT_ACCURACY_WINDOW,
+        c.DEFAULT_LOG_LEVEL,
+    )
+    assert c.ENV_ACCURACY_BASELINE not in env.runtime.env(), "no baseline unless the environment sets one"
+    good = GOOD + 'runtime = { accuracy_baseline = 1, accuracy_window = 200, log_level = "debug" }\n'
+    env = load_environments(write(tmp_path, good))["dev"]
+    assert env.runtime.env() == {c.ENV_ACCURACY_BASELINE: "1.0", c.ENV_ACCURACY_WINDOW: "200", c.ENV_LOG_LEVEL: "debug"}
+    assert load_environments(DEFAULT_ENVIRONMENTS_FILE)["local"].runtime.accuracy_baseline == 0.9
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("accuracy_baseline = 0", "field 'runtime.accuracy_baseline' = 0: expected a number in (0, 1]"),
+        ("accuracy_baseline = 1.5", "field 'runtime.accuracy_baseline' = 1.5: expected a number in (0, 1]"),
+        ('accuracy_baseline = "0.9"', "field 'runtime.accuracy_baseline' = '0.9': expected a number in (0, 1]"),
+        ("accuracy_window = 0", "field 'runtime.accuracy_window' = 0: expected a whole number"),
+        ('log_level = "verbose"', "field 'runtime.log_level' = 'verbose': allowed: debug, info, warning, error"),
+        ("log_lvl = 'info'", "field 'runtime.log_lvl' = 'info': unknown key"),
+    ],
+)
+def test_bad_runtime_setting_is_named(tmp_path: Path, setting: str, expected: str) -> None:
+    message = error_for(tmp_path, GOOD + f"runtime = {{ {setting} }}\n")
+    assert f"environment 'dev': {expected}" in message

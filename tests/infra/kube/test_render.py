@@ -340,3 +340,53 @@ def test_rendered_parallel_layouts_are_ones_the_runtime_accepts(inputs):
         tp = int(cmd[cmd.index("--tp") + 1])
         ep = int(cmd[cmd.index("--ep") + 1]) if "--ep" in cmd else 1
         ParallelLayout(tp=tp, ep=ep, world_size=inp.world_size).validate()
+
+
+# ---- the environment's runtime settings -----------------------------------------------------------------
+
+
+def _runtime_env(objs: list[dict]) -> list[dict[str, str]]:
+    """The environment each runtime container starts with: its ConfigMaps (`envFrom`), then its `env`."""
+    config_maps = {obj["metadata"]["name"]: obj["data"] for obj in _kind(objs, "ConfigMap")}
+    envs = []
+    for template in _templates(_workload(objs)):
+        (container,) = [ct for ct in template["spec"]["containers"] if ct["name"] == "runtime"]
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            env.update(config_maps[source["configMapRef"]["name"]])
+        env.update({item["name"]: item["value"] for item in container.get("env", [])})
+        envs.append(env)
+    return envs
+
+
+def _with_runtime(environment, **settings):
+    from infra.catalog.environments import RuntimeSettings
+    from tests.infra.kube.inputs import make_input
+
+    return make_input(environment.model_copy(update={"runtime": RuntimeSettings(**settings)}))
+
+
+@pytest.mark.parametrize("env", ["dev", "staging", "prod"])  # Deployment (1 and 4 GPUs), LeaderWorkerSet
+def test_runtime_settings_reach_every_runtime_container(environments, inputs, env):
+    objs = render(_with_runtime(environments[env], accuracy_baseline=0.85, accuracy_window=200, log_level="debug"))
+    for pod_env in _runtime_env(objs):
+        assert pod_env[c.ENV_ACCURACY_BASELINE] == "0.85"
+        assert pod_env[c.ENV_ACCURACY_WINDOW] == "200"
+        assert pod_env[c.ENV_LOG_LEVEL] == "debug"
+    assert validate_all(objs, KUBERNETES_VERSION) == []
+    defaults = render(inputs[env])  # the shipped staging, dev and prod set no runtime table
+    for pod_env in _runtime_env(defaults):
+        assert c.ENV_ACCURACY_BASELINE not in pod_env, "no baseline: the runtime publishes none"
+        assert pod_env[c.ENV_ACCURACY_WINDOW] == str(c.DEFAULT_ACCURACY_WINDOW)
+        assert pod_env[c.ENV_LOG_LEVEL] == c.DEFAULT_LOG_LEVEL
+    hashes = {
+        t["metadata"]["annotations"]["moefleet.io/config-hash"]
+        for objs_ in (objs, defaults)
+        for t in _templates(_workload(objs_))
+    }
+    assert len(hashes) == 2, "changed settings change the pod template, so the pods roll"
+
+
+def test_shipped_local_environment_sets_the_demo_baseline(inputs):
+    (pod_env,) = _runtime_env(render(inputs["local"]))
+    assert pod_env[c.ENV_ACCURACY_BASELINE] == "0.9"
