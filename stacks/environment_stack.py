@@ -146,8 +146,10 @@ class EnvironmentStack(TerraformStack):
                 cluster_security_group_id=self.cluster.security_group_id,
                 instance_tags=standard_tags(env),
                 efa_interfaces=instance.efa_interfaces if size.uses_efa else 0,
-                placement_group=size.uses_placement_group,
-                capacity_reservation_id=env.overrides.capacity_reservation_id,
+                placement_group=env.gpu_placement_group,
+                capacity_reservation_id=env.gpu_capacity_reservation_id,
+                capacity_block=env.gpu_capacity_block,
+                single_az=env.gpu_pool_single_az,
                 local_nvme_cache=size.uses_local_nvme_cache,
             ),
             depends_on=attachments,
@@ -201,7 +203,7 @@ class EnvironmentStack(TerraformStack):
                     name=name,
                     aws=self.aws,
                     vpc_id=self.network.vpc.id,
-                    # The GPU pool of the large size lives in the first private subnet (placement group).
+                    # A single-AZ GPU pool (placement group or reservation) lives in the first private subnet.
                     subnet_id=self.network.private_subnet_ids[0],
                     client_security_group_id=self.cluster.security_group_id,
                     capacity_gib=size.storage.hot_capacity_gib,

@@ -23,7 +23,8 @@ from tests.e2e.demo_runs import DemoRun
 
 #: Test-only environments appended to the real file: they exercise, against the emulator, what the
 #: standard `local` (devtest) environment does not — multi-node GPU (EFA, placement group, NVMe RAID0,
-#: capacity reservation) and the FSx hot tier (medium).
+#: capacity reservation), the FSx hot tier (medium), and `prod` as it runs on a Capacity Block for ML
+#: (prod-cb: prod's size, AZs and tags on the emulator, no placement group by default).
 TEST_ENVIRONMENTS = """
 [environments.large-emu]
 size = "large"
@@ -34,7 +35,21 @@ kubernetes_version = "1.33"
 aws_endpoint = "http://127.0.0.1:4566"
 tags = { owner = "tests" }
 state = { kind = "local" }
-overrides = { capacity_reservation_id = "cr-0123456789abcdef0", gpu_nodes = { min = 0, max = 2 } }
+# A cluster placement group is left out by default with a reservation; forced here to keep applying one.
+overrides.capacity_reservation_id = "cr-0123456789abcdef0"
+overrides.placement_group = true
+overrides.gpu_nodes = { min = 0, max = 2 }
+
+[environments.prod-cb]
+size = "large"
+region = "us-east-1"
+azs = ["us-east-1a", "us-east-1b", "us-east-1c"]
+vpc_cidr = "10.79.0.0/16"
+kubernetes_version = "1.33"
+aws_endpoint = "http://127.0.0.1:4566"
+tags = { owner = "ml-platform", cost-center = "ml-prod" }
+state = { kind = "local" }
+overrides = { capacity_block_id = "cr-0fedcba9876543210", gpu_nodes = { min = 0, max = 2 } }
 
 [environments.medium-emu]
 size = "medium"
@@ -81,7 +96,7 @@ def stacks(synth_dir: Path) -> dict[str, dict]:
 
 # ---- long jobs that mostly wait, started at the beginning of the session ---------------------------
 #
-# Applying and destroying three environments and running the demo twice take ~15 minutes of wall time,
+# Applying and destroying four environments and running the demo twice take ~15 minutes of wall time,
 # nearly all of it waiting on terraform's polling and on child processes. They start as soon as the
 # session does, and the tests that read their results run last, so the rest of the suite runs meanwhile.
 
@@ -90,12 +105,23 @@ BACKGROUND_FIXTURES = ("once_demo", "stay_up_demo", "cdktf_cli_run", "lifecycles
 
 @pytest.fixture(scope="session")
 def lifecycles(
-    synth_dir: Path, stacks: dict[str, dict], emulator: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    synth_dir: Path,
+    stacks: dict[str, dict],
+    emulator: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Future[dict[str, float]]]]:
     from tests.infra.lifecycle import LIVE_CHECKS, apply_replan_destroy
 
+    # Only the environments whose test was selected (`-k prod-cb` applies one stack, not all of them).
+    selected = {
+        item.callspec.params["env_name"]
+        for item in request.session.items
+        if "lifecycles" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")
+    }
+    checks = {env: check for env, check in LIVE_CHECKS.items() if env in selected} or LIVE_CHECKS
     root = tmp_path_factory.mktemp("applied")
-    with ThreadPoolExecutor(max_workers=len(LIVE_CHECKS)) as pool:
+    with ThreadPoolExecutor(max_workers=len(checks)) as pool:
         yield {
             env: pool.submit(
                 apply_replan_destroy,
@@ -105,7 +131,7 @@ def lifecycles(
                 emulator,
                 lambda outputs, check=check: check(emulator, outputs),
             )
-            for env, check in LIVE_CHECKS.items()
+            for env, check in checks.items()
         }
 
 

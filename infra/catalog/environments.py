@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from infra.catalog import names
 from infra.catalog.names import DEFAULT_ENVIRONMENTS_FILE, DEFAULT_REVISION, model_name_problem, model_revision_problem
 from infra.catalog.sizes import (
+    CAPACITY_BLOCK_INSTANCE_TYPES,
     INSTANCE_TYPES,
     SIZES,
     InstanceType,
@@ -34,6 +35,7 @@ from runtime import contract
 SUPPORTED_KUBERNETES_VERSIONS = ("1.31", "1.32", "1.33", "1.34")
 _REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
 _CAPACITY_RESERVATION = re.compile(r"^cr-[0-9a-f]{8,17}$")
+_CAPACITY_BLOCK = re.compile(r"^cr-[0-9a-f]{8}([0-9a-f]{9})?$")
 _TAG_KEY = re.compile(r"^[\w .:/=+\-@]{1,128}$")
 
 
@@ -72,6 +74,12 @@ class Overrides(Strict):
     instance_type: str | None = None
     gpu_nodes: NodeCounts = NodeCounts()
     capacity_reservation_id: str | None = None
+    #: A Capacity Block for ML (a capacity reservation of type `capacity-block`): the GPU node group becomes
+    #: `capacity_type = "CAPACITY_BLOCK"` and its launch template targets the block.
+    capacity_block_id: str | None = None
+    #: Cluster placement group for the GPU pool. Default: on for the large size, except with a capacity
+    #: reservation or block (a forced placement group meeting reserved capacity gives insufficient-capacity errors).
+    placement_group: bool | None = None
     single_nat_gateway: bool | None = None
 
     @field_validator("capacity_reservation_id")
@@ -79,6 +87,15 @@ class Overrides(Strict):
     def _cr_id(cls, value: str | None) -> str | None:
         if value is not None and not _CAPACITY_RESERVATION.match(value):
             raise ValueError("expected an EC2 capacity reservation id like 'cr-0123456789abcdef0'")
+        return value
+
+    @field_validator("capacity_block_id")
+    @classmethod
+    def _cb_id(cls, value: str | None) -> str | None:
+        if value is not None and not _CAPACITY_BLOCK.match(value):
+            raise ValueError(
+                f"expected a capacity block id matching {_CAPACITY_BLOCK.pattern} like 'cr-0123456789abcdef0'"
+            )
         return value
 
 
@@ -239,6 +256,7 @@ class Environment(Strict):
             except SizeRequirementError as err:
                 allowed = ", ".join(allowed_instance_types(SIZES[self.size]))
                 raise ValueError(f"overrides.instance_type: {err}; allowed for {self.size}: {allowed}") from None
+        self._check_capacity()
         counts = self.overrides.gpu_nodes
         if counts.max is not None and counts.min > counts.max:
             raise ValueError(f"overrides.gpu_nodes: min {counts.min} > max {counts.max}")
@@ -257,6 +275,25 @@ class Environment(Strict):
         if self.aws_endpoint is not None and not re.match(r"^http://(127\.0\.0\.1|localhost):\d+$", self.aws_endpoint):
             raise ValueError("aws_endpoint: only an emulator on loopback is allowed, like 'http://127.0.0.1:4566'")
         return self
+
+    def _check_capacity(self) -> None:
+        block, reservation = self.overrides.capacity_block_id, self.overrides.capacity_reservation_id
+        if block and reservation:
+            raise ValueError(
+                f"overrides.capacity_block_id = {block!r}: cannot be combined with overrides.capacity_reservation_id"
+                f" = {reservation!r}; allowed: one of the two (a capacity block is a reservation of its own)"
+            )
+        if block and self.gpu_instance_type not in CAPACITY_BLOCK_INSTANCE_TYPES:
+            raise ValueError(
+                f"overrides.capacity_block_id = {block!r}: AWS sells no capacity blocks for {self.gpu_instance_type}"
+                f" (size {self.size.value}); allowed instance types: {', '.join(CAPACITY_BLOCK_INSTANCE_TYPES)}"
+            )
+        if self.overrides.placement_group and not self.size_spec.uses_placement_group:
+            multi_node = ", ".join(s.value for s, spec in SIZES.items() if spec.uses_placement_group)
+            raise ValueError(
+                f"overrides.placement_group = true: size {self.size.value} runs single-node replicas; "
+                f"allowed only for sizes with multi-node replicas ({multi_node})"
+            )
 
     # Derived values: one place computes them, every construct reads them.
     @property
@@ -298,6 +335,29 @@ class Environment(Strict):
         maximum = counts.max if counts.max is not None else max(needed, 1)
         desired = counts.desired if counts.desired is not None else counts.min
         return counts.min, desired, maximum
+
+    @property
+    def gpu_capacity_reservation_id(self) -> str | None:
+        """The reservation the GPU launch template targets: a capacity block or an On-Demand reservation."""
+        return self.overrides.capacity_block_id or self.overrides.capacity_reservation_id
+
+    @property
+    def gpu_capacity_block(self) -> bool:
+        return self.overrides.capacity_block_id is not None
+
+    @property
+    def gpu_placement_group(self) -> bool:
+        """A cluster placement group for the GPU pool: the override, else the size's default unless reserved
+        capacity is targeted (AWS places a reservation's instances itself; forcing a group on top of it
+        gives insufficient-capacity errors)."""
+        if self.overrides.placement_group is not None:
+            return self.overrides.placement_group
+        return self.size_spec.uses_placement_group and self.gpu_capacity_reservation_id is None
+
+    @property
+    def gpu_pool_single_az(self) -> bool:
+        """The GPU pool lives in the first AZ only: a placement group and a reservation are each in one AZ."""
+        return self.gpu_placement_group or self.gpu_capacity_reservation_id is not None
 
     @property
     def single_nat_gateway(self) -> bool:

@@ -61,6 +61,20 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
 }
 
 #: CPU instance types for the system node pool (CoreDNS, controllers, exporters).
+#: Instance types AWS sells Capacity Blocks for ML for (the EC2 user guide's list, 2026). Of the catalog's
+#: types, the p4d/p4de/p5.48xlarge the medium and large sizes use; the rest are listed so an
+#: `overrides.instance_type` outside the catalog still gets an accurate error message.
+CAPACITY_BLOCK_INSTANCE_TYPES = (
+    "p4d.24xlarge",
+    "p4de.24xlarge",
+    "p5.48xlarge",
+    "p5e.48xlarge",
+    "p5en.48xlarge",
+    "p6-b200.48xlarge",
+    "trn1.32xlarge",
+    "trn2.48xlarge",
+)
+
 SYSTEM_INSTANCE_TYPES: dict[str, float] = {"m6i.large": 0.096, "m6i.xlarge": 0.192, "m6i.2xlarge": 0.384}
 
 

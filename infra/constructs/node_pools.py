@@ -22,6 +22,7 @@ from cdktf_cdktf_provider_aws.launch_template import (
     LaunchTemplateBlockDeviceMappingsEbs,
     LaunchTemplateCapacityReservationSpecification,
     LaunchTemplateCapacityReservationSpecificationCapacityReservationTarget,
+    LaunchTemplateInstanceMarketOptions,
     LaunchTemplateMetadataOptions,
     LaunchTemplateMonitoring,
     LaunchTemplateNetworkInterfaces,
@@ -110,6 +111,8 @@ class NodePoolProps:
     efa_interfaces: int = 0
     placement_group: str | None = None
     capacity_reservation_id: str | None = None
+    #: The reservation is a Capacity Block for ML: capacity type CAPACITY_BLOCK, market type capacity-block.
+    capacity_block: bool = False
     local_nvme_raid0: bool = False
     max_unavailable: int = 1
 
@@ -142,6 +145,8 @@ class NodePool(Construct):
                     capacity_reservation_id=props.capacity_reservation_id
                 )
             )
+        # A capacity block is bought, not on-demand: EKS and EC2 both need to be told (CAPACITY_BLOCK below).
+        market = LaunchTemplateInstanceMarketOptions(market_type="capacity-block") if props.capacity_block else None
         tags = {"Name": f"{props.cluster_name}-{props.pool}", **props.instance_tags}
         self.launch_template = LaunchTemplate(
             self,
@@ -167,6 +172,7 @@ class NodePool(Construct):
             network_interfaces=interfaces,
             placement=LaunchTemplatePlacement(group_name=props.placement_group) if props.placement_group else None,
             capacity_reservation_specification=capacity,
+            instance_market_options=market,
             monitoring=LaunchTemplateMonitoring(enabled=True),
             user_data=base64.b64encode(_NVME_RAID0_NODECONFIG.encode()).decode() if props.local_nvme_raid0 else None,
             # Provider default_tags do not reach instances a node group launches; these do.
@@ -183,7 +189,7 @@ class NodePool(Construct):
             node_role_arn=props.node_role_arn,
             subnet_ids=props.subnet_ids,
             ami_type=props.ami_type,
-            capacity_type="ON_DEMAND",
+            capacity_type="CAPACITY_BLOCK" if props.capacity_block else "ON_DEMAND",
             instance_types=[props.instance_type],
             scaling_config=EksNodeGroupScalingConfig(
                 min_size=props.min_size, desired_size=props.desired_size, max_size=props.max_size
@@ -223,14 +229,18 @@ class GpuPoolProps:
     efa_interfaces: int = 0
     placement_group: bool = False
     capacity_reservation_id: str | None = None
+    capacity_block: bool = False
+    #: Only the first subnet (AZ): a placement group or a reservation lives in one AZ.
+    single_az: bool = False
     local_nvme_cache: bool = False
 
 
 class GpuNodePool(Construct):
     """GPU nodes: NVIDIA AL2023 AMI, tainted so only GPU workloads land there, labelled for selection.
 
-    For multi-node replicas (large) adds a cluster placement group, EFA interfaces with the all-traffic
-    self-referencing security group EFA requires, and a single subnet (a placement group lives in one AZ).
+    For multi-node replicas (large) adds EFA interfaces with the all-traffic self-referencing security group
+    EFA requires and, unless reserved capacity is targeted, a cluster placement group; a single subnet when
+    either a placement group or a reservation (On-Demand or a Capacity Block for ML) pins the pool to one AZ.
     """
 
     def __init__(self, scope: Construct, id_: str, props: GpuPoolProps, depends_on: list | None = None) -> None:
@@ -269,6 +279,7 @@ class GpuNodePool(Construct):
             security_groups = [*security_groups, self.efa_security_group.id]
         if props.placement_group:
             self.placement_group = PlacementGroup(self, "pg", name=f"{props.cluster_name}-gpu", strategy="cluster")
+        if props.placement_group or props.single_az:
             subnet_ids = subnet_ids[:1]
         labels = {SIZE_LABEL: props.size, GPU_MODEL_LABEL: props.gpu_model}
         if props.local_nvme_cache:
@@ -295,6 +306,7 @@ class GpuNodePool(Construct):
                 efa_interfaces=props.efa_interfaces,
                 placement_group=self.placement_group.name if self.placement_group else None,
                 capacity_reservation_id=props.capacity_reservation_id,
+                capacity_block=props.capacity_block,
                 local_nvme_raid0=props.local_nvme_cache,
             ),
             depends_on=depends_on,

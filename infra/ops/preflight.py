@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -21,6 +22,9 @@ GPU_QUOTAS = {
     "p": ("L-417A185B", "Running On-Demand P instances"),
     "g": ("L-DB2E81BA", "Running On-Demand G and VT instances"),
 }
+#: A capacity block that ends sooner than this fails preflight: nodes would be reclaimed mid-deploy or soon after.
+CAPACITY_BLOCK_MIN_REMAINING = timedelta(hours=24)
+_BLOCK_OK_STATES = ("scheduled", "active")
 _NOT_IMPLEMENTED = {"404", "NotImplemented", "NotImplementedException", "InvalidAction", "UnknownOperationException"}
 
 
@@ -40,9 +44,9 @@ class Check:
 
 
 def gpu_pool_azs(env: Environment) -> list[str]:
-    """AZs the GPU node group spans: all of them, or the first only when the size uses a cluster placement
-    group (infra/constructs/node_pools.py puts such a pool in the first private subnet)."""
-    return env.azs[:1] if env.size_spec.uses_placement_group else list(env.azs)
+    """AZs the GPU node group spans: all of them, or the first only when a cluster placement group or a
+    reservation pins it to one AZ (infra/constructs/node_pools.py puts such a pool in the first private subnet)."""
+    return env.azs[:1] if env.gpu_pool_single_az else list(env.azs)
 
 
 def run_preflight(env: Environment, endpoint: str | None = None) -> list[Check]:
@@ -54,6 +58,8 @@ def run_preflight(env: Environment, endpoint: str | None = None) -> list[Check]:
     checks += offerings(ec2, env)
     checks.append(_guarded("GPU vCPU quota", lambda: quota(make_client("service-quotas", env.region, endpoint), env)))
     checks.append(_guarded("capacity reservation", lambda: capacity_reservation(ec2, env)))
+    if env.gpu_capacity_block:
+        checks.append(_guarded("capacity block", lambda: capacity_block(ec2, env)))
     checks.append(
         _guarded(
             f"Kubernetes {env.kubernetes_version}",
@@ -144,6 +150,8 @@ def capacity_reservation(ec2: Any, env: Environment) -> Check:
     rid = env.overrides.capacity_reservation_id
     name = "capacity reservation"
     if not rid:
+        if env.gpu_capacity_block:
+            return Check(name, Status.SKIP, "none configured (a capacity block is used: see its row)")
         return Check(name, Status.SKIP, "none configured (on-demand capacity)")
     label = f"{name} {rid}"
     remedy_new = (
@@ -176,6 +184,68 @@ def capacity_reservation(ec2: Any, env: Environment) -> Check:
     if problems:
         return Check(label, Status.FAIL, "; ".join(problems), remedy_new)
     return Check(label, Status.PASS, detail)
+
+
+def capacity_block(ec2: Any, env: Environment, now: datetime | None = None) -> Check:
+    """A configured Capacity Block for ML must exist, be a block, be scheduled or active with more than
+    CAPACITY_BLOCK_MIN_REMAINING left, and match the pool's instance type, AZ and size."""
+    rid = env.overrides.capacity_block_id
+    label = f"capacity block {rid}"
+    now = now or datetime.now(UTC)
+    remedy_new = (
+        f"buy one (aws ec2 describe-capacity-block-offerings --instance-type {env.gpu_instance_type} "
+        f"--instance-count {env.gpu_node_counts[2]} --capacity-duration-hours 24 --region {env.region}, then "
+        "aws ec2 purchase-capacity-block --capacity-block-offering-id … --instance-platform Linux/UNIX) and set "
+        "overrides.capacity_block_id, or remove the override (on-demand capacity)"
+    )
+    try:
+        found = ec2.describe_capacity_reservations(CapacityReservationIds=[rid])["CapacityReservations"]
+    except Exception as err:
+        if error_code(err) in ("InvalidCapacityReservationId.NotFound", "InvalidCapacityReservationId.Malformed"):
+            return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy_new)
+        if env.emulated and error_code(err) in _NOT_IMPLEMENTED:
+            return Check(label, Status.NOT_CHECKABLE, "not checkable on the emulator (no capacity reservations)")
+        raise
+    if not found:
+        return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy_new)
+    cr = found[0]
+    if cr.get("ReservationType", "default") != "capacity-block":
+        return Check(
+            label,
+            Status.FAIL,
+            f"{rid} is an On-Demand Capacity Reservation, not a capacity block",
+            f"set overrides.capacity_reservation_id = {rid!r} instead of overrides.capacity_block_id",
+        )
+    start, end = cr.get("StartDate"), cr.get("EndDate")
+    window = f"{_when(start)} → {_when(end)}"
+    detail = f"{cr['State']}, {cr['TotalInstanceCount']} × {cr['InstanceType']} in {cr['AvailabilityZone']}, {window}"
+    problems = []
+    remedy = remedy_new
+    if cr["State"] not in _BLOCK_OK_STATES:
+        problems.append(f"state {cr['State']} (needs {' or '.join(_BLOCK_OK_STATES)})")
+    elif end is not None and end - now < CAPACITY_BLOCK_MIN_REMAINING:
+        hours = max((end - now).total_seconds() / 3600, 0)
+        problems.append(f"ends {_when(end)}, in {hours:.1f} h (less than {CAPACITY_BLOCK_MIN_REMAINING} left)")
+        remedy = (
+            f"extend it (aws ec2 describe-capacity-block-extension-offerings --capacity-reservation-id {rid} "
+            "--capacity-block-extension-duration-hours 24, then aws ec2 purchase-capacity-block-extension), or "
+            + remedy_new
+        )
+    if cr["InstanceType"] != env.gpu_instance_type:
+        problems.append(f"instance type {cr['InstanceType']} (pool uses {env.gpu_instance_type})")
+    if cr["AvailabilityZone"] not in gpu_pool_azs(env):
+        problems.append(f"AZ {cr['AvailabilityZone']} (pool in {', '.join(gpu_pool_azs(env))})")
+    nodes = env.gpu_node_counts[2]
+    if int(cr.get("TotalInstanceCount", 0)) < nodes:
+        problems.append(f"{cr.get('TotalInstanceCount')} instance(s) reserved, pool max is {nodes}")
+    if problems:
+        return Check(label, Status.FAIL, "; ".join(problems) + f" [{window}]", remedy)
+    note = " (GPU nodes start only once the block is active)" if cr["State"] == "scheduled" else ""
+    return Check(label, Status.PASS, detail + note)
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value is not None else "?"
 
 
 def kubernetes_version(eks: Any, env: Environment, emulated: bool) -> Check:

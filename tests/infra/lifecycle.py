@@ -1,5 +1,5 @@
 """Apply → live checks → replan → destroy of the test environments, run in the background from the start
-of the session (tests/conftest.py): terraform mostly waits on the provider's own polling, so the three
+of the session (tests/conftest.py): terraform mostly waits on the provider's own polling, so the four
 environments and the rest of the suite overlap instead of queueing."""
 
 from __future__ import annotations
@@ -66,6 +66,25 @@ def check_large(emulator: str, outputs: dict) -> None:
     assert groups[0]["Strategy"] == "cluster"
 
 
+def check_capacity_block(emulator: str, outputs: dict) -> None:
+    """prod on a Capacity Block for ML: the node group is CAPACITY_BLOCK, its launch template targets the block
+    with the capacity-block market type, and there is no placement group."""
+    eks, ec2 = aws("eks", emulator), aws("ec2", emulator)
+    group = eks.describe_nodegroup(clusterName=outputs["cluster_name"], nodegroupName=outputs["gpu_node_group"])
+    assert group["nodegroup"]["capacityType"] == "CAPACITY_BLOCK"
+    assert len(group["nodegroup"]["subnets"]) == 1, "a capacity block lives in one AZ"
+    template = group["nodegroup"]["launchTemplate"]
+    data = ec2.describe_launch_template_versions(LaunchTemplateId=template["id"], Versions=["$Latest"])[
+        "LaunchTemplateVersions"
+    ][0]["LaunchTemplateData"]
+    target = data["CapacityReservationSpecification"]["CapacityReservationTarget"]
+    assert target["CapacityReservationId"] == "cr-0fedcba9876543210"
+    assert data["InstanceMarketOptions"]["MarketType"] == "capacity-block"
+    assert "Placement" not in data or not data["Placement"].get("GroupName")
+    groups = ec2.describe_placement_groups()["PlacementGroups"]
+    assert not [g for g in groups if g["GroupName"] == f"{outputs['cluster_name']}-gpu"]
+
+
 def check_medium(emulator: str, outputs: dict) -> None:
     """FSx hot tier, its link to the cold tier, and the FSx CSI add-on, live in the emulator."""
     fsx = aws("fsx", emulator)
@@ -119,10 +138,11 @@ def check_cold_tier_and_runtime_role(emulator: str, outputs: dict) -> None:
     # on the policy document instead (tests/infra/test_storage.py).
 
 
-#: Each applied environment and what is checked live between its apply and destroy. The three run at once:
+#: Each applied environment and what is checked live between its apply and destroy. They run at once:
 #: terraform mostly waits on the provider's own polling, so overlapping them keeps CI time flat.
 LIVE_CHECKS: dict[str, Callable[[str, dict], None]] = {
     "local": check_local,
     "large-emu": check_large,
     "medium-emu": check_medium,
+    "prod-cb": check_capacity_block,
 }

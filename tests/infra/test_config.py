@@ -137,6 +137,43 @@ def test_bad_capacity_reservation_and_node_counts(tmp_path: Path) -> None:
     assert "field 'overrides.capacity_reservation_id' = 'res-1': expected an EC2 capacity reservation id" in message
 
 
+LARGE = GOOD.replace('size = "devtest"', 'size = "large"')
+
+
+def test_bad_capacity_block_id_names_the_field(tmp_path: Path) -> None:
+    for bad in ("cr-0123", "cr-0123456789ABCDEF0", "cb-0123456789abcdef0", "cr-0123456789abcdef"):
+        message = error_for(tmp_path, LARGE + f'overrides = {{ capacity_block_id = "{bad}" }}\n')
+        assert f"environment 'dev': field 'overrides.capacity_block_id' = {bad!r}" in message
+        assert "^cr-[0-9a-f]{8}([0-9a-f]{9})?$" in message
+
+
+def test_capacity_block_rules(tmp_path: Path) -> None:
+    both = 'overrides = { capacity_block_id = "cr-0123abcd", capacity_reservation_id = "cr-0123456789abcdef0" }\n'
+    message = error_for(tmp_path, LARGE + both)
+    assert "environment 'dev'" in message and "overrides.capacity_block_id = 'cr-0123abcd'" in message
+    assert "cannot be combined with overrides.capacity_reservation_id" in message
+    # devtest's g6e.4xlarge: AWS sells no capacity blocks for it
+    message = error_for(tmp_path, GOOD + 'overrides = { capacity_block_id = "cr-0123abcd" }\n')
+    assert "AWS sells no capacity blocks for g6e.4xlarge" in message and "p5.48xlarge" in message
+    message = error_for(tmp_path, GOOD + "overrides = { placement_group = true }\n")
+    assert "overrides.placement_group = true: size devtest" in message and "(large)" in message
+
+
+def test_capacity_block_defaults(tmp_path: Path) -> None:
+    block = load_environments(write(tmp_path, LARGE + 'overrides = { capacity_block_id = "cr-0123456789abcdef0" }\n'))
+    env = block["dev"]
+    assert env.gpu_capacity_block and env.gpu_capacity_reservation_id == "cr-0123456789abcdef0"
+    assert not env.gpu_placement_group and env.gpu_pool_single_az
+    medium = GOOD.replace('size = "devtest"', 'size = "medium"')
+    assert load_environments(write(tmp_path, medium + 'overrides = { capacity_block_id = "cr-0123abcd" }\n'))
+    plain = load_environments(write(tmp_path, LARGE))["dev"]
+    assert plain.gpu_placement_group and not plain.gpu_capacity_block
+    odcr = LARGE + 'overrides = { capacity_reservation_id = "cr-0123abcd" }\n'
+    assert not load_environments(write(tmp_path, odcr))["dev"].gpu_placement_group
+    forced = LARGE + 'overrides = { capacity_block_id = "cr-0123abcd", placement_group = true }\n'
+    assert load_environments(write(tmp_path, forced))["dev"].gpu_placement_group
+
+
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:
     assert "not valid TOML" in error_for(tmp_path, "[environments.dev\n")
     with pytest.raises(ConfigError, match="file not found"):

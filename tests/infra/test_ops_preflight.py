@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,82 @@ def test_reservation_that_does_not_match_or_exist_fails(ops_emulator: str, tmp_p
     proc = _moefleet("preflight", "pf-cr2", endpoint=ops_emulator, environments=absent)
     assert proc.returncode == 4
     assert "cr-00000000000000001 does not exist in us-east-2" in proc.stdout
+
+
+def _buy_block(region: str, emulator: str, start: datetime, hours: int, count: int = 2) -> str:
+    """A Capacity Block for ML bought through the real API (the emulator accepts a start in the past)."""
+    ec2 = make_client("ec2", region, emulator)
+    offer = ec2.describe_capacity_block_offerings(
+        InstanceType="p5.48xlarge", InstanceCount=count, CapacityDurationHours=hours, StartDateRange=start
+    )["CapacityBlockOfferings"][0]
+    assert offer["AvailabilityZone"] == f"{region}a"
+    bought = ec2.purchase_capacity_block(
+        CapacityBlockOfferingId=offer["CapacityBlockOfferingId"], InstancePlatform="Linux/UNIX"
+    )["CapacityReservation"]
+    assert bought["ReservationType"] == "capacity-block"
+    return bought["CapacityReservationId"]
+
+
+def _block_check(tmp_path: Path, name: str, region: str, block: str, emulator: str):  # type: ignore[no-untyped-def]
+    extra = f'overrides = {{ capacity_block_id = "{block}", gpu_nodes = {{ min = 0, max = 2 }} }}'
+    (tmp_path / name).mkdir()
+    path = _env_file(tmp_path / name, name, "large", region, [f"{region}a", f"{region}b"], extra)
+    env = load_environments(path)[name]
+    checks = {c.name.split(" ")[0] + " " + c.name.split(" ")[1]: c for c in run_preflight(env, emulator)}
+    assert checks["capacity reservation"].status is Status.SKIP
+    return checks["capacity block"], path
+
+
+def test_active_capacity_block_passes_and_prints_its_window(ops_emulator: str, tmp_path: Path) -> None:
+    region = "eu-west-1"
+    now = datetime.now(UTC).replace(microsecond=0)
+    block = _buy_block(region, ops_emulator, now - timedelta(hours=1), 72)
+    check, path = _block_check(tmp_path, "pf-cb", region, block, ops_emulator)
+    assert check.status is Status.PASS, check
+    assert check.name == f"capacity block {block}"
+    assert "active, 2 × p5.48xlarge in eu-west-1a" in check.detail
+    end = now + timedelta(hours=71)
+    assert f"{(now - timedelta(hours=1)):%Y-%m-%d %H:%M} UTC → {end:%Y-%m-%d %H:%M} UTC" in check.detail
+    scheduled = _buy_block(region, ops_emulator, now + timedelta(days=2), 24)
+    check, _ = _block_check(tmp_path, "pf-cb2", region, scheduled, ops_emulator)
+    assert (
+        check.status is Status.PASS
+        and check.detail.startswith("scheduled")
+        and "once the block is active" in check.detail
+    )
+    proc = _moefleet("preflight", "pf-cb", endpoint=ops_emulator, environments=path)
+    assert f"capacity block {block}" in proc.stdout and "active, 2 × p5.48xlarge" in proc.stdout, proc.stdout
+
+
+def test_expired_ending_or_wrong_capacity_block_fails(ops_emulator: str, tmp_path: Path) -> None:
+    region = "eu-west-1"
+    now = datetime.now(UTC)
+    expired = _buy_block(region, ops_emulator, now - timedelta(hours=48), 24)
+    check, path = _block_check(tmp_path, "pf-cbx", region, expired, ops_emulator)
+    assert check.status is Status.FAIL
+    assert "state expired (needs scheduled or active)" in check.detail and "→" in check.detail
+    assert "describe-capacity-block-offerings --instance-type p5.48xlarge --instance-count 2" in check.remedy
+    proc = _moefleet("preflight", "pf-cbx", endpoint=ops_emulator, environments=path)
+    assert proc.returncode == 4 and "state expired" in proc.stdout, proc.stdout
+
+    ending = _buy_block(region, ops_emulator, now - timedelta(hours=2), 24)
+    check, _ = _block_check(tmp_path, "pf-cbe", region, ending, ops_emulator)
+    assert check.status is Status.FAIL and "in 22.0 h (less than 1 day, 0:00:00 left)" in check.detail
+    assert f"describe-capacity-block-extension-offerings --capacity-reservation-id {ending}" in check.remedy
+
+    small = _buy_block(region, ops_emulator, now - timedelta(hours=1), 48, count=1)
+    check, _ = _block_check(tmp_path, "pf-cbs", region, small, ops_emulator)
+    assert check.status is Status.FAIL and "1 instance(s) reserved, pool max is 2" in check.detail
+
+    odcr = make_client("ec2", region, ops_emulator).create_capacity_reservation(
+        InstanceType="p5.48xlarge", InstancePlatform="Linux/UNIX", AvailabilityZone=f"{region}a", InstanceCount=2
+    )["CapacityReservation"]["CapacityReservationId"]
+    check, _ = _block_check(tmp_path, "pf-cbo", region, odcr, ops_emulator)
+    assert check.status is Status.FAIL and "not a capacity block" in check.detail
+    assert f"overrides.capacity_reservation_id = '{odcr}'" in check.remedy
+
+    check, _ = _block_check(tmp_path, "pf-cbn", region, "cr-0000000000000000a", ops_emulator)
+    assert check.status is Status.FAIL and "does not exist in eu-west-1" in check.detail
 
 
 def test_unknown_environment_is_bad_input(ops_emulator: str, tmp_path: Path) -> None:

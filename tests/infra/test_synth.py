@@ -122,6 +122,25 @@ def test_large_is_multi_node_ready(stacks: dict[str, dict]) -> None:
     assert reservation["capacity_reservation_target"]["capacity_reservation_id"] == "cr-0123456789abcdef0"
 
 
+def test_prod_on_a_capacity_block(stacks: dict[str, dict]) -> None:
+    """prod-cb (tests/conftest.py) is prod with overrides.capacity_block_id: CAPACITY_BLOCK node group, a launch
+    template targeting the block with the capacity-block market, EFA kept, no placement group, one AZ."""
+    stack = stacks["prod-cb"]
+    group = gpu_node_group(stack)
+    assert group["capacity_type"] == "CAPACITY_BLOCK"
+    assert len(group["subnet_ids"]) == 1, "a capacity block lives in one AZ"
+    template = one(stack, "aws_launch_template", "gpu-pool")
+    target = template["capacity_reservation_specification"]["capacity_reservation_target"]
+    assert target == {"capacity_reservation_id": "cr-0fedcba9876543210"}
+    assert template["instance_market_options"] == {"market_type": "capacity-block"}
+    assert "placement" not in template
+    assert not resources(stack, "aws_placement_group")
+    assert len(template["network_interfaces"]) == 32
+    for env_name in ("prod", "large-emu", "local"):
+        assert gpu_node_group(stacks[env_name])["capacity_type"] == "ON_DEMAND"
+        assert "instance_market_options" not in one(stacks[env_name], "aws_launch_template", "gpu-pool")
+
+
 def test_devtest_has_no_multi_node_parts(stacks: dict[str, dict]) -> None:
     for env_name in ("local", "dev"):
         assert not resources(stacks[env_name], "aws_placement_group")

@@ -25,7 +25,8 @@ def test_validate_every_stack(synth_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("env_name", list(LIVE_CHECKS))
 def test_apply_replan_destroy(lifecycles: dict[str, Future[dict[str, float]]], env_name: str) -> None:
     """Every resource type applied for real, live checks, an empty replan, a clean destroy: local (devtest),
-    large-emu (placement group, EFA, capacity reservation) and medium-emu (FSx + data repository association
-    + FSx CSI add-on). Started at the beginning of the session; this test collects the result."""
+    large-emu (placement group, EFA, capacity reservation), medium-emu (FSx + data repository association
+    + FSx CSI add-on) and prod-cb (prod on a Capacity Block for ML: CAPACITY_BLOCK node group, no placement
+    group). Started at the beginning of the session; this test collects the result."""
     timings = lifecycles[env_name].result()
     print(f"\n{env_name}: apply {timings['apply']:.1f} s, destroy {timings['destroy']:.1f} s")

@@ -7,6 +7,11 @@
   new account (often 0 for P instances); tests raise it with the real API.
 - Capacity reservations (`CreateCapacityReservation`, `DescribeCapacityReservations`,
   `CancelCapacityReservation`): EC2 query API, XML out, `active` at once, `cancelled` after cancel.
+- Capacity Blocks for ML (`DescribeCapacityBlockOfferings`, `PurchaseCapacityBlock`): an offering is made
+  for whatever is asked (first AZ of the region, the requested start or now, the requested whole days);
+  the purchase is a reservation of type `capacity-block` with `startDate`/`endDate`, whose state follows
+  the clock (`scheduled` before the start, `active` inside the window, `expired` after). Unlike AWS, a start
+  in the past is accepted, so tests can buy an already active or already expired block.
 
 Everything else passes through to moto untouched (the request body is restored).
 
@@ -21,6 +26,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
@@ -29,7 +35,13 @@ from infra.embedded.emulator.errors import ApiError
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 QUOTA_TARGET_PREFIX = "ServiceQuotasV20190624."
-EC2_ACTIONS = {"CreateCapacityReservation", "DescribeCapacityReservations", "CancelCapacityReservation"}
+EC2_ACTIONS = {
+    "CreateCapacityReservation",
+    "DescribeCapacityReservations",
+    "CancelCapacityReservation",
+    "DescribeCapacityBlockOfferings",
+    "PurchaseCapacityBlock",
+}
 _NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 
 #: EC2 on-demand vCPU quotas: code → name. Values are per region.
@@ -43,12 +55,14 @@ START_VALUE = 64.0
 _lock = threading.Lock()
 _quota_values: dict[tuple[str, str], float] = {}
 _reservations: dict[str, dict[str, Any]] = {}
+_offerings: dict[str, dict[str, Any]] = {}
 
 
 def reset() -> None:
     with _lock:
         _quota_values.clear()
         _reservations.clear()
+        _offerings.clear()
 
 
 def dispatch(
@@ -164,6 +178,14 @@ def _ec2(action: str, params: dict[str, str], region: str) -> str:
         if action == "CreateCapacityReservation":
             item = _create_reservation(params, region)
             return _response(action, f"<capacityReservation>{_item_xml(item)}</capacityReservation>")
+        if action == "DescribeCapacityBlockOfferings":
+            offer = _offer_block(params, region)
+            return _response(
+                action, f"<capacityBlockOfferingSet><item>{_offer_xml(offer)}</item></capacityBlockOfferingSet>"
+            )
+        if action == "PurchaseCapacityBlock":
+            item = _purchase_block(params, region)
+            return _response(action, f"<capacityReservation>{_item_xml(item)}</capacityReservation>")
         if action == "CancelCapacityReservation":
             item = _find(params["CapacityReservationId"], region)
             item["state"] = "cancelled"
@@ -209,6 +231,73 @@ def _create_reservation(params: dict[str, str], region: str) -> dict[str, Any]:
     return item
 
 
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _offer_block(params: dict[str, str], region: str) -> dict[str, Any]:
+    hours = int(params.get("CapacityDurationHours", "24"))
+    if hours < 24 or hours % 24:
+        raise ApiError("InvalidParameterValue", "CapacityDurationHours must be a multiple of 24")
+    count = int(params.get("InstanceCount", "1"))
+    raw_start = params.get("StartDateRange")
+    start = datetime.fromisoformat(raw_start.replace("Z", "+00:00")) if raw_start else datetime.now(UTC)
+    offer = {
+        "id": "cb-" + secrets.token_hex(9)[:17],
+        "instanceType": params["InstanceType"],
+        "availabilityZone": f"{region}a",
+        "instanceCount": count,
+        "start": start.astimezone(UTC).replace(microsecond=0),
+        "hours": hours,
+        "region": region,
+    }
+    _offerings[offer["id"]] = offer
+    return offer
+
+
+def _offer_xml(offer: dict[str, Any]) -> str:
+    end = offer["start"] + timedelta(hours=offer["hours"])
+    return (
+        f"<capacityBlockOfferingId>{offer['id']}</capacityBlockOfferingId>"
+        f"<instanceType>{escape(offer['instanceType'])}</instanceType>"
+        f"<availabilityZone>{offer['availabilityZone']}</availabilityZone><instanceCount>{offer['instanceCount']}"
+        f"</instanceCount><startDate>{_iso(offer['start'])}</startDate><endDate>{_iso(end)}</endDate>"
+        f"<capacityBlockDurationHours>{offer['hours']}</capacityBlockDurationHours><upfrontFee>0.00</upfrontFee>"
+        "<currencyCode>USD</currencyCode><tenancy>default</tenancy>"
+    )
+
+
+def _purchase_block(params: dict[str, str], region: str) -> dict[str, Any]:
+    offer = _offerings.pop(params.get("CapacityBlockOfferingId", ""), None)
+    if offer is None or offer["region"] != region:
+        raise ApiError(
+            "InvalidParameterValue", f"Capacity Block offering {params.get('CapacityBlockOfferingId')!r} is unknown"
+        )
+    item = _create_reservation(
+        {
+            "AvailabilityZone": offer["availabilityZone"],
+            "InstanceCount": str(offer["instanceCount"]),
+            "InstanceType": offer["instanceType"],
+            "InstancePlatform": params.get("InstancePlatform", "Linux/UNIX"),
+            "InstanceMatchCriteria": "targeted",
+            "EndDateType": "limited",
+        },
+        region,
+    )
+    item["reservationType"] = "capacity-block"
+    item["start"] = offer["start"]
+    item["end"] = offer["start"] + timedelta(hours=offer["hours"])
+    return item
+
+
+def _state(item: dict[str, Any]) -> str:
+    """A capacity block's state follows the clock unless it was cancelled."""
+    if item.get("reservationType") != "capacity-block" or item["state"] == "cancelled":
+        return item["state"]
+    now = datetime.now(UTC)
+    return "scheduled" if now < item["start"] else "active" if now < item["end"] else "expired"
+
+
 def _find(rid: str, region: str) -> dict[str, Any]:
     item = _reservations.get(rid)
     if item is None or item["region"] != region:
@@ -217,6 +306,7 @@ def _find(rid: str, region: str) -> dict[str, Any]:
 
 
 def _item_xml(item: dict[str, Any]) -> str:
+    item = {**item, "state": _state(item), "reservationType": item.get("reservationType", "default")}
     tags = "".join(
         f"<item><key>{escape(k)}</key><value>{escape(v)}</value></item>" for k, v in sorted(item["tags"].items())
     )
@@ -225,9 +315,11 @@ def _item_xml(item: dict[str, Any]) -> str:
         f"<{key}>{escape(str(item[key]))}</{key}>"
         for key in (
             "instanceType", "instancePlatform", "availabilityZone", "totalInstanceCount", "availableInstanceCount",
-            "state", "instanceMatchCriteria", "tenancy", "endDateType",
+            "state", "instanceMatchCriteria", "tenancy", "endDateType", "reservationType",
         )
     )  # fmt: skip
+    if "start" in item:
+        fields += f"<startDate>{_iso(item['start'])}</startDate><endDate>{_iso(item['end'])}</endDate>"
     return (
         f"<capacityReservationId>{item['id']}</capacityReservationId><ownerId>{ACCOUNT_ID}</ownerId>"
         f"<capacityReservationArn>{arn}</capacityReservationArn>{fields}<createDate>{item['created']}</createDate>"
