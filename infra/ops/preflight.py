@@ -159,27 +159,13 @@ def capacity_reservation(ec2: Any, env: Environment) -> Check:
         f"--availability-zone {gpu_pool_azs(env)[0]} --instance-count {env.gpu_node_counts[2]} "
         "--instance-platform Linux/UNIX) and set overrides.capacity_reservation_id, or remove the override"
     )
-    try:
-        found = ec2.describe_capacity_reservations(CapacityReservationIds=[rid])["CapacityReservations"]
-    except Exception as err:
-        if error_code(err) in ("InvalidCapacityReservationId.NotFound", "InvalidCapacityReservationId.Malformed"):
-            return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy_new)
-        if env.emulated and error_code(err) in _NOT_IMPLEMENTED:
-            return Check(label, Status.NOT_CHECKABLE, "not checkable on the emulator (no capacity reservations)")
-        raise
-    if not found:
-        return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy_new)
-    cr = found[0]
+    cr = _reservation(ec2, env, rid, label, remedy_new)
+    if isinstance(cr, Check):
+        return cr
     problems = []
     if cr["State"] != "active":
         problems.append(f"state {cr['State']} (needs active)")
-    if cr["InstanceType"] != env.gpu_instance_type:
-        problems.append(f"instance type {cr['InstanceType']} (pool uses {env.gpu_instance_type})")
-    if cr["AvailabilityZone"] not in gpu_pool_azs(env):
-        problems.append(f"AZ {cr['AvailabilityZone']} (pool in {', '.join(gpu_pool_azs(env))})")
-    nodes = env.gpu_node_counts[2]
-    if int(cr.get("TotalInstanceCount", 0)) < nodes:
-        problems.append(f"{cr.get('TotalInstanceCount')} instance(s) reserved, pool max is {nodes}")
+    problems += _fit_problems(cr, env)
     detail = f"{cr['State']}, {cr['TotalInstanceCount']} × {cr['InstanceType']} in {cr['AvailabilityZone']}"
     if problems:
         return Check(label, Status.FAIL, "; ".join(problems), remedy_new)
@@ -198,17 +184,9 @@ def capacity_block(ec2: Any, env: Environment, now: datetime | None = None) -> C
         "aws ec2 purchase-capacity-block --capacity-block-offering-id … --instance-platform Linux/UNIX) and set "
         "overrides.capacity_block_id, or remove the override (on-demand capacity)"
     )
-    try:
-        found = ec2.describe_capacity_reservations(CapacityReservationIds=[rid])["CapacityReservations"]
-    except Exception as err:
-        if error_code(err) in ("InvalidCapacityReservationId.NotFound", "InvalidCapacityReservationId.Malformed"):
-            return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy_new)
-        if env.emulated and error_code(err) in _NOT_IMPLEMENTED:
-            return Check(label, Status.NOT_CHECKABLE, "not checkable on the emulator (no capacity reservations)")
-        raise
-    if not found:
-        return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy_new)
-    cr = found[0]
+    cr = _reservation(ec2, env, rid, label, remedy_new)
+    if isinstance(cr, Check):
+        return cr
     if cr.get("ReservationType", "default") != "capacity-block":
         return Check(
             label,
@@ -231,6 +209,31 @@ def capacity_block(ec2: Any, env: Environment, now: datetime | None = None) -> C
             "--capacity-block-extension-duration-hours 24, then aws ec2 purchase-capacity-block-extension), or "
             + remedy_new
         )
+    problems += _fit_problems(cr, env)
+    if problems:
+        return Check(label, Status.FAIL, "; ".join(problems) + f" [{window}]", remedy)
+    note = " (GPU nodes start only once the block is active)" if cr["State"] == "scheduled" else ""
+    return Check(label, Status.PASS, detail + note)
+
+
+def _reservation(ec2: Any, env: Environment, rid: str, label: str, remedy: str) -> dict[str, Any] | Check:
+    """The capacity reservation (On-Demand or block) `rid`, or the failing Check that says why there is none."""
+    try:
+        found = ec2.describe_capacity_reservations(CapacityReservationIds=[rid])["CapacityReservations"]
+    except Exception as err:
+        if error_code(err) in ("InvalidCapacityReservationId.NotFound", "InvalidCapacityReservationId.Malformed"):
+            return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy)
+        if env.emulated and error_code(err) in _NOT_IMPLEMENTED:
+            return Check(label, Status.NOT_CHECKABLE, "not checkable on the emulator (no capacity reservations)")
+        raise
+    if not found:
+        return Check(label, Status.FAIL, f"{rid} does not exist in {env.region}", remedy)
+    return found[0]
+
+
+def _fit_problems(cr: dict[str, Any], env: Environment) -> list[str]:
+    """Why reserved capacity cannot hold the GPU pool: another instance type, another AZ, too few instances."""
+    problems = []
     if cr["InstanceType"] != env.gpu_instance_type:
         problems.append(f"instance type {cr['InstanceType']} (pool uses {env.gpu_instance_type})")
     if cr["AvailabilityZone"] not in gpu_pool_azs(env):
@@ -238,10 +241,7 @@ def capacity_block(ec2: Any, env: Environment, now: datetime | None = None) -> C
     nodes = env.gpu_node_counts[2]
     if int(cr.get("TotalInstanceCount", 0)) < nodes:
         problems.append(f"{cr.get('TotalInstanceCount')} instance(s) reserved, pool max is {nodes}")
-    if problems:
-        return Check(label, Status.FAIL, "; ".join(problems) + f" [{window}]", remedy)
-    note = " (GPU nodes start only once the block is active)" if cr["State"] == "scheduled" else ""
-    return Check(label, Status.PASS, detail + note)
+    return problems
 
 
 def _when(value: datetime | None) -> str:
