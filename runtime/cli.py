@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
@@ -205,18 +206,21 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # e.g. a worker's load failed: never leave the group waiting on us
         logging.getLogger("runtime").error("rank %d failed: %s: %s", parallel.rank, type(exc).__name__, exc)
         code = 1
-    return _leave_group(code)
+    _leave_group(code)
 
 
-def _leave_group(code: int) -> int:
-    """Normal exit: tear the process group down. Failure: exit now, without waiting on a dead peer."""
+def _leave_group(code: int) -> NoReturn:
+    """Normal exit: tear the process group down. Failure: exit now, without waiting on a dead peer.
+
+    Either way the process ends with ``os._exit``: interpreter teardown after a distributed run can destroy
+    a native thread torch.distributed still holds and abort (SIGABRT, "terminate called without an active
+    exception"), which torchrun and a LeaderWorkerSet would read as a crash of a clean shutdown."""
     import logging
 
     import torch.distributed as dist
 
     if code == 0:
         dist.destroy_process_group()
-        return 0
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
