@@ -34,24 +34,41 @@ DRA_ACTIONS = {
 _lock = threading.Lock()
 _associations: dict[tuple[str, str], dict[str, Any]] = {}
 _versions: dict[tuple[str, str], str] = {}
+_vpcs: dict[tuple[str, str], str] = {}
 
 
 def reset() -> None:
     with _lock:
         _associations.clear()
         _versions.clear()
+        _vpcs.clear()
 
 
 def remember_create(region: str, body: dict[str, Any], response: dict[str, Any]) -> None:
     fs = response.get("FileSystem") or {}
     if "FileSystemId" in fs:
+        vpc_id = _subnet_vpc(region, (body.get("SubnetIds") or [None])[0])
         with _lock:
             _versions[(region, fs["FileSystemId"])] = body.get("FileSystemTypeVersion") or "2.15"
+            if vpc_id:
+                _vpcs[(region, fs["FileSystemId"])] = vpc_id
+
+
+def _subnet_vpc(region: str, subnet_id: str | None) -> str | None:
+    """The subnet's VPC, or None once the subnet is gone: moto never finishes FSx deletes, so a file system
+    can outlive its subnet while another stack is destroyed, and DescribeFileSystems lists it still."""
+    from moto.ec2.exceptions import InvalidSubnetIdError
+    from moto.ec2.models import ec2_backends
+
+    if not subnet_id:
+        return None
+    try:
+        return ec2_backends[ACCOUNT_ID][region].get_subnet(subnet_id).vpc_id
+    except InvalidSubnetIdError:
+        return None
 
 
 def complete_file_system(region: str, fs: dict[str, Any]) -> dict[str, Any]:
-    from moto.ec2.models import ec2_backends
-
     fs_id = fs.get("FileSystemId", "")
     fs.setdefault("Lifecycle", "AVAILABLE")
     fs.setdefault("OwnerId", ACCOUNT_ID)
@@ -59,9 +76,12 @@ def complete_file_system(region: str, fs: dict[str, Any]) -> dict[str, Any]:
     fs.setdefault("NetworkInterfaceIds", [])
     with _lock:
         fs.setdefault("FileSystemTypeVersion", _versions.get((region, fs_id), "2.15"))
-    subnets = fs.get("SubnetIds") or []
-    if subnets and "VpcId" not in fs:
-        fs["VpcId"] = ec2_backends[ACCOUNT_ID][region].get_subnet(subnets[0]).vpc_id
+    if "VpcId" not in fs:
+        with _lock:
+            vpc_id = _vpcs.get((region, fs_id))
+        vpc_id = vpc_id or _subnet_vpc(region, (fs.get("SubnetIds") or [None])[0])
+        if vpc_id:
+            fs["VpcId"] = vpc_id
     lustre = fs.get("LustreConfiguration")
     if isinstance(lustre, dict):
         lustre.setdefault("MountName", hashlib.sha256(fs_id.encode()).hexdigest()[:8])
