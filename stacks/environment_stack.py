@@ -13,6 +13,7 @@ from constructs import Construct
 
 from infra.catalog.environments import Environment
 from infra.catalog.names import (
+    CLUSTER_AUTOSCALER_SERVICE_ACCOUNT,
     EBS_CSI_SERVICE_ACCOUNT,
     FSX_CSI_SERVICE_ACCOUNT,
     MODELS_PREFIX,
@@ -35,6 +36,7 @@ from infra.constructs.identities import (
 from infra.constructs.kms import EncryptionKey, EncryptionKeyProps
 from infra.constructs.monitoring import Monitoring, MonitoringProps
 from infra.constructs.network import Network, NetworkProps
+from infra.constructs.node_autoscaling import cluster_autoscaler_policy
 from infra.constructs.node_pools import GpuNodePool, GpuPoolProps, NodePool, NodePoolProps, node_role
 from infra.constructs.provider import aws_provider, standard_tags
 from infra.constructs.registry import Registry, RegistryProps
@@ -144,6 +146,7 @@ class EnvironmentStack(TerraformStack):
                 volume_kms_key_arn=self.volume_key.arn,
                 node_role_arn=role.arn,
                 cluster_security_group_id=self.cluster.security_group_id,
+                gpus_per_node=instance.gpus,
                 instance_tags=standard_tags(env),
                 efa_interfaces=instance.efa_interfaces if size.uses_efa else 0,
                 placement_group=env.gpu_placement_group,
@@ -193,6 +196,11 @@ class EnvironmentStack(TerraformStack):
             EBS_CSI_SERVICE_ACCOUNT,
             ebs_csi_key_policy(self.volume_key.arn),
             managed_policies=("service-role/AmazonEBSCSIDriverPolicy",),
+        )
+        self.cluster_autoscaler_role = self._workload_role(
+            "cluster-autoscaler",
+            CLUSTER_AUTOSCALER_SERVICE_ACCOUNT,
+            cluster_autoscaler_policy(self.env.cluster_name, self.aws),
         )
         self.hot: FsxHotTier | None = None
         if size.storage.hot_kind is HotTierKind.FSX_LUSTRE:

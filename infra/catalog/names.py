@@ -24,6 +24,9 @@ DEFAULT_ENVIRONMENTS_FILE = Path(__file__).resolve().parents[2] / "stacks" / "en
 #: read and where emulated environments (aws_endpoint) point (the tests and the demo pick free ports).
 ENVIRONMENTS_VAR = "MOEFLEET_ENVIRONMENTS"
 EMULATOR_ENDPOINT_VAR = "MOEFLEET_EMULATOR_ENDPOINT"
+#: Where applied stacks live, one folder per environment (default `cdktf.out/stacks`, cdktf.json's output):
+#: every command that reads stack outputs looks for `<dir>/<env>` unless given `--stack-dir`.
+STACKS_DIR_VAR = "MOEFLEET_STACKS_DIR"
 
 # ---- resources ------------------------------------------------------------------------------------------
 
@@ -80,6 +83,8 @@ RUNTIME_NAMESPACE = "moe-fleet"
 RUNTIME_SERVICE_ACCOUNT = contract.APP_NAME
 EBS_CSI_SERVICE_ACCOUNT = ("kube-system", "ebs-csi-controller-sa")
 FSX_CSI_SERVICE_ACCOUNT = ("kube-system", "fsx-csi-controller-sa")
+#: The Kubernetes Cluster Autoscaler: its Deployment, service account and status ConfigMap share this name.
+CLUSTER_AUTOSCALER_SERVICE_ACCOUNT = ("kube-system", "cluster-autoscaler")
 
 
 # ---- model names -----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from cdktf_cdktf_provider_aws.placement_group import PlacementGroup
 from cdktf_cdktf_provider_aws.security_group import SecurityGroup, SecurityGroupEgress, SecurityGroupIngress
 from constructs import Construct
 
+from infra.catalog import node_autoscaling as na
 from infra.catalog.names import (
     GPU_MODEL_LABEL,
     GPU_POOL,
@@ -44,6 +45,7 @@ from infra.catalog.names import (
 )
 from infra.constructs.context import AwsContext
 from infra.constructs.iam import managed_policy, service_trust
+from infra.constructs.node_autoscaling import AutoScalingGroupTags, AutoScalingGroupTagsProps
 
 #: Hop limit 1: pods must not reach the node's instance credentials through IMDS. Pods get their own
 #: credentials from EKS Pod Identity (a link-local agent), which does not need IMDS at all.
@@ -115,6 +117,8 @@ class NodePoolProps:
     capacity_block: bool = False
     local_nvme_raid0: bool = False
     max_unavailable: int = 1
+    #: Extended resources a node offers once running (e.g. nvidia.com/gpu), for the autoscaler's template.
+    node_template_resources: dict[str, int] = field(default_factory=dict)
 
 
 class NodePool(Construct):
@@ -204,6 +208,17 @@ class NodePool(Construct):
             lifecycle=TerraformResourceLifecycle(ignore_changes=["scaling_config[0].desired_size"]),
             depends_on=depends_on or [],
         )
+        # Scale from zero: the autoscaler plans a node of this group from these tags before it has seen one.
+        self.autoscaler_tags = AutoScalingGroupTags(
+            self,
+            "asg-tags",
+            AutoScalingGroupTagsProps(
+                group_name=self.node_group.resources.get(0).autoscaling_groups.get(0).name,
+                tags=na.node_template_tags(
+                    {NODE_POOL_LABEL: props.pool, **props.labels}, props.taints, props.node_template_resources
+                ),
+            ),
+        )
 
     @property
     def name(self) -> str:
@@ -225,6 +240,8 @@ class GpuPoolProps:
     volume_kms_key_arn: str
     node_role_arn: str
     cluster_security_group_id: str
+    #: GPUs per node (the autoscaler's node template advertises them before the device plugin runs).
+    gpus_per_node: int = 1
     instance_tags: dict[str, str] = field(default_factory=dict)
     efa_interfaces: int = 0
     placement_group: bool = False
@@ -308,6 +325,7 @@ class GpuNodePool(Construct):
                 capacity_reservation_id=props.capacity_reservation_id,
                 capacity_block=props.capacity_block,
                 local_nvme_raid0=props.local_nvme_cache,
+                node_template_resources={na.GPU_RESOURCE: props.gpus_per_node, na.EFA_RESOURCE: props.efa_interfaces},
             ),
             depends_on=depends_on,
         )

@@ -22,6 +22,11 @@ emulator *reports*, never what our stacks ask for.
    definition → `amp_extras`.
 7. CreateLaunchTemplate copies the template's own tags (ResourceType `launch-template`) into the template
    *data*'s TagSpecifications → a permanent in-place diff. We keep them off the data.
+12. Managed node groups report an Auto Scaling group name but moto creates no such group, so tagging it
+   (`aws_autoscaling_group_tag`, how the node autoscaler's scale-from-zero templates reach the group)
+   fails. Tags on a node group's group are kept beside moto's own, with the tags EKS itself puts there
+   (`eks:cluster-name`, `eks:nodegroup-name` and the autoscaler's discovery tags); see
+   `_node_group_auto_scaling_tags`.
 11. Bucket policies: moto treats a `Bool` condition on `aws:SecureTransport` as matched, so our
    deny-non-TLS statement denies every object request. Statements that apply only to insecure transport
    are skipped (the emulator plays AWS's TLS endpoint); see `_secure_transport_for_bucket_policies`.
@@ -65,6 +70,7 @@ def apply_model_patches() -> None:
 
     LaunchTemplateBackend.create_launch_template = create_launch_template
     _secure_transport_for_bucket_policies()
+    _node_group_auto_scaling_tags()
     _patched = True
 
 
@@ -95,8 +101,93 @@ def _secure_transport_for_bucket_policies() -> None:
     FakeBucket.get_permission = get_permission
 
 
+#: (account, region, group name) → tag key → tag, for the Auto Scaling groups of managed node groups.
+_node_group_tags: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+
+
+def _node_group_auto_scaling_groups(account: str, region: str) -> dict[str, tuple[str, str]]:
+    """Group name → (cluster, node group) for every node group moto's EKS backend holds."""
+    from moto.eks.models import eks_backends
+
+    groups = {}
+    for cluster in eks_backends[account][region].clusters.values():
+        for node_group in cluster.nodegroups.values():
+            for group in node_group.resources.get("autoScalingGroups", []):
+                groups[group["name"]] = (cluster.name, node_group.nodegroup_name)
+    return groups
+
+
+def _tag(group: str, key: str, value: str, propagate: bool) -> dict[str, Any]:
+    return {
+        "ResourceId": group,
+        "ResourceType": "auto-scaling-group",
+        "Key": key,
+        "Value": value,
+        "PropagateAtLaunch": propagate,
+    }
+
+
+def _node_group_auto_scaling_tags() -> None:
+    """Patch 12 (in-process): tags on node groups' Auto Scaling groups, which moto never creates."""
+    from moto.autoscaling.models import AutoScalingBackend
+
+    original_create = AutoScalingBackend.create_or_update_tags
+    original_delete = AutoScalingBackend.delete_tags
+    original_describe = AutoScalingBackend.describe_tags
+
+    def split(self, tags: list[dict[str, Any]]) -> tuple[dict[str, tuple[str, str]], list, list]:  # type: ignore[no-untyped-def]
+        groups = _node_group_auto_scaling_groups(self.account_id, self.region_name)
+        ours = [t for t in tags if t.get("ResourceId") in groups]
+        return groups, ours, [t for t in tags if t.get("ResourceId") not in groups]
+
+    def create_or_update_tags(self, tags):  # type: ignore[no-untyped-def]
+        _, ours, others = split(self, tags)
+        with _lock:
+            for t in ours:
+                store = _node_group_tags.setdefault((self.account_id, self.region_name, t["ResourceId"]), {})
+                propagate = str(t.get("PropagateAtLaunch", False)).lower() == "true"
+                store[t["Key"]] = _tag(t["ResourceId"], t["Key"], t.get("Value", ""), propagate)
+        if others:
+            original_create(self, others)
+
+    def delete_tags(self, tags):  # type: ignore[no-untyped-def]
+        _, ours, others = split(self, tags)
+        with _lock:
+            for t in ours:
+                _node_group_tags.get((self.account_id, self.region_name, t["ResourceId"]), {}).pop(t["Key"], None)
+        if others:
+            original_delete(self, others)
+
+    def describe_tags(self, filters):  # type: ignore[no-untyped-def]
+        tags = list(original_describe(self, filters))
+        extra: list[dict[str, Any]] = []
+        for group, (cluster, node_group) in _node_group_auto_scaling_groups(self.account_id, self.region_name).items():
+            # What EKS puts on the group of every managed node group.
+            extra += [
+                _tag(group, "eks:cluster-name", cluster, True),
+                _tag(group, "eks:nodegroup-name", node_group, True),
+                _tag(group, "k8s.io/cluster-autoscaler/enabled", "true", True),
+                _tag(group, f"k8s.io/cluster-autoscaler/{cluster}", "owned", True),
+            ]
+            with _lock:
+                extra += list(_node_group_tags.get((self.account_id, self.region_name, group), {}).values())
+        for f in filters:
+            values = [str(v) for v in f.get("Values", [])]
+            field = {"auto-scaling-group": "ResourceId", "key": "Key", "value": "Value"}.get(f["Name"])
+            if field:
+                extra = [t for t in extra if t[field] in values]
+            elif f["Name"] == "propagate-at-launch":
+                extra = [t for t in extra if str(t["PropagateAtLaunch"]).lower() in [v.lower() for v in values]]
+        return tags + extra
+
+    AutoScalingBackend.create_or_update_tags = create_or_update_tags
+    AutoScalingBackend.delete_tags = delete_tags
+    AutoScalingBackend.describe_tags = describe_tags
+
+
 def reset() -> None:
     with _lock:
+        _node_group_tags.clear()
         _access_configs.clear()
         _cluster_groups.clear()
         _update_configs.clear()
