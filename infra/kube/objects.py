@@ -65,6 +65,8 @@ class RenderInput:
     image: str
     model: ModelRef
     max_gpu_nodes: int
+    #: The cluster's Kubernetes minor version (the node autoscaler's image follows it).
+    kubernetes_version: str
     version: str = "dev"
     #: The environment's `runtime` table (log level, accuracy baseline and window).
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)

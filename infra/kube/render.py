@@ -16,6 +16,7 @@ import yaml
 from infra.catalog.names import RUNTIME_NAMESPACE
 from infra.catalog.outputs import OutputsError, StackOutputs
 from infra.catalog.sizes import INSTANCE_TYPES, SIZES, HotTierKind, ModelRef, SizeName
+from infra.kube import node_autoscaler
 from infra.kube import objects as o
 from infra.observability import monitoring_objects as mon
 
@@ -49,8 +50,20 @@ def render_input(
         image=image,
         model=model,
         max_gpu_nodes=env.gpu_node_counts[2],
+        kubernetes_version=env.kubernetes_version,
         version=version,
         runtime=env.runtime,
+    )
+
+
+def node_autoscaler_objects(inp: o.RenderInput) -> list[Obj]:
+    """The Cluster Autoscaler: without it the GPU pool, which starts at zero nodes, never gets one."""
+    return node_autoscaler.objects(
+        cluster_name=inp.outputs.cluster_name,
+        region=inp.outputs.region,
+        kubernetes_version=inp.kubernetes_version,
+        part_of=o.PART_OF,
+        managed_by=o.FIELD_MANAGER,
     )
 
 
@@ -90,7 +103,9 @@ def monitoring_objects(inp: o.RenderInput) -> list[Obj]:
 
 
 def render(inp: o.RenderInput, *, monitoring: bool = True) -> list[Obj]:
-    objs = runtime_objects(inp)
+    """Everything, the node autoscaler first (so within a kind it is applied, and waited for, before the
+    runtime whose pods need the nodes it brings)."""
+    objs = node_autoscaler_objects(inp) + runtime_objects(inp)
     if monitoring:
         objs += monitoring_objects(inp)
     return sort_for_apply(objs)

@@ -80,7 +80,9 @@ def test_missing_crd_stops_before_anything_is_applied(fake_api, environments):
 def test_failed_rollout_restores_previous_template(fake_api, environments, env):
     v1 = render(make_input(environments[env], "v1"))
     v2 = render(make_input(environments[env], "v2-broken"))
-    workload = next(o for o in v2 if o["kind"] in ("Deployment", "LeaderWorkerSet"))
+    workload = next(
+        o for o in v2 if o["kind"] in ("Deployment", "LeaderWorkerSet") and o["metadata"]["namespace"] == "moe-fleet"
+    )
     installer, out = _installer(fake_api)
     installer.install(v1)
     assert _image(fake_api, workload).endswith(":v1")
@@ -274,7 +276,9 @@ def test_missing_prerequisite_stops_with_its_pinned_install_command(fake_api, en
 def test_every_custom_kind_is_a_prerequisite_and_with_all_present_install_proceeds(fake_api, environments, env):
     objs = render(make_input(environments[env]))
     groups = {o["apiVersion"].rpartition("/")[0] for o in objs}
-    assert groups - {"", "apps", "policy", "networking.k8s.io", "storage.k8s.io"} <= set(BY_GROUP)
+    assert groups - {"", "apps", "policy", "networking.k8s.io", "storage.k8s.io", "rbac.authorization.k8s.io"} <= set(
+        BY_GROUP
+    )
     custom = {f"{plural(o['kind'])}.{o['apiVersion'].rpartition('/')[0]}" for o in objs}
     assert {crd for crd in custom if crd.split(".", 1)[1] in BY_GROUP} <= {
         crd for p in PREREQUISITES for crd in p.crds
