@@ -129,7 +129,7 @@ def lifecycles(
                 root / env,
                 stacks[env],
                 emulator,
-                lambda outputs, check=check: check(emulator, outputs),
+                lambda outputs, check=check, env=env: check(emulator, outputs, root / env),
             )
             for env, check in checks.items()
         }

@@ -25,7 +25,7 @@ from infra.cli.common import (
 
 
 def add_envs(sub: Subparsers) -> None:
-    parser = sub.add_parser("envs", help="list environments: size, region, instance types, GPUs")
+    parser = sub.add_parser("envs", help="list environments: size, region, instance types, GPUs, model")
     add_environment_options(parser)
     parser.set_defaults(handler=_envs)
 
@@ -35,7 +35,7 @@ def _envs(args: argparse.Namespace) -> int:
 
     table = Table(title="MoE Fleet environments")
     for column in ("environment", "size", "region", "AZs", "GPU instance", "GPU nodes (min/desired/max)",
-                   "GPUs (at max)", "system nodes", "emulated"):  # fmt: skip
+                   "GPUs (at max)", "system nodes", "model (name@revision)", "emulated"):  # fmt: skip
         table.add_column(column)
     for env in load_environments(args).values():
         it = env.gpu_instance_spec
@@ -50,6 +50,7 @@ def _envs(args: argparse.Namespace) -> int:
             f"{lo}/{desired}/{hi}",
             str(hi * it.gpus),
             f"{size.system_nodes[1]} × {size.system_instance_type}",
+            f"{env.model.name}@{env.model.revision}",
             env.aws_endpoint or "no",
         )
     console().print(table)

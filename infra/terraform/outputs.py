@@ -7,8 +7,10 @@ stack was applied can be given instead (`--stack-dir`; the demo uses its own wor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from infra.catalog.names import STACKS_DIR_VAR
 from infra.catalog.outputs import OutputsError, StackOutputs
 from infra.terraform.runner import PROJECT_ROOT, Terraform, TerraformError
 
@@ -21,8 +23,9 @@ class OutputsUnavailable(OutputsError):
 
 
 def default_stack_dir(env_name: str) -> Path:
-    """Where `cdktf deploy <env>` applies an environment's stack."""
-    return PROJECT_ROOT / "cdktf.out" / "stacks" / env_name
+    """Where `cdktf deploy <env>` applies an environment's stack (`$MOEFLEET_STACKS_DIR/<env>` when set)."""
+    root = os.environ.get(STACKS_DIR_VAR)
+    return (Path(root) if root else PROJECT_ROOT / "cdktf.out" / "stacks") / env_name
 
 
 def read_stack_outputs(stack_dir: Path) -> StackOutputs:

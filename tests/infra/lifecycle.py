@@ -49,7 +49,65 @@ def aws(service: str, emulator: str):  # type: ignore[no-untyped-def]
 # ---- live checks, run between apply and destroy -------------------------------------------------------
 
 
-def check_local(emulator: str, outputs: dict) -> None:
+def run_readme_path(emulator: str, workdir: Path) -> list[str]:
+    """README's `moefleet` commands, in order, with `local` (applied in `workdir`) in place of `staging`:
+    against the embedded AWS for AWS, and the fake Kubernetes API for the cluster. Each must exit 0
+    (preflight may also report a failed check, exit 4: the emulator's quotas are not the account's)."""
+    import os
+    import subprocess
+
+    from infra.catalog.names import EMULATOR_ENDPOINT_VAR, STACKS_DIR_VAR
+    from infra.catalog.prerequisites import PREREQUISITES
+    from tests.infra.kube.fake_api import FakeKubeAPI
+    from tests.infra.readme_path import ENVIRONMENT, ROOT, readme_commands
+
+    home = workdir.parent / "readme-path"
+    (home / "stacks").mkdir(parents=True, exist_ok=True)
+    (home / "stacks" / "local").symlink_to(workdir)
+    subprocess.run([str(ROOT / ".venv/bin/moe-runtime"), "make-tiny", str(home / "checkpoint")], check=True)
+    ran = []
+    with FakeKubeAPI() as api:
+        api.crds |= {crd for p in PREREQUISITES for crd in p.crds}
+        kubeconfig = home / "kubeconfig"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+                    "current-context": "fake",
+                }
+            )
+        )
+        env = {
+            **os.environ,
+            STACKS_DIR_VAR: str(home / "stacks"),
+            EMULATOR_ENDPOINT_VAR: emulator,
+            "KUBECONFIG": str(kubeconfig),
+            "AWS_ACCESS_KEY_ID": "emulated",
+            "AWS_SECRET_ACCESS_KEY": "emulated",
+            "COLUMNS": "200",
+        }
+        for argv in readme_commands():
+            if argv[0] != ".venv/bin/moefleet":
+                continue
+            args = ["local" if word == ENVIRONMENT else word for word in argv[1:]]
+            if args[0] == "install":
+                args += ["--poll", "0.2"]
+            done = subprocess.run(
+                [str(ROOT / argv[0]), *args], cwd=home, env=env, capture_output=True, text=True, timeout=300
+            )
+            allowed = (0, 4) if args[0] == "preflight" else (0,)
+            assert done.returncode in allowed, f"moefleet {' '.join(args)} exited {done.returncode}:\n{done.stderr}"
+            ran.append(" ".join(args))
+        applied = {path.rsplit("/", 1)[-1] for path, _, _ in api.applies(dry_run=False)}
+    assert {"cluster-autoscaler", "moe-runtime"} <= applied
+    return ran
+
+
+def check_local(emulator: str, outputs: dict, workdir: Path) -> None:
     eks = aws("eks", emulator)
     cluster = eks.describe_cluster(name=outputs["cluster_name"])["cluster"]
     assert cluster["status"] == "ACTIVE" and cluster["accessConfig"]["authenticationMode"] == "API"
@@ -57,16 +115,39 @@ def check_local(emulator: str, outputs: dict) -> None:
     group = eks.describe_nodegroup(clusterName=outputs["cluster_name"], nodegroupName=outputs["gpu_node_group"])
     assert group["nodegroup"]["taints"][0]["key"] == "nvidia.com/gpu"
     assert group["nodegroup"]["scalingConfig"]["minSize"] == 0
+    check_autoscaler_template(emulator, outputs, group["nodegroup"], gpus=1)
     check_cold_tier_and_runtime_role(emulator, outputs)
+    ran = run_readme_path(emulator, workdir)
+    assert any(command.startswith("weights upload local") for command in ran)
 
 
-def check_large(emulator: str, outputs: dict) -> None:
+def check_autoscaler_template(emulator: str, outputs: dict, node_group: dict, gpus: int) -> None:
+    """The node group's Auto Scaling group carries the node template (read back through the Auto Scaling
+    API, as the autoscaler reads it), besides the discovery tags EKS puts there itself."""
+    group_name = node_group["resources"]["autoScalingGroups"][0]["name"]
+    tags = aws("autoscaling", emulator).describe_tags(Filters=[{"Name": "auto-scaling-group", "Values": [group_name]}])
+    by_key = {t["Key"]: t["Value"] for t in tags["Tags"]}
+    assert by_key[f"k8s.io/cluster-autoscaler/{outputs['cluster_name']}"] == "owned"
+    assert by_key["k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu"] == str(gpus)
+    assert by_key["k8s.io/cluster-autoscaler/node-template/taint/nvidia.com/gpu"] == "true:NoSchedule"
+    assert by_key["k8s.io/cluster-autoscaler/node-template/label/moefleet.io/node-pool"] == "gpu"
+
+
+def check_large(emulator: str, outputs: dict, _workdir: Path) -> None:
     ec2 = aws("ec2", emulator)
     groups = ec2.describe_placement_groups(GroupNames=[f"{outputs['cluster_name']}-gpu"])["PlacementGroups"]
     assert groups[0]["Strategy"] == "cluster"
+    node_group = aws("eks", emulator).describe_nodegroup(
+        clusterName=outputs["cluster_name"], nodegroupName=outputs["gpu_node_group"]
+    )["nodegroup"]
+    check_autoscaler_template(emulator, outputs, node_group, gpus=8)
+    tags = aws("autoscaling", emulator).describe_tags(
+        Filters=[{"Name": "key", "Values": ["k8s.io/cluster-autoscaler/node-template/resources/vpc.amazonaws.com/efa"]}]
+    )["Tags"]
+    assert [t["Value"] for t in tags] == ["32"]
 
 
-def check_capacity_block(emulator: str, outputs: dict) -> None:
+def check_capacity_block(emulator: str, outputs: dict, _workdir: Path) -> None:
     """prod on a Capacity Block for ML: the node group is CAPACITY_BLOCK, its launch template targets the block
     with the capacity-block market type, and there is no placement group."""
     eks, ec2 = aws("eks", emulator), aws("ec2", emulator)
@@ -85,7 +166,7 @@ def check_capacity_block(emulator: str, outputs: dict) -> None:
     assert not [g for g in groups if g["GroupName"] == f"{outputs['cluster_name']}-gpu"]
 
 
-def check_medium(emulator: str, outputs: dict) -> None:
+def check_medium(emulator: str, outputs: dict, _workdir: Path) -> None:
     """FSx hot tier, its link to the cold tier, and the FSx CSI add-on, live in the emulator."""
     fsx = aws("fsx", emulator)
     fs = fsx.describe_file_systems(FileSystemIds=[outputs["fsx_file_system_id"]])["FileSystems"][0]
@@ -140,7 +221,7 @@ def check_cold_tier_and_runtime_role(emulator: str, outputs: dict) -> None:
 
 #: Each applied environment and what is checked live between its apply and destroy. They run at once:
 #: terraform mostly waits on the provider's own polling, so overlapping them keeps CI time flat.
-LIVE_CHECKS: dict[str, Callable[[str, dict], None]] = {
+LIVE_CHECKS: dict[str, Callable[[str, dict, Path], None]] = {
     "local": check_local,
     "large-emu": check_large,
     "medium-emu": check_medium,
