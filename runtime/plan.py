@@ -35,7 +35,7 @@ from typing import Any
 
 from runtime.config import ModelConfig
 from runtime.engine.config import BATCH_BUCKETS, EngineConfig
-from runtime.parallel.layout import ParallelLayout
+from runtime.parallel.layout import LayoutError, ParallelLayout
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -375,8 +375,8 @@ def plan(
     layout = ParallelLayout(tp, ep, gpus)
     try:
         layout.validate(config)
-    except ValueError as exc:  # LayoutError: already names the flag, the value and what is allowed
-        raise PlanError(exc.flag, exc.value, exc.allowed) from exc  # type: ignore[attr-defined]
+    except LayoutError as exc:  # already names the flag, the value and what is allowed
+        raise PlanError(exc.flag, exc.value, exc.allowed) from exc
     limit = config.max_position_embeddings
     max_model_len = limit if max_model_len is None else max_model_len
     if not 1 <= max_model_len <= limit:
