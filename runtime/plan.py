@@ -116,7 +116,7 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 class _Weights:
-    """Walks the model's tensors as one rank holds them; ``count`` selects parameters or bytes."""
+    """Walks the model's tensors as one rank holds them: ``breakdown()`` in bytes, ``parameters()`` in elements."""
 
     def __init__(self, config: ModelConfig, quant: Quantization | None, dtype_bytes: int, tp: int, ep: int) -> None:
         self.c, self.q, self.db, self.tp, self.ep = config, quant, dtype_bytes, tp, ep
