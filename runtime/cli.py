@@ -227,8 +227,77 @@ def _leave_group(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from runtime.engine.config import EngineConfig
+
+    d = EngineConfig()
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory plan of a layout: weights, activations, CUDA graphs, KV cache left",
+        description="Per-GPU memory of one replica and the paged latent KV cache it leaves; exits 1 naming what "
+        "does not fit, 2 for an invalid layout. Reads only config.json.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder or its config.json")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of one replica (the world size)")
+    p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU (an H100 80GB reports 79.2)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: GPUs per node)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel ranks (default: --gpus)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the replica spans")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16, float16, float32")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--seq-len", type=int, default=None, help="also count sequences of this length (default 4096)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="as serve")
+    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens, help="as serve")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="as serve")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="as serve")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from runtime.config import ConfigError
+    from runtime.engine.config import EngineConfig
+    from runtime.plan import PlanError, load_config, plan
+
+    try:
+        engine = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_prefill_tokens=args.max_prefill_tokens,
+            block_size=args.block_size,
+            cuda_graphs=not args.no_cuda_graphs,
+        )
+        config, quant = load_config(args.model)
+        path = Path(args.model).resolve()
+        name = path.name if path.is_dir() else (path.parent.name if path.stem == "config" else path.stem)
+        p = plan(
+            config,
+            quant,
+            gpus=args.gpus,
+            gpu_memory_gib=args.gpu_memory,
+            tp=args.tp,
+            ep=args.ep,
+            nodes=args.nodes,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            seq_len=args.seq_len,
+            engine=engine,
+            name=name,
+        )
+    except (PlanError, ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.table())
+    if not p.fits:
+        print(f"error: does not fit: {p.problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # name → function adding the subparser; append to extend the CLI.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_serve]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_serve, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,13 @@ CAPACITY_BLOCK_INSTANCE_TYPES = (
 SYSTEM_INSTANCE_TYPES: dict[str, float] = {"m6i.large": 0.096, "m6i.xlarge": 0.192, "m6i.2xlarge": 0.384}
 
 
+class WeightFormat(StrEnum):
+    """How a default model's checkpoint stores its linear layers (what its GPU memory is planned for)."""
+
+    BF16 = "bf16"
+    FP8 = "fp8"  # block-wise FP8 (e4m3, one scale per 128×128 block), DeepSeek-V3's published format
+
+
 class HotTierKind(StrEnum):
     EBS_GP3 = "ebs-gp3"  # per-pod volume, devtest
     FSX_LUSTRE = "fsx-lustre"  # shared file system linked to the cold tier, medium and large
@@ -125,6 +132,16 @@ class Requirements:
     def gpus_per_node(self) -> int:
         return self.gpus_per_replica // self.nodes_per_replica
 
+    @property
+    def tensor_parallel(self) -> int:
+        """The runtime's ``--tp``: a node's GPUs, so the per-layer all-reduces stay on NVLink."""
+        return self.gpus_per_node
+
+    @property
+    def expert_parallel(self) -> int:
+        """The runtime's ``--ep``: every GPU of the replica holds a different slice of the routed experts."""
+        return self.gpus_per_replica
+
 
 @dataclass(frozen=True)
 class PodProfile:
@@ -162,6 +179,8 @@ class Size:
     pod: PodProfile
     #: Model folder served by default: models/<default_model>/<revision>/ in the cold tier.
     default_model: str
+    #: The default model's checkpoint format; the memory planner's test checks that it fits the replica.
+    default_model_weights: WeightFormat = WeightFormat.BF16
     system_instance_type: str = "m6i.xlarge"
     system_nodes: tuple[int, int, int] = (2, 2, 4)  # min, desired, max
     root_volume_gib: int = 200  # CUDA images are 10-20 GB; room for two versions during rollout
@@ -242,6 +261,7 @@ SIZES: dict[SizeName, Size] = {
         # 4 ranks on NVLink exchange over shm: EKS Blueprints give vLLM 15Gi for 8 GPUs; 32 GiB for 4 is generous.
         pod=PodProfile(shm_gib=32, model_gb=240, warmup_s=600),
         default_model="deepseek-v2",
+        default_model_weights=WeightFormat.FP8,
     ),
     SizeName.LARGE: Size(
         name=SizeName.LARGE,
@@ -276,6 +296,7 @@ SIZES: dict[SizeName, Size] = {
         # 8 ranks per node plus EFA bounce buffers: 64 GiB of the node's 2 TiB.
         pod=PodProfile(shm_gib=64, model_gb=671, warmup_s=900),
         default_model="deepseek-v3",
+        default_model_weights=WeightFormat.FP8,
         system_instance_type="m6i.2xlarge",
         uses_efa=True,
         uses_placement_group=True,

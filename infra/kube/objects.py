@@ -352,10 +352,10 @@ def probes(inp: RenderInput) -> Obj:
 def serve_command(inp: RenderInput) -> list[str]:
     """devtest: one process; medium: torchrun on one node; large: torchrun across the LeaderWorkerSet group
     (LWS injects LWS_GROUP_SIZE, LWS_WORKER_INDEX, LWS_LEADER_ADDRESS; Kubernetes expands $(VAR))."""
-    gpus = inp.gpus_per_pod
+    gpus, req = inp.gpus_per_pod, inp.size.requirements
     if inp.world_size == 1:
         return ["moe-runtime", "serve"]
-    serve = ["-m", "runtime.cli", "serve", "--tp", str(gpus)]
+    serve = ["-m", "runtime.cli", "serve", "--tp", str(req.tensor_parallel), "--ep", str(req.expert_parallel)]
     if inp.multi_node:
         return [
             "torchrun",
@@ -365,8 +365,6 @@ def serve_command(inp: RenderInput) -> list[str]:
             "--master-addr=$(LWS_LEADER_ADDRESS)",
             f"--master-port={DISTRIBUTED_PORT}",
             *serve,
-            "--ep",
-            str(inp.world_size),
         ]
     return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}", *serve]
 

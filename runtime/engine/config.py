@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Decode batch sizes captured as CUDA graphs below ``max_num_seqs`` (which is captured too); the memory
+#: planner (runtime.plan) sizes their pool from the same list.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 
 @dataclass
 class EngineConfig:

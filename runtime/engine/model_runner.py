@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.cuda_graph import CUDAGraphDecoder, fed_token_ids
-from runtime.engine.config import EngineConfig
+from runtime.engine.config import BATCH_BUCKETS, EngineConfig
 from runtime.engine.scheduler import PrefillChunk, padded_slots
 from runtime.engine.sequence import Sequence
 from runtime.engine.stats import EngineStats
@@ -29,8 +29,6 @@ from runtime.kv_cache import PagedKVCache, decode_metadata, prefill_metadata
 from runtime.sampling import logprobs, sample
 
 log = logging.getLogger(__name__)
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # captured decode batch sizes (below max_num_seqs)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,8 @@ def test_multi_node_command_and_ports(inputs):
     assert "FI_PROVIDER" not in staging_config and staging_config["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     medium = _workload(render(inputs["staging"]))["spec"]["template"]["spec"]["containers"][0]["command"]
     assert medium[:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"]
+    # the routed experts split over the replica's 4 GPUs: replicated (--ep 1), V2's do not fit one GPU
+    assert medium[medium.index("--tp") + 1] == "4" and medium[medium.index("--ep") + 1] == "4"
     assert _workload(render(inputs["dev"]))["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "moe-runtime",
         "serve",
