@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +27,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    #: None: no log-probabilities; k >= 0: the chosen token's and the k most likely tokens' (at most 20)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -35,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -82,3 +88,18 @@ def sample(
 def logprobs(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities in fp32 (the risk endpoint reads label tokens' values from these)."""
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of raw logits [B, V] and their sampled tokens [B] → (the tokens' log-probabilities [B], the k
+    largest log-probabilities [B, k], their token ids [B, k]).
+
+    Log-probabilities of the model's own distribution (log-softmax of the logits before temperature,
+    top-k and top-p), as vLLM reports them by default: they say how likely the model found a token,
+    whatever the request's sampling settings."""
+    lp = logprobs(logits)
+    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device)).squeeze(-1)
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return chosen, top.values, top.indices

@@ -26,7 +26,7 @@ from runtime.engine.sequence import Sequence
 from runtime.engine.stats import EngineStats
 from runtime.interfaces import CausalLM, GraphCapture, GraphDecoder
 from runtime.kv_cache import PagedKVCache, decode_metadata, prefill_metadata
-from runtime.sampling import logprobs, sample
+from runtime.sampling import logprobs, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ModelRunner:
 
     def _sample_unread(self, logits: torch.Tensor, seqs: list[Sequence]) -> InFlight:
         """Sample on the device and start the tokens' copy to the host, without waiting for it."""
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = self._sample(logits, seqs)
         # two host buffers in turn: the other one may still hold the unread tokens of the step before
         host = self._host_tokens[self._launches % 2][: len(seqs)]
         self._launches += 1
@@ -196,16 +196,31 @@ class ModelRunner:
         """Batched sampling; if it fails, retry row by row so only the offending sequence fails and the rest
         of the batch is unaffected."""
         try:
-            return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            return self._sample(logits, seqs).tolist()
         except RuntimeError:
             out: list[Sampled] = []
             for i, s in enumerate(seqs):
                 try:
-                    out.append(int(sample(logits[i : i + 1], [s.params], [s.generator])[0]))
+                    out.append(int(self._sample(logits[i : i + 1], [s])[0]))
                 except RuntimeError as exc:
                     log.warning("sampling failed for %s: %s", s.id, exc)
                     out.append(SamplingFailed(f"sampling failed: {exc}"))
             return out
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Sample, and queue on each sequence that asks for them its token's log-probabilities (still on the
+        device: the post-processor reads them with the token). Costs nothing when no sequence asks."""
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if rows:
+            k = max(seqs[i].params.logprobs for i in rows)
+            idx = torch.tensor(rows, device=logits.device)
+            chosen, top_lp, top_ids = token_logprobs(logits[idx], tokens[idx], k)
+            for j, i in enumerate(rows):
+                n = seqs[i].params.logprobs
+                seqs[i].pending_logprobs.append((chosen[j], top_lp[j, :n], top_ids[j, :n]))
+        return tokens
 
     def score(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> list[list[float]]:
         """Next-token log-probabilities of ``token_ids`` after each prompt: one batched forward, no KV cache."""

@@ -55,6 +55,13 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     )
     max_tokens: int | None = Field(16, ge=1, description="default 16; null: up to the context length")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="log-probabilities of each generated token and of this many most likely tokens "
+        "(the model's distribution before temperature, top-k and top-p)",
+    )
 
 
 class TextPart(BaseModel):
@@ -77,6 +84,14 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     max_tokens: int | None = Field(None, ge=1, description="null: up to the context length")
     max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens")
+    logprobs: bool | None = Field(
+        False,
+        description="return each generated token's log-probability (the model's distribution before "
+        "temperature, top-k and top-p)",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="with logprobs: also this many most likely tokens at each position"
+    )
 
 
 class Usage(BaseModel):
@@ -85,11 +100,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -106,11 +128,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
