@@ -36,7 +36,7 @@ from runtime.server.schemas import (
 )
 from runtime.server.state import ServiceState
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 422, 429, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 429, 503)}
 #: ``stream: true`` answers: server-sent events whose ``data`` is a JSON chunk or ``[DONE]``
 SSE_EVENT = {
     "type": "object",

@@ -137,6 +137,6 @@ def test_logprobs_bounds_are_client_errors(shared_server):
     r = httpx.post(url + c.CHAT_COMPLETIONS_PATH, json={"messages": msgs, "top_logprobs": 2}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     r = httpx.post(url + c.CHAT_COMPLETIONS_PATH, json={"messages": msgs, "logprobs": True, "top_logprobs": 21})
-    assert r.status_code in (400, 422) and r.json()["error"]["param"] == "top_logprobs"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     r = httpx.post(url + c.COMPLETIONS_PATH, json={"prompt": "x", "logprobs": 6}, timeout=10)
-    assert r.status_code in (400, 422) and r.json()["error"]["param"] == "logprobs"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
