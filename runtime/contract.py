@@ -90,6 +90,7 @@ DEFAULT_SHM_MIN_BYTES = 1 << 30  # NCCL wants far more than Docker's 64 MiB defa
 APP_NAME = "moe-runtime"
 POD_LABEL_KEYS = {"name": "app.kubernetes.io/name", "component": "app.kubernetes.io/component"}
 
+LABEL_MODEL_NAME = "model_name"  # the served model's name (/v1/models id), on every runtime metric, as vLLM
 LABEL_FINISH_REASON = "finish_reason"  # stop | length | abort
 LABEL_REASON = "reason"  # rejection / error reason
 LABEL_LAYER = "layer"  # MoE layer index
@@ -109,7 +110,8 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 
 @dataclass(frozen=True)
 class MetricDef:
-    """One exposed series family. ``name`` is the full exposed name (counters end in ``_total``)."""
+    """One exposed series family. ``name`` is the full exposed name (counters end in ``_total``); ``labels``
+    start with :data:`LABEL_MODEL_NAME`, which every runtime series carries."""
 
     name: str
     help: str
@@ -119,7 +121,7 @@ class MetricDef:
 
 
 def _m(name: str, help: str, type: MetricType, labels: tuple[str, ...] = (), buckets=None) -> MetricDef:
-    return MetricDef(name, help, type, labels, buckets)
+    return MetricDef(name, help, type, (LABEL_MODEL_NAME, *labels), buckets)
 
 
 E2E_LATENCY = _m(

@@ -71,7 +71,7 @@ class Settings:
 @dataclass
 class ServiceState:
     settings: Settings
-    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    metrics: ServiceMetrics | None = None  # default: labelled with the served model's name
     engine: object | None = None  # runtime.engine.Engine
     tokenizer: object | None = None
     label_ids: tuple[int, int] | None = None
@@ -86,6 +86,8 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         s = self.settings
+        if self.metrics is None:
+            self.metrics = ServiceMetrics(s.model_name)
         self.feedback = FeedbackTracker(window=s.accuracy_window, baseline=s.accuracy_baseline)
         self.metrics.queue_capacity.set(s.max_queue)
         if s.accuracy_baseline is not None:

@@ -151,3 +151,11 @@ def test_probes_and_metrics_names_come_from_the_contract(shared_server):
         assert any(line.startswith((sample + " ", sample + "{")) for line in text.splitlines()), m.name
     assert shared_server.metrics()["moe_model_ready"] == 1.0
 
+
+def test_every_series_carries_the_model_name(shared_server, model_id):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(shared_server.url + c.METRICS_PATH).text
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    assert {s.name for s in samples} >= {c.MODEL_READY.name, c.REQUEST_SUCCESS.name, c.E2E_LATENCY.name + "_bucket"}
+    assert all(s.labels.get(c.LABEL_MODEL_NAME) == model_id for s in samples), samples
