@@ -33,6 +33,9 @@ DTYPES = {
 }
 
 
+SHOWN_TENSORS = 5  # tensors listed per kind of mismatch; the rest are counted
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint folder cannot be loaded; the message lists every problem found."""
 
@@ -136,8 +139,11 @@ def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
-                parts.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join(items))
-        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
+                shown = items[:SHOWN_TENSORS]
+                more = [f"... and {len(items) - len(shown)} more"] if len(items) > len(shown) else []
+                parts.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join([*shown, *more]))
+        hint = "\n  (config.json does not describe these weights)" if misshaped else ""
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts) + hint)
 
 
 def _parameters(model: PiecewiseCausalLM, config: ModelConfig) -> dict[str, torch.Tensor]:
