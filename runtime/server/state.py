@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 class Settings:
     model_path: str
     served_model_name: str | None = None
+    tokenizer_path: str | None = None  # default: the model's folder
+    chat_template: str | None = None  # overrides tokenizer_config.json's
     device: str = "cpu"
     dtype: str = "float32"
     kv_blocks: int | None = None
@@ -116,7 +118,9 @@ class ServiceState:
 
                 startup_barrier(s.parallel)
                 model = self.leader = Leader(model, s.parallel, on_failure=self.fail)
-            tok = load_tokenizer(s.model_path)
+            tok = load_tokenizer(s.tokenizer_path or s.model_path)
+            if s.chat_template is not None:
+                tok.chat_template = s.chat_template
             cfg = s.engine_config()
             # a leader's graphs are captured on every rank at once, and replayed from host inputs only
             capture = self.leader.make_graph_decoder if self.leader is not None else None
