@@ -90,16 +90,23 @@ def logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of raw logits [B, V] and their sampled tokens [B] → (the tokens' log-probabilities [B], the k
-    largest log-probabilities [B, k], their token ids [B, k]).
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of raw logits [B, V] and their sampled tokens [B] → one fp32 tensor [B, 1 + 2k] per row: the
+    token's log-probability, the k largest log-probabilities, their token ids (exact in fp32: vocabularies
+    are far below 2**24). One tensor, so a single copy brings a step's values to the host.
 
     Log-probabilities of the model's own distribution (log-softmax of the logits before temperature,
     top-k and top-p), as vLLM reports them by default: they say how likely the model found a token,
     whatever the request's sampling settings."""
     lp = logprobs(logits)
-    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device)).squeeze(-1)
+    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device))
     top = lp.topk(min(k, lp.shape[-1]), dim=-1)
-    return chosen, top.values, top.indices
+    return torch.cat([chosen, top.values, top.indices.float()], dim=-1)
+
+
+def unpack_logprobs(row: Sequence[float], n: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """One row of :func:`token_logprobs` (computed with ``k``) → (the token's log-probability, the ``n <= k``
+    most likely ``(token id, log-probability)``, most likely first)."""
+    k = min(k, (len(row) - 1) // 2)
+    top = [(int(row[1 + k + j]), float(row[1 + j])) for j in range(min(n, k))]
+    return float(row[0]), top

@@ -209,17 +209,20 @@ class ModelRunner:
 
     @staticmethod
     def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Sample, and queue on each sequence that asks for them its token's log-probabilities (still on the
-        device: the post-processor reads them with the token). Costs nothing when no sequence asks."""
+        """Sample, and queue on each sequence that asks for them its token's log-probabilities. On CUDA they are
+        copied to pinned host memory ahead of the tokens' own copy, so once the tokens are read they are there
+        too (no synchronisation of their own). Costs nothing when no sequence asks."""
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if rows:
             k = max(seqs[i].params.logprobs for i in rows)
             idx = torch.tensor(rows, device=logits.device)
-            chosen, top_lp, top_ids = token_logprobs(logits[idx], tokens[idx], k)
+            packed = token_logprobs(logits[idx], tokens[idx], k)
+            if packed.is_cuda:
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                packed = host.copy_(packed, non_blocking=True)
             for j, i in enumerate(rows):
-                n = seqs[i].params.logprobs
-                seqs[i].pending_logprobs.append((chosen[j], top_lp[j, :n], top_ids[j, :n]))
+                seqs[i].pending_logprobs.append((packed[j], k))
         return tokens
 
     def score(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> list[list[float]]:

@@ -15,6 +15,7 @@ from runtime.engine.model_runner import Sampled, SamplingFailed
 from runtime.engine.sequence import Sequence, TokenEvent, TokenLogprob
 from runtime.engine.stats import EngineStats
 from runtime.loader import Tokenizer
+from runtime.sampling import unpack_logprobs
 
 Events = list[tuple[Sequence, TokenEvent]]
 
@@ -88,10 +89,10 @@ class PostProcessor:
 
 
 def _read_logprob(s: Sequence, tok: int) -> list[TokenLogprob] | None:
-    """The log-probabilities queued with this token (sampled in the same order), read to the host; None when
-    the request did not ask for them."""
+    """The log-probabilities queued with this token (sampled in the same order, on the host once the token
+    is); None when the request did not ask for them."""
     if s.params.logprobs is None or not s.pending_logprobs:
         return None
-    chosen, top_lp, top_ids = s.pending_logprobs.popleft()
-    top = tuple(zip(top_ids.tolist(), top_lp.tolist(), strict=True))
-    return [TokenLogprob(tok, float(chosen), top)]
+    row, k = s.pending_logprobs.popleft()
+    chosen, top = unpack_logprobs(row.tolist(), s.params.logprobs, k)
+    return [TokenLogprob(tok, chosen, tuple(top))]

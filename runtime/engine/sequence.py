@@ -72,7 +72,7 @@ class Sequence:
     num_computed: int = 0  # prompt tokens in the KV cache, or scheduled into it this step (chunked prefill)
     first_token_at: float | None = None
     finish_reason: str | None = None
-    # (chosen, top values, top ids) on the device for each sampled token not yet accepted, oldest first;
+    # (runtime.sampling.token_logprobs row, its k) for each sampled token not yet accepted, oldest first;
     # filled only when ``params.logprobs`` is set
     pending_logprobs: deque = field(default_factory=deque, repr=False)
 
