@@ -1,6 +1,7 @@
 """The engine's token log-probabilities, in-process: with and without overlapped decode, greedy and sampled,
 mixed in one batch with sequences that do not ask, equal to the log-softmax of a plain forward over
-prompt + output (no KV cache, no engine)."""
+prompt + output (no KV cache, no engine). Where a GPU is present the same check runs on CUDA, with the
+decode graphs and the pinned-memory copy of the values."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from runtime.sampling import SamplingParams, token_logprobs, unpack_logprobs
 TOL = 1e-4
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU cases always run)")
+CASES = [("cpu", True), ("cpu", False), pytest.param("cuda", True, marks=CUDA)]
+
+
 @pytest.fixture(scope="module")
 def tiny(v2_path: Path):
     from runtime.loader import load_model, load_tokenizer
@@ -28,9 +33,12 @@ def tiny(v2_path: Path):
 @torch.inference_mode()
 def reference(model, prompt: list[int], output: list[int]) -> torch.Tensor:
     ids = [*prompt, *output]
-    meta = prefill_metadata([len(ids)], [len(ids)], None, None)
-    rows = torch.arange(len(prompt) - 1, len(ids) - 1)
-    return torch.log_softmax(model(torch.tensor(ids), torch.arange(len(ids)), meta, None, logits_indices=rows), -1)
+    dev = model.device
+    meta = prefill_metadata([len(ids)], [len(ids)], None, None, device=dev)
+    rows = torch.arange(len(prompt) - 1, len(ids) - 1, device=dev)
+    pos = torch.arange(len(ids), device=dev)
+    logits = model(torch.tensor(ids, device=dev), pos, meta, None, logits_indices=rows)
+    return torch.log_softmax(logits.float(), -1).cpu()
 
 
 def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]):
@@ -52,9 +60,13 @@ def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]):
     return events
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
-def test_engine_logprobs_equal_the_reference(tiny, overlap):
+@pytest.mark.parametrize(("device", "overlap"), CASES, ids=["cpu-overlap", "cpu-no-overlap", "cuda-graphs"])
+def test_engine_logprobs_equal_the_reference(tiny, v2_path, device, overlap):
     model, tok = tiny
+    if device == "cuda":
+        from runtime.loader import load_model
+
+        model = load_model(v2_path, device="cuda")  # fp32; the engine compiles and captures its decode graphs
     prompts = [tok.encode(t) for t in ("The order", "Hello world, this is a tiny language model.", "A", "Risk")]
     params = [
         SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=3),
@@ -63,6 +75,7 @@ def test_engine_logprobs_equal_the_reference(tiny, overlap):
         SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, seed=9, logprobs=20),
     ]
     engine = Engine(model, tok, EngineConfig(max_prefill_tokens=16, max_num_seqs=4, overlap=overlap))
+    assert device == "cpu" or engine.runner.graphs is not None
     engine.start()
     try:
         events = run(engine, prompts, params)
@@ -77,12 +90,13 @@ def test_engine_logprobs_equal_the_reference(tiny, overlap):
         lps = [e for ev in evs for e in (ev.logprobs or [])]
         assert [e.token for e in lps] == out
         want = reference(model, prompt, out)
+        tol = TOL * (10 if device == "cuda" else 1)  # fused GPU kernels round differently
         for j, e in enumerate(lps):
-            assert abs(e.logprob - want[j, out[j]].item()) < TOL
+            assert abs(e.logprob - want[j, out[j]].item()) < tol
             assert len(e.top) == prm.logprobs
             top = want[j].topk(prm.logprobs)
-            assert [lp for _, lp in e.top] == pytest.approx(top.values.tolist(), abs=TOL)
-            assert all(abs(want[j, t].item() - lp) < TOL for t, lp in e.top)
+            assert [lp for _, lp in e.top] == pytest.approx(top.values.tolist(), abs=tol)
+            assert all(abs(want[j, t].item() - lp) < tol for t, lp in e.top)
 
 
 def test_packed_rows_round_trip():
