@@ -73,6 +73,13 @@ def check_model(st: ServiceState, model: str | None) -> None:
         )
 
 
+def check_combination(body) -> None:
+    """Fields valid alone that mean nothing together: a 400 rather than a silently ignored field."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+    requested_logprobs(body)
+
+
 def submit(st: ServiceState, seqs: list[Sequence]) -> None:
     with engine_refusals(st):
         st.engine.submit(seqs)
@@ -327,6 +334,7 @@ async def list_models(request: Request) -> ModelList:
 async def completions(body: CompletionRequest, request: Request):
     st = ready_state(request)
     check_model(st, body.model)
+    check_combination(body)
     prompts = encode_prompts(st, body.prompt)
     rid, queue, choices = build(st, body, prompts, body.max_tokens, "cmpl")
     submit(st, [ch.seq for ch in choices])
@@ -371,6 +379,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = ready_state(request)
     check_model(st, body.model)
+    check_combination(body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     prompts = [st.tokenizer.encode_chat(messages, add_generation_prompt=True)]
     max_tokens = body.max_completion_tokens or body.max_tokens

@@ -116,3 +116,8 @@ def test_openapi_documents_400_not_422(shared_server):
     for path in (c.COMPLETIONS_PATH, c.CHAT_COMPLETIONS_PATH):
         responses = spec["paths"][path]["post"]["responses"]
         assert "400" in responses and "422" not in responses
+
+
+def test_stream_options_without_stream_is_400(shared_server):
+    body = {"prompt": "Hi", "max_tokens": 1, "stream_options": {"include_usage": True}}
+    assert_400(post(shared_server.url, c.COMPLETIONS_PATH, body), "stream_options", "stream is true")
