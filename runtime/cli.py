@@ -40,20 +40,32 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=os.environ.get(c.ENV_MODEL_PATH),
-        help=f"checkpoint folder (default: ${c.ENV_MODEL_PATH})",
+        help=f"checkpoint folder, or a Hugging Face repo id in the local cache (default: ${c.ENV_MODEL_PATH})",
     )
     p.add_argument(
         "--served-model-name",
         default=os.environ.get(c.ENV_MODEL_NAME),
-        help="id in /v1/models (default: the folder name)",
+        help="id in /v1/models (default: the repo id, or the folder name)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder or cached Hugging Face repo id (default: the model's)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template file replacing tokenizer_config.json's (or the template text itself)",
     )
     p.add_argument("--host", default=os.environ.get(c.ENV_HOST, c.DEFAULT_HOST))
     p.add_argument("--port", type=int, default=_env_int(c.ENV_PORT) or c.DEFAULT_PORT)
     p.add_argument("--device", default=os.environ.get(c.ENV_DEVICE, "auto"), help="auto, cpu, cuda, cuda:N")
     p.add_argument(
         "--dtype",
-        default=os.environ.get(c.ENV_DTYPE, "auto"),
-        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16",
+        default=os.environ.get(c.ENV_DTYPE) or c.DTYPE_AUTO,
+        choices=(c.DTYPE_AUTO, *c.DTYPES),
+        help=f"{c.DTYPE_AUTO}: bf16 on CUDA, fp32 on CPU (default: ${c.ENV_DTYPE} or {c.DTYPE_AUTO})",
     )
     p.add_argument(
         "--kv-blocks",
@@ -119,15 +131,24 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {c.ENV_LOG_LEVEL}={args.log_level!r}: allowed: {', '.join(c.LOG_LEVELS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.dtype not in (c.DTYPE_AUTO, *c.DTYPES):  # like --log-level: a default from the environment
+        allowed = ", ".join((c.DTYPE_AUTO, *c.DTYPES))
+        print(f"error: {c.ENV_DTYPE}={args.dtype!r}: allowed: {allowed}", file=sys.stderr)
+        return 2
     if not args.model:
         print("error: --model PATH (or MODEL_PATH) is required", file=sys.stderr)
         return 2
-    if not (Path(args.model) / "config.json").is_file():
-        print(
-            f"error: --model {args.model}: no config.json there (not a Hugging Face checkpoint folder)",
-            file=sys.stderr,
-        )
+    from runtime import hub
+
+    try:
+        model_src = hub.checkpoint(args.model)
+        tok_src = hub.tokenizer(args.tokenizer) if args.tokenizer else None
+        chat_template = _read_chat_template(args.chat_template) if args.chat_template else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    args.model = str(model_src.path)
+    served_name = args.served_model_name or model_src.repo_id
     if args.world_size > 1:
         try:
             check_shm(min_bytes=args.shm_min_bytes)
@@ -167,7 +188,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(
             model_path=args.model,
-            served_model_name=args.served_model_name,
+            served_model_name=served_name,
+            tokenizer_path=str(tok_src.path) if tok_src else None,
+            chat_template=chat_template,
             device=device,
             dtype=dtype,
             kv_blocks=args.kv_blocks,
@@ -207,6 +230,27 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("runtime").error("rank %d failed: %s: %s", parallel.rank, type(exc).__name__, exc)
         code = 1
     _leave_group(code)
+
+
+def _read_chat_template(spec: str) -> str:
+    """The template in file ``spec`` (or ``spec`` itself when it is template text), checked to compile."""
+    from pathlib import Path
+
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        text, where = path.read_text(), str(path)
+    elif "{{" in spec or "{%" in spec:
+        text, where = spec, "the template text"
+    else:
+        raise ValueError(f"--chat-template {spec}: no such file")
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(text)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"--chat-template {where}: line {exc.lineno}: {exc.message}") from exc
+    return text
 
 
 def _leave_group(code: int) -> NoReturn:

@@ -54,6 +54,8 @@ ENV_HOST = "MOE_HOST"
 ENV_PORT = "MOE_PORT"
 ENV_DEVICE = "MOE_DEVICE"
 ENV_DTYPE = "MOE_DTYPE"
+DTYPE_AUTO = "auto"  # bf16 on CUDA, fp32 on CPU
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # serve --dtype / $MOE_DTYPE besides auto
 ENV_KV_BLOCKS = "MOE_KV_BLOCKS"
 ENV_MAX_QUEUE = "MOE_MAX_QUEUE"
 ENV_ACCURACY_BASELINE = "MOE_ACCURACY_BASELINE"  # reference accuracy of the drift alert (unset: no baseline)
@@ -90,6 +92,7 @@ DEFAULT_SHM_MIN_BYTES = 1 << 30  # NCCL wants far more than Docker's 64 MiB defa
 APP_NAME = "moe-runtime"
 POD_LABEL_KEYS = {"name": "app.kubernetes.io/name", "component": "app.kubernetes.io/component"}
 
+LABEL_MODEL_NAME = "model_name"  # the served model's name (/v1/models id), on every runtime metric, as vLLM
 LABEL_FINISH_REASON = "finish_reason"  # stop | length | abort
 LABEL_REASON = "reason"  # rejection / error reason
 LABEL_LAYER = "layer"  # MoE layer index
@@ -109,7 +112,8 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 
 @dataclass(frozen=True)
 class MetricDef:
-    """One exposed series family. ``name`` is the full exposed name (counters end in ``_total``)."""
+    """One exposed series family. ``name`` is the full exposed name (counters end in ``_total``); ``labels``
+    start with :data:`LABEL_MODEL_NAME`, which every runtime series carries."""
 
     name: str
     help: str
@@ -119,7 +123,7 @@ class MetricDef:
 
 
 def _m(name: str, help: str, type: MetricType, labels: tuple[str, ...] = (), buckets=None) -> MetricDef:
-    return MetricDef(name, help, type, labels, buckets)
+    return MetricDef(name, help, type, (LABEL_MODEL_NAME, *labels), buckets)
 
 
 E2E_LATENCY = _m(

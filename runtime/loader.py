@@ -33,6 +33,9 @@ DTYPES = {
 }
 
 
+SHOWN_TENSORS = 5  # tensors listed per kind of mismatch; the rest are counted
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint folder cannot be loaded; the message lists every problem found."""
 
@@ -136,8 +139,11 @@ def check_names(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
-                parts.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join(items))
-        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
+                shown = items[:SHOWN_TENSORS]
+                more = [f"... and {len(items) - len(shown)} more"] if len(items) > len(shown) else []
+                parts.append(f"{len(items)} {title} tensor(s):\n    " + "\n    ".join([*shown, *more]))
+        hint = "\n  (config.json does not describe these weights)" if misshaped else ""
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts) + hint)
 
 
 def _parameters(model: PiecewiseCausalLM, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -221,6 +227,7 @@ class Tokenizer:
         self.bos_token_id = self._id(self.bos_token)
         self.eos_token_id = self._id(self.eos_token)
         self.pad_token_id = self._id(self.pad_token)
+        self._special_ids = set(self._tok.get_added_tokens_decoder())  # token ids of added (special) tokens
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -242,6 +249,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may hold part of a UTF-8 character, so its
+        text alone cannot say); special tokens give their text's bytes."""
+        piece = self._tok.id_to_token(token_id) or ""
+        if token_id not in self._special_ids and all(ch in _BYTE_OF for ch in piece):
+            return bytes(_BYTE_OF[ch] for ch in piece)
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render with jinja2 (sandboxed, as transformers does); the result already holds the BOS text."""
         if not self.chat_template:
@@ -260,6 +275,22 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ids
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character → byte (every byte maps to one printable character)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
 
 
 def _token_str(tok: Any) -> str | None:

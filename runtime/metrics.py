@@ -1,7 +1,9 @@
 """prometheus-client objects built from :mod:`runtime.contract`, on a registry of our own.
 
 Every metric the service exports is declared once in the contract; this module only turns those
-declarations into live objects, so the names infra alerts on cannot drift from what is exported.
+declarations into live objects, so the names infra alerts on cannot drift from what is exported. Every
+series carries the served model's name (``model_name``, as vLLM's do): the attributes of
+:class:`ServiceMetrics` are already bound to it, so callers pass only the other labels.
 Gauges that are cheap to read at scrape time (process memory, NVML) are refreshed by
 :meth:`ServiceMetrics.refresh_scrape_time`; the engine sets its own gauges once per step.
 """
@@ -44,6 +46,23 @@ def build(defn: c.MetricDef, registry: CollectorRegistry):
     raise ValueError(f"unknown metric type {defn.type!r} for {defn.name}")
 
 
+class _Bound:
+    """A labelled family with its leading ``model_name`` label fixed: ``.labels(*rest)`` gives a child."""
+
+    def __init__(self, family, model_name: str) -> None:
+        self.family, self.model_name = family, model_name
+
+    def labels(self, *values: str):
+        return self.family.labels(self.model_name, *values)
+
+
+def bind(family, defn: c.MetricDef, model_name: str):
+    """The child for ``model_name`` when that is the only label, else a :class:`_Bound`."""
+    if defn.labels == (c.LABEL_MODEL_NAME,):
+        return family.labels(model_name)
+    return _Bound(family, model_name)
+
+
 class _NVML:
     """GPU utilisation/memory through nvidia-ml-py; silently absent on machines without a driver."""
 
@@ -71,10 +90,12 @@ class _NVML:
 class ServiceMetrics:
     """All service metrics; attribute names are the contract constant names in lower case."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str = "", registry: CollectorRegistry | None = None) -> None:
+        """``model_name``: the value of every series' ``model_name`` label."""
         self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
         self.objects = {d.name: build(d, self.registry) for d in c.METRICS}
-        m = self.objects
+        m = {d.name: bind(self.objects[d.name], d, model_name) for d in c.METRICS}
         self.e2e_latency = m[c.E2E_LATENCY.name]
         self.ttft = m[c.TIME_TO_FIRST_TOKEN.name]
         self.tpot = m[c.TIME_PER_OUTPUT_TOKEN.name]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +27,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    #: None: no log-probabilities; k >= 0: the chosen token's and the k most likely tokens' (at most 20)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -35,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -82,3 +88,25 @@ def sample(
 def logprobs(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities in fp32 (the risk endpoint reads label tokens' values from these)."""
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of raw logits [B, V] and their sampled tokens [B] → one fp32 tensor [B, 1 + 2k] per row: the
+    token's log-probability, the k largest log-probabilities, their token ids (exact in fp32: vocabularies
+    are far below 2**24). One tensor, so a single copy brings a step's values to the host.
+
+    Log-probabilities of the model's own distribution (log-softmax of the logits before temperature,
+    top-k and top-p), as vLLM reports them by default: they say how likely the model found a token,
+    whatever the request's sampling settings."""
+    lp = logprobs(logits)
+    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device))
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return torch.cat([chosen, top.values, top.indices.float()], dim=-1)
+
+
+def unpack_logprobs(row: Sequence[float], n: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """One row of :func:`token_logprobs` (computed with ``k``) → (the token's log-probability, the ``n <= k``
+    most likely ``(token id, log-probability)``, most likely first)."""
+    k = min(k, (len(row) - 1) // 2)
+    top = [(int(row[1 + k + j]), float(row[1 + j])) for j in range(min(n, k))]
+    return float(row[0]), top

@@ -171,7 +171,10 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, num_shards: in
 
 
 def train_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE with DeepSeek's special tokens. Its post-processor prepends BOS, as DeepSeek's
+    tokenizer.json does, so transformers' ``AutoTokenizer`` encodes text with BOS exactly as the server
+    does (the server adds it from ``add_bos_token``; without a post-processor transformers would not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -183,6 +186,10 @@ def train_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    bos = (BOS, tok.token_to_id(BOS))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[bos]
+    )
     return tok
 
 

@@ -26,7 +26,7 @@ from runtime.engine.sequence import Sequence
 from runtime.engine.stats import EngineStats
 from runtime.interfaces import CausalLM, GraphCapture, GraphDecoder
 from runtime.kv_cache import PagedKVCache, decode_metadata, prefill_metadata
-from runtime.sampling import logprobs, sample
+from runtime.sampling import logprobs, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ModelRunner:
 
     def _sample_unread(self, logits: torch.Tensor, seqs: list[Sequence]) -> InFlight:
         """Sample on the device and start the tokens' copy to the host, without waiting for it."""
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = self._sample(logits, seqs)
         # two host buffers in turn: the other one may still hold the unread tokens of the step before
         host = self._host_tokens[self._launches % 2][: len(seqs)]
         self._launches += 1
@@ -194,16 +194,34 @@ class ModelRunner:
         """Batched sampling; if it fails, retry row by row so only the offending sequence fails and the rest
         of the batch is unaffected."""
         try:
-            return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            return self._sample(logits, seqs).tolist()
         except RuntimeError:
             out: list[Sampled] = []
             for i, s in enumerate(seqs):
                 try:
-                    out.append(int(sample(logits[i : i + 1], [s.params], [s.generator])[0]))
+                    out.append(int(self._sample(logits[i : i + 1], [s])[0]))
                 except RuntimeError as exc:
                     log.warning("sampling failed for %s: %s", s.id, exc)
                     out.append(SamplingFailed(f"sampling failed: {exc}"))
             return out
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Sample, and queue on each sequence that asks for them its token's log-probabilities. On CUDA they are
+        copied to pinned host memory ahead of the tokens' own copy, so once the tokens are read they are there
+        too (no synchronisation of their own). Costs nothing when no sequence asks."""
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if rows:
+            k = max(seqs[i].params.logprobs for i in rows)
+            idx = torch.tensor(rows, device=logits.device)
+            packed = token_logprobs(logits[idx], tokens[idx], k)
+            if packed.is_cuda:
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                packed = host.copy_(packed, non_blocking=True)
+            for j, i in enumerate(rows):
+                seqs[i].pending_logprobs.append((packed[j], k))
+        return tokens
 
     def score(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> list[list[float]]:
         """Next-token log-probabilities of ``token_ids`` after each prompt: one batched forward, no KV cache."""

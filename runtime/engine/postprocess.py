@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Iterable
 
 from runtime.engine.model_runner import Sampled, SamplingFailed
-from runtime.engine.sequence import Sequence, TokenEvent
+from runtime.engine.sequence import Sequence, TokenEvent, TokenLogprob
 from runtime.engine.stats import EngineStats
 from runtime.loader import Tokenizer
+from runtime.sampling import unpack_logprobs
 
 Events = list[tuple[Sequence, TokenEvent]]
 
@@ -50,6 +51,7 @@ class PostProcessor:
 
     def _accept(self, s: Sequence, tok: int, events: Events) -> None:
         p = s.params
+        lps = _read_logprob(s, tok)
         if tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
             self.finish(s, "stop", events)
             return
@@ -59,12 +61,12 @@ class PostProcessor:
             text = self.tokenizer.decode(s.output_ids)
             hits = [text.find(x) for x in p.stop if x and x in text]
             if hits:
-                self.finish(s, "stop", events, new=[tok], text=text[: min(hits)])
+                self.finish(s, "stop", events, new=[tok], text=text[: min(hits)], logprobs=lps)
                 return
         if len(s.output_ids) >= p.max_new_tokens:
-            self.finish(s, "length", events, new=[tok])
+            self.finish(s, "length", events, new=[tok], logprobs=lps)
             return
-        events.append((s, TokenEvent([tok])))
+        events.append((s, TokenEvent([tok], logprobs=lps)))
 
     def finish(
         self,
@@ -74,6 +76,7 @@ class PostProcessor:
         new: Iterable[int] = (),
         text: str | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         """``reason``: "stop", "length", "abort" or "error". A sequence finishes once (e.g. a failed sampling
         followed by its unread token is one finish)."""
@@ -81,5 +84,15 @@ class PostProcessor:
             return
         s.finish_reason = reason
         self.release(s)
-        events.append((s, TokenEvent(list(new), reason, text, error)))
+        events.append((s, TokenEvent(list(new), reason, text, error, logprobs)))
         self.stats.finished(s, reason)
+
+
+def _read_logprob(s: Sequence, tok: int) -> list[TokenLogprob] | None:
+    """The log-probabilities queued with this token (sampled in the same order, on the host once the token
+    is); None when the request did not ask for them."""
+    if s.params.logprobs is None or not s.pending_logprobs:
+        return None
+    row, k = s.pending_logprobs.popleft()
+    chosen, top = unpack_logprobs(row.tolist(), s.params.logprobs, k)
+    return [TokenLogprob(tok, chosen, tuple(top))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,16 @@ class RequestTooLargeError(EngineError, ValueError):
     """The request can never run: context or KV pool limit (HTTP 400, message names the limit)."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` most likely alternatives ``(token id,
+    log-probability)``, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class TokenEvent:
     """New tokens for one sequence since the previous event; ``finish_reason`` set on the last one.
@@ -42,6 +53,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     text: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in ``token_ids``, when the request asked
 
 
 @dataclass(eq=False)
@@ -60,6 +72,9 @@ class Sequence:
     num_computed: int = 0  # prompt tokens in the KV cache, or scheduled into it this step (chunked prefill)
     first_token_at: float | None = None
     finish_reason: str | None = None
+    # (runtime.sampling.token_logprobs row, its k) for each sampled token not yet accepted, oldest first;
+    # filled only when ``params.logprobs`` is set
+    pending_logprobs: deque = field(default_factory=deque, repr=False)
 
     @property
     def prompt_len(self) -> int:

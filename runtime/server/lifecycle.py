@@ -9,6 +9,7 @@ exits 0. A second SIGTERM/SIGINT exits at once. The other ranks of a multi-GPU r
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -108,12 +109,16 @@ def serve(settings, host: str, port: int, log_level: str = "info") -> int:
 
     state.on_fatal = fatal
     server.run()
+    # Start-up objects were frozen out of the collector (ServiceState._load). Left frozen, the cycles among
+    # them outlive interpreter teardown, and Triton's nanobind bindings report every object still alive
+    # then as a leak (pages of "nanobind: leaked ..." after a clean exit).
+    gc.unfreeze()
     if state.leader is not None and not state.fatal:
         if state.engine is not None:
             state.engine.stop()  # no step may be in flight when the workers are told to stop
         state.leader.close()
     if state.fatal:
-        log.error("exiting: %s", state.fatal)
+        log.error("exiting: %s", state.fatal.splitlines()[0])  # the whole message was logged when it happened
         return 1
     return 0
 

@@ -21,8 +21,10 @@ from fastapi.responses import StreamingResponse
 
 from runtime import contract as c
 from runtime.engine import QueueFullError, RequestTooLargeError, Sequence, ShuttingDownError
+from runtime.engine.sequence import TokenLogprob
 from runtime.sampling import SamplingParams
 from runtime.server.errors import APIError
+from runtime.server.logprobs import TextOffsets, TokenText, chat_content, completion_logprobs
 from runtime.server.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -34,7 +36,7 @@ from runtime.server.schemas import (
 )
 from runtime.server.state import ServiceState
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 422, 429, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 429, 503)}
 #: ``stream: true`` answers: server-sent events whose ``data`` is a JSON chunk or ``[DONE]``
 SSE_EVENT = {
     "type": "object",
@@ -69,6 +71,13 @@ def check_model(st: ServiceState, model: str | None) -> None:
             "model",
             "model_not_found",
         )
+
+
+def check_combination(body) -> None:
+    """Fields valid alone that mean nothing together: a 400 rather than a silently ignored field."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+    requested_logprobs(body)
 
 
 def submit(st: ServiceState, seqs: list[Sequence]) -> None:
@@ -109,10 +118,14 @@ class Choice:
 
     stop_text: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
+    offsets: TextOffsets = field(default_factory=TextOffsets)  # completions: where each token starts
 
     def absorb(self, ev) -> None:
         """Non-streaming: keep tokens only; the text is decoded once at the end."""
         self.tokens.extend(ev.token_ids)
+        if ev.logprobs:
+            self.logprobs.extend(ev.logprobs)
         if ev.finish_reason:
             self.finish_reason, self.stop_text, self.error = ev.finish_reason, ev.text, ev.error
 
@@ -137,6 +150,17 @@ class Choice:
         return delta
 
 
+def requested_logprobs(body) -> int | None:
+    """How many alternatives per token the request wants log-probabilities for; None: no log-probabilities."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if not body.logprobs:
+        if body.top_logprobs is not None:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
+        return None
+    return body.top_logprobs or 0
+
+
 def make_params(body, max_tokens: int, index: int) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     seed = body.seed
@@ -153,6 +177,7 @@ def make_params(body, max_tokens: int, index: int) -> SamplingParams:
         seed=seed,
         stop=[s for s in stop if s],
         ignore_eos=body.ignore_eos,
+        logprobs=requested_logprobs(body),
     )
 
 
@@ -237,11 +262,12 @@ def sse(obj: dict) -> str:
 
 
 async def stream(st: ServiceState, queue, choices, prompts, body, chunk) -> AsyncIterator[str]:
-    """SSE: ``chunk(i, delta, finish_reason, first)`` renders one choice update; ``data: [DONE]`` ends it."""
+    """SSE: ``chunk(i, delta, finish_reason, first, logprobs)`` renders one choice update (``logprobs``: the
+    event's tokens', when the request asked); ``data: [DONE]`` ends it."""
     left = len(choices)
     try:
         for i in range(len(choices)):
-            first = chunk(i, "", None, True)
+            first = chunk(i, "", None, True, None)
             if first is not None:
                 yield sse(first)
         while left:
@@ -261,12 +287,12 @@ async def stream(st: ServiceState, queue, choices, prompts, body, chunk) -> Asyn
                     }
                 )
                 return
-            if delta or ev.finish_reason:
-                yield sse(chunk(i, delta, public_reason(ev.finish_reason), False))
+            if delta or ev.finish_reason or ev.logprobs:
+                yield sse(chunk(i, delta, public_reason(ev.finish_reason), False, ev.logprobs))
             if ev.finish_reason:
                 left -= 1
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse(chunk(None, "", None, False) | {"choices": [], "usage": usage(prompts, choices)})
+            yield sse(chunk(None, "", None, False, None) | {"choices": [], "usage": usage(prompts, choices)})
         yield "data: [DONE]\n\n"
     finally:
         abort_unfinished(st, choices)  # client went away (generator closed) or error
@@ -308,20 +334,25 @@ async def list_models(request: Request) -> ModelList:
 async def completions(body: CompletionRequest, request: Request):
     st = ready_state(request)
     check_model(st, body.model)
+    check_combination(body)
     prompts = encode_prompts(st, body.prompt)
     rid, queue, choices = build(st, body, prompts, body.max_tokens, "cmpl")
     submit(st, [ch.seq for ch in choices])
     created, model = int(time.time()), st.settings.model_name
+    text_of = TokenText(st.tokenizer)
 
     if body.stream:
 
-        def chunk(i, delta, reason, first):
+        def chunk(i, delta, reason, first, lps):
             if first:
                 return None
             base = {"id": rid, "object": "text_completion", "created": created, "model": model}
             if i is None:
                 return base
-            return base | {"choices": [{"index": i, "text": delta, "finish_reason": reason, "logprobs": None}]}
+            lp = None
+            if lps is not None:
+                lp = completion_logprobs(text_of, lps, choices[i].offsets)
+            return base | {"choices": [{"index": i, "text": delta, "finish_reason": reason, "logprobs": lp}]}
 
         return sse_response(stream(st, queue, choices, prompts, body, chunk))
 
@@ -332,7 +363,12 @@ async def completions(body: CompletionRequest, request: Request):
         created=created,
         model=model,
         choices=[
-            {"index": i, "text": ch.final_text(), "finish_reason": public_reason(ch.finish_reason)}
+            {
+                "index": i,
+                "text": ch.final_text(),
+                "finish_reason": public_reason(ch.finish_reason),
+                "logprobs": None if body.logprobs is None else completion_logprobs(text_of, ch.logprobs, ch.offsets),
+            }
             for i, ch in enumerate(choices)
         ],
         usage=usage(prompts, choices),
@@ -343,21 +379,24 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = ready_state(request)
     check_model(st, body.model)
+    check_combination(body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     prompts = [st.tokenizer.encode_chat(messages, add_generation_prompt=True)]
     max_tokens = body.max_completion_tokens or body.max_tokens
     rid, queue, choices = build(st, body, prompts, max_tokens, "chatcmpl")
     submit(st, [ch.seq for ch in choices])
     created, model = int(time.time()), st.settings.model_name
+    text_of, want = TokenText(st.tokenizer), requested_logprobs(body) is not None
 
     if body.stream:
 
-        def chunk(i, delta, reason, first):
+        def chunk(i, delta, reason, first, lps):
             base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
             if i is None:
                 return base
             d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-            return base | {"choices": [{"index": i, "delta": d, "finish_reason": reason, "logprobs": None}]}
+            lp = {"content": chat_content(text_of, lps)} if lps is not None else None
+            return base | {"choices": [{"index": i, "delta": d, "finish_reason": reason, "logprobs": lp}]}
 
         return sse_response(stream(st, queue, choices, prompts, body, chunk))
 
@@ -372,6 +411,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 "index": i,
                 "message": {"role": "assistant", "content": ch.final_text()},
                 "finish_reason": public_reason(ch.finish_reason),
+                "logprobs": {"content": chat_content(text_of, ch.logprobs)} if want else None,
             }
             for i, ch in enumerate(choices)
         ],

@@ -1,15 +1,19 @@
 """Request and response bodies (pydantic): the OpenAI subset we serve, the risk case, errors.
 
-The bounds here are the first line of defence against bad input: anything outside them is a 422 that
+The bounds here are the first line of defence against bad input: anything outside them is a 400 that
 names the field, before it reaches the engine. They also bound the OpenAPI schema that schemathesis
-fuzzes.
+fuzzes. The generation requests refuse fields they do not know (OpenAI's answer to an unrecognized
+argument), so a feature this server lacks - tools, structured output, penalties - is a 400 naming it,
+never a 200 that silently ignored it; a field set to its no-op value (``tools: []``,
+``response_format: {"type": "text"}``, ``presence_penalty: 0``, or null) is accepted.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 FinishReason = Literal["stop", "length", "abort"]
@@ -32,9 +36,66 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _off(*values: object) -> Callable[[object], bool]:
+    return lambda v: v in values
 
+
+def _empty(v: object) -> bool:
+    return not v
+
+
+def _text_format(v: object) -> bool:
+    return isinstance(v, dict) and v.get("type") == "text" and set(v) == {"type"}
+
+
+#: OpenAI request fields this server does not implement: why, and which values are no-ops it accepts.
+UNSUPPORTED: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "tools": ("tool calling is not supported", _empty),
+    "tool_choice": ("tool calling is not supported", _off("none")),
+    "parallel_tool_calls": ("tool calling is not supported", _off(True, False)),
+    "tool_calls": ("tool calling is not supported", _empty),
+    "refusal": ("an assistant message's refusal is not supported", _empty),
+    "functions": ("function calling is not supported", _empty),
+    "function_call": ("function calling is not supported", _off("none")),
+    "response_format": ("only plain text output is supported (response_format type 'text')", _text_format),
+    "logit_bias": ("logit_bias is not supported", _empty),
+    "frequency_penalty": ("penalties are not supported; only 0 is accepted", _off(0)),
+    "presence_penalty": ("penalties are not supported; only 0 is accepted", _off(0)),
+    "repetition_penalty": ("penalties are not supported; only 1 is accepted", _off(1)),
+    "best_of": ("best_of is not supported; use n", _off(1)),
+    "echo": ("echo is not supported", _off(False)),
+    "suffix": ("suffix (insertion) is not supported", _off("")),
+    "store": ("stored completions are not supported", _off(False)),
+    "metadata": ("metadata is only stored with store, which is not supported", _empty),
+    "modalities": ("only text output is supported", _off(["text"])),
+    "audio": ("audio output is not supported", _empty),
+    "prediction": ("predicted outputs are not supported", _empty),
+    "reasoning_effort": ("reasoning_effort is not supported", _empty),
+    "service_tier": ("service tiers are not supported", _off("auto", "default")),
+    "web_search_options": ("web search is not supported", _empty),
+}
+
+
+def _no_op(field: str, value: object) -> bool:
+    return value is None or UNSUPPORTED[field][1](value)
+
+
+class _Strict(BaseModel):
+    """Unknown fields are refused (400 naming them); :data:`UNSUPPORTED` fields that are null or hold their
+    no-op value are dropped first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_no_ops(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = cls.model_fields
+        return {k: v for k, v in data.items() if k in known or k not in UNSUPPORTED or not _no_op(k, v)}
+
+
+class _SamplingFields(_Strict):
     model: str | None = Field(None, max_length=256, description="must be the served model's id if given")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
@@ -55,6 +116,13 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     )
     max_tokens: int | None = Field(16, ge=1, description="default 16; null: up to the context length")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="log-probabilities of each generated token and of this many most likely tokens "
+        "(the model's distribution before temperature, top-k and top-p)",
+    )
 
 
 class TextPart(BaseModel):
@@ -62,7 +130,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -77,6 +145,14 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     max_tokens: int | None = Field(None, ge=1, description="null: up to the context length")
     max_completion_tokens: int | None = Field(None, ge=1, description="preferred over max_tokens")
+    logprobs: bool | None = Field(
+        False,
+        description="return each generated token's log-probability (the model's distribution before "
+        "temperature, top-k and top-p)",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="with logprobs: also this many most likely tokens at each position"
+    )
 
 
 class Usage(BaseModel):
@@ -85,11 +161,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -106,11 +189,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

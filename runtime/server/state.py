@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 class Settings:
     model_path: str
     served_model_name: str | None = None
+    tokenizer_path: str | None = None  # default: the model's folder
+    chat_template: str | None = None  # overrides tokenizer_config.json's
     device: str = "cpu"
     dtype: str = "float32"
     kv_blocks: int | None = None
@@ -71,7 +73,7 @@ class Settings:
 @dataclass
 class ServiceState:
     settings: Settings
-    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    metrics: ServiceMetrics | None = None  # default: labelled with the served model's name
     engine: object | None = None  # runtime.engine.Engine
     tokenizer: object | None = None
     label_ids: tuple[int, int] | None = None
@@ -86,6 +88,8 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         s = self.settings
+        if self.metrics is None:
+            self.metrics = ServiceMetrics(s.model_name)
         self.feedback = FeedbackTracker(window=s.accuracy_window, baseline=s.accuracy_baseline)
         self.metrics.queue_capacity.set(s.max_queue)
         if s.accuracy_baseline is not None:
@@ -114,7 +118,9 @@ class ServiceState:
 
                 startup_barrier(s.parallel)
                 model = self.leader = Leader(model, s.parallel, on_failure=self.fail)
-            tok = load_tokenizer(s.model_path)
+            tok = load_tokenizer(s.tokenizer_path or s.model_path)
+            if s.chat_template is not None:
+                tok.chat_template = s.chat_template
             cfg = s.engine_config()
             # a leader's graphs are captured on every rank at once, and replayed from host inputs only
             capture = self.leader.make_graph_decoder if self.leader is not None else None

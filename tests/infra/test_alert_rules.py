@@ -26,6 +26,7 @@ from runtime import contract as c
 
 REPO = Path(__file__).resolve().parents[2]
 RT = {"job": RUNTIME_JOB, "instance": "10.0.1.7:8000"}
+RTM = {**RT, c.LABEL_MODEL_NAME: "deepseek-v3"}  # the labels of the runtime's own series
 GPU = {"job": GPU_EXPORTER_JOB, "instance": "10.0.1.7:9400", "gpu": "0", "Hostname": "gpu-node-a"}
 
 THRESHOLD_SETS = {
@@ -112,7 +113,7 @@ class Case:
 def gpu_cases(t: Thresholds) -> list[Case]:
     f, w, thr = minutes(t.gpu_utilization_for), minutes(t.gpu_window), t.gpu_utilization_perc
     n, hot = w + f + 3, min(100.0, thr + 5)
-    nvml = {**RT, c.LABEL_GPU: "0"}
+    nvml = {**RTM, c.LABEL_GPU: "0"}
     spike = [30.0] * w + [hot] * f + [30.0] * 5
     return [
         Case(
@@ -151,7 +152,7 @@ def latency_cases(t: Thresholds) -> list[Case]:
         out = []
         for j, le in enumerate(les):
             inc = [100.0 if j >= b else 0.0 for b in per_minute_bucket]
-            out.append(series(f"{c.E2E_LATENCY.name}_bucket", {**RT, "le": le}, counter(inc)))
+            out.append(series(f"{c.E2E_LATENCY.name}_bucket", {**RTM, "le": le}, counter(inc)))
         return out
 
     def p99(i: int) -> float:
@@ -161,7 +162,12 @@ def latency_cases(t: Thresholds) -> list[Case]:
     n = w + f + 3
     spike = [0] * (w + 2) + [slow] * (f - w - 2) + [0] * (w + 4)
     return [
-        Case("MoeP99LatencyHigh", "fires", hist([slow] * n), {n - 1: [({"job": RUNTIME_JOB}, p99(slow))]}),
+        Case(
+            "MoeP99LatencyHigh",
+            "fires",
+            hist([slow] * n),
+            {n - 1: [({"job": RUNTIME_JOB, c.LABEL_MODEL_NAME: RTM[c.LABEL_MODEL_NAME]}, p99(slow))]},
+        ),
         Case("MoeP99LatencyHigh", "below", hist([fast] * n), {n - 1: []}),
         Case("MoeP99LatencyHigh", "spike", hist(spike), {m: [] for m in range(w + 2, len(spike))}),
     ]
@@ -173,15 +179,15 @@ def accuracy_cases(t: Thresholds) -> list[Case]:
 
     def inputs(rolling: list[float], baseline: float = base, labels: float = enough) -> list[dict]:
         return [
-            series(c.ACCURACY_ROLLING.name, RT, rolling),
-            series(c.ACCURACY_BASELINE.name, RT, [baseline] * len(rolling)),
-            series(c.FEEDBACK.name, RT, [labels] * len(rolling)),
+            series(c.ACCURACY_ROLLING.name, RTM, rolling),
+            series(c.ACCURACY_BASELINE.name, RTM, [baseline] * len(rolling)),
+            series(c.FEEDBACK.name, RTM, [labels] * len(rolling)),
         ]
 
     down, up = base - d - 0.01, base + d + 0.01
     return [
-        Case("MoeAccuracyDrift", "fires-down", inputs([down] * n), {n - 1: [(RT, d + 0.01)]}),
-        Case("MoeAccuracyDrift", "fires-up", inputs([up] * n), {n - 1: [(RT, d + 0.01)]}),
+        Case("MoeAccuracyDrift", "fires-down", inputs([down] * n), {n - 1: [(RTM, d + 0.01)]}),
+        Case("MoeAccuracyDrift", "fires-up", inputs([up] * n), {n - 1: [(RTM, d + 0.01)]}),
         Case("MoeAccuracyDrift", "below", inputs([base - d + 0.005] * n), {n - 1: []}),
         Case("MoeAccuracyDrift", "few-labels", inputs([down] * n, labels=t.accuracy_min_labels - 1), {n - 1: []}),
         Case("MoeAccuracyDrift", "no-baseline", inputs([down] * n, baseline=0.0), {n - 1: []}),
@@ -204,16 +210,16 @@ def memory_cases(t: Thresholds) -> list[Case]:
         Case(
             "MoeMemoryLeak",
             "fires",
-            [series(c.PROCESS_RESIDENT_MEMORY.name, RT, grow(1.5 * thr_gb, n))],
-            {n - 1: [(RT, 1.5 * thr_gb)]},
+            [series(c.PROCESS_RESIDENT_MEMORY.name, RTM, grow(1.5 * thr_gb, n))],
+            {n - 1: [(RTM, 1.5 * thr_gb)]},
         ),
         Case(
-            "MoeMemoryLeak", "below", [series(c.PROCESS_RESIDENT_MEMORY.name, RT, grow(0.9 * thr_gb, n))], {n - 1: []}
+            "MoeMemoryLeak", "below", [series(c.PROCESS_RESIDENT_MEMORY.name, RTM, grow(0.9 * thr_gb, n))], {n - 1: []}
         ),
         Case(
             "MoeMemoryLeak",
             "spike",
-            [series(c.PROCESS_RESIDENT_MEMORY.name, RT, burst)],
+            [series(c.PROCESS_RESIDENT_MEMORY.name, RTM, burst)],
             {m: [] for m in range(w, len(burst), 2)},
         ),
     ]
@@ -260,12 +266,12 @@ def kv_cases(t: Thresholds) -> list[Case]:
     n, full = f + 3, min(1.0, thr + 0.02)
     name = c.KV_CACHE_USAGE.name
     return [
-        Case("MoeKvCacheNearlyFull", "fires", [series(name, RT, [full] * n)], {n - 1: [(RT, full)]}),
-        Case("MoeKvCacheNearlyFull", "below", [series(name, RT, [thr - 0.01] * n)], {n - 1: []}),
+        Case("MoeKvCacheNearlyFull", "fires", [series(name, RTM, [full] * n)], {n - 1: [(RTM, full)]}),
+        Case("MoeKvCacheNearlyFull", "below", [series(name, RTM, [thr - 0.01] * n)], {n - 1: []}),
         Case(
             "MoeKvCacheNearlyFull",
             "spike",
-            [series(name, RT, [0.3] * 2 + [full] * (f - 1) + [0.3] * 4)],
+            [series(name, RTM, [0.3] * 2 + [full] * (f - 1) + [0.3] * 4)],
             {m: [] for m in range(f + 5)},
         ),
     ]
@@ -274,13 +280,13 @@ def kv_cases(t: Thresholds) -> list[Case]:
 def _traffic(n: int, ok: float, rejected: float = 0.0, errors: float = 0.0) -> list[dict]:
     """Per-minute request counts as the runtime's counters (all label values it pre-creates)."""
     return [
-        series(c.REQUEST_SUCCESS.name, {**RT, c.LABEL_FINISH_REASON: "stop"}, counter([ok] * n)),
-        series(c.REQUEST_SUCCESS.name, {**RT, c.LABEL_FINISH_REASON: "length"}, [0.0] * n),
-        series(c.RISK_PREDICTIONS.name, RT, [0.0] * n),
-        series(c.REQUESTS_REJECTED.name, {**RT, c.LABEL_REASON: "queue_full"}, counter([rejected] * n)),
-        series(c.REQUESTS_REJECTED.name, {**RT, c.LABEL_REASON: "invalid_request"}, counter([3.0] * n)),
-        series(c.REQUEST_ERRORS.name, {**RT, c.LABEL_REASON: "engine"}, counter([errors] * n)),
-        series(c.REQUEST_ERRORS.name, {**RT, c.LABEL_REASON: "internal"}, [0.0] * n),
+        series(c.REQUEST_SUCCESS.name, {**RTM, c.LABEL_FINISH_REASON: "stop"}, counter([ok] * n)),
+        series(c.REQUEST_SUCCESS.name, {**RTM, c.LABEL_FINISH_REASON: "length"}, [0.0] * n),
+        series(c.RISK_PREDICTIONS.name, RTM, [0.0] * n),
+        series(c.REQUESTS_REJECTED.name, {**RTM, c.LABEL_REASON: "queue_full"}, counter([rejected] * n)),
+        series(c.REQUESTS_REJECTED.name, {**RTM, c.LABEL_REASON: "invalid_request"}, counter([3.0] * n)),
+        series(c.REQUEST_ERRORS.name, {**RTM, c.LABEL_REASON: "engine"}, counter([errors] * n)),
+        series(c.REQUEST_ERRORS.name, {**RTM, c.LABEL_REASON: "internal"}, [0.0] * n),
     ]
 
 
@@ -291,21 +297,21 @@ def queue_cases(t: Thresholds) -> list[Case]:
 
     def gauges(waiting: list[float], capacity: float = cap) -> list[dict]:
         return [
-            series(c.REQUESTS_WAITING.name, RT, waiting),
-            series(c.QUEUE_CAPACITY.name, RT, [capacity] * len(waiting)),
+            series(c.REQUESTS_WAITING.name, RTM, waiting),
+            series(c.QUEUE_CAPACITY.name, RTM, [capacity] * len(waiting)),
         ]
 
     hi, lo = round(cap * min(1.0, t.queue_fill + 0.1)), round(cap * t.queue_fill) - 5
     rej_hi, rej_lo = 3 * t.queue_rejected_ratio * 1000, 0.5 * t.queue_rejected_ratio * 1000
     return [
         Case(
-            "MoeAdmissionQueueSaturated", "fires-fill", gauges([hi] * n) + _traffic(n, 1000), {n - 1: [(RT, hi / cap)]}
+            "MoeAdmissionQueueSaturated", "fires-fill", gauges([hi] * n) + _traffic(n, 1000), {n - 1: [(RTM, hi / cap)]}
         ),
         Case(
             "MoeAdmissionQueueSaturated",
             "fires-rejections",
             gauges([0.0] * n, capacity=0.0) + _traffic(n, 1000, rejected=rej_hi),
-            {n - 1: [(RT, rej_hi / (1000 + rej_hi))]},
+            {n - 1: [(RTM, rej_hi / (1000 + rej_hi))]},
         ),
         Case(
             "MoeAdmissionQueueSaturated",
@@ -334,7 +340,7 @@ def error_cases(t: Thresholds) -> list[Case]:
     bad, ok = 2 * thr * 1000, 1000.0
     spike = [0.0] * (w + 2) + [10 * thr * 1000] * 1 + [0.0] * (w + f)
     return [
-        Case("MoeErrorRateHigh", "fires", _traffic(n, ok, errors=bad), {n - 1: [(RT, bad / (bad + ok))]}),
+        Case("MoeErrorRateHigh", "fires", _traffic(n, ok, errors=bad), {n - 1: [(RTM, bad / (bad + ok))]}),
         Case("MoeErrorRateHigh", "below", _traffic(n, ok, errors=0.8 * thr * ok), {n - 1: []}),
         Case("MoeErrorRateHigh", "idle", _traffic(n, 0.0), {n - 1: []}),
         Case(
@@ -342,7 +348,7 @@ def error_cases(t: Thresholds) -> list[Case]:
             "spike",
             [
                 *_traffic(len(spike), ok)[:-2],
-                series(c.REQUEST_ERRORS.name, {**RT, c.LABEL_REASON: "engine"}, counter(spike)),
+                series(c.REQUEST_ERRORS.name, {**RTM, c.LABEL_REASON: "engine"}, counter(spike)),
             ],
             {m: [] for m in range(len(spike))},
         ),

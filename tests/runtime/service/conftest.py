@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.embedded.emulator.process import free_port
+from runtime import contract as c
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -33,12 +34,13 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def metrics(self) -> dict[str, float]:
-        """Flat ``{'name{l="v"}': value}`` map of the exposition."""
+        """Flat ``{'name{l="v"}': value}`` map of the exposition, without the ``model_name`` label every
+        series carries (one server serves one model)."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
         out: dict[str, float] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != c.LABEL_MODEL_NAME)
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return out
 

@@ -3,6 +3,8 @@ the contract's independence, metrics built from it, and the /dev/shm check."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -339,10 +341,12 @@ def test_serve_fails_clearly_on_a_bad_checkpoint(v2_path, tmp_path):
         text=True,
         timeout=60,
     )
-    assert out.returncode == 2 and "no config.json" in out.stderr
+    assert out.returncode == 2 and "no such folder" in out.stderr
     broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((v2_path / "config.json").read_text())  # config, but no weights
+    shutil.copytree(v2_path, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["moe_intermediate_size"] *= 2  # the config of another model size: the weights do not fit
+    (broken / "config.json").write_text(json.dumps(cfg))
     out = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "serve", "--model", str(broken), "--host", "127.0.0.1", "--port", "0"],
         capture_output=True,
@@ -351,3 +355,5 @@ def test_serve_fails_clearly_on_a_bad_checkpoint(v2_path, tmp_path):
     )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "model load failed" in out.stderr and "CheckpointError" in out.stderr
+    assert out.stderr.count("mis-shaped tensor(s)") == 1, out.stderr  # the summary is printed once
+    assert "more" in out.stderr and "leaked" not in out.stderr

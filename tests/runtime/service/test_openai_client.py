@@ -123,15 +123,15 @@ def test_context_too_long_is_400_naming_the_limit(client, model_id):
     assert "maximum context length is 512" in exc.value.message
 
 
-def test_schema_error_is_422_naming_the_field(shared_server):
+def test_schema_error_is_400_naming_the_field(shared_server):
     r = httpx.post(shared_server.url + c.COMPLETIONS_PATH, json={"prompt": "x", "temperature": 5}, timeout=10)
-    assert r.status_code == 422
+    assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
     r = httpx.post(shared_server.url + c.CHAT_COMPLETIONS_PATH, json={"messages": []}, timeout=10)
-    assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(shared_server.url + c.COMPLETIONS_PATH, content=b"{not json", timeout=10)
-    assert r.status_code == 422 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_out_of_vocab_token_prompt_is_400(shared_server):
@@ -150,3 +150,12 @@ def test_probes_and_metrics_names_come_from_the_contract(shared_server):
         sample = m.name + ("_count" if m.type == "histogram" else "")
         assert any(line.startswith((sample + " ", sample + "{")) for line in text.splitlines()), m.name
     assert shared_server.metrics()["moe_model_ready"] == 1.0
+
+
+def test_every_series_carries_the_model_name(shared_server, model_id):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(shared_server.url + c.METRICS_PATH).text
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    assert {s.name for s in samples} >= {c.MODEL_READY.name, c.REQUEST_SUCCESS.name, c.E2E_LATENCY.name + "_bucket"}
+    assert all(s.labels.get(c.LABEL_MODEL_NAME) == model_id for s in samples), samples

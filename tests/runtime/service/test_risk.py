@@ -46,9 +46,9 @@ def test_risk_scores_differ_by_features(shared_server):
 
 def test_risk_bad_input(shared_server):
     r = httpx.post(shared_server.url + c.RISK_PATH, json={"features": {}}, timeout=10)
-    assert r.status_code == 422 and r.json()["error"]["param"] == "features"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "features"
     r = httpx.post(shared_server.url + c.RISK_PATH, json={"features": {"a": [1, 2]}}, timeout=10)
-    assert r.status_code == 422
+    assert r.status_code == 400
     big = {f"feature_{i:02d}": "x" * 120 for i in range(32)}
     r = predict(shared_server, big)
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
@@ -75,7 +75,7 @@ def test_feedback_moves_the_accuracy_gauge(shared_server):
     assert r.json()["rolling_accuracy"] == low and r.json()["baseline"] == 0.9
     again = httpx.post(url, json={"request_id": "fb-3", "label": 1}, timeout=10)
     assert again.status_code == 404 and again.json()["error"]["param"] == "request_id"
-    assert httpx.post(url, json={"request_id": "fb-x", "label": "maybe"}, timeout=10).status_code == 422
+    assert httpx.post(url, json={"request_id": "fb-x", "label": "maybe"}, timeout=10).status_code == 400
 
 
 def test_risk_units():

@@ -48,3 +48,4 @@ def test_sigterm_drains_in_flight_and_refuses_new(server_factory):
         except subprocess.TimeoutExpired:
             raise AssertionError("server did not exit after draining:\n" + srv.logs()) from None
         assert code == 0, srv.logs()
+        assert "leaked" not in srv.logs()  # a clean exit tears down without native leak reports
