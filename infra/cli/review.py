@@ -52,7 +52,9 @@ def parse_until(text: str | None) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise CliError(f"review: --until = {text!r}: expected ISO 8601 (2026-03-31T00:00:00Z) or unix seconds") from None
+        raise CliError(
+            f"review: --until = {text!r}: expected ISO 8601 (2026-03-31T00:00:00Z) or unix seconds"
+        ) from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
@@ -101,7 +103,9 @@ def _review(args: argparse.Namespace) -> int:
         try:
             config = model_config(env, outputs.models_bucket, outputs.models_prefix, emulator_endpoint(args, env))
         except Exception as err:  # a missing config is "no data" in its section, never a failed review
-            config_error = f"config.json of {env.model.name}@{env.model.revision} not readable from the cold tier: {err}"
+            config_error = (
+                f"config.json of {env.model.name}@{env.model.revision} not readable from the cold tier: {err}"
+            )
     elif config is None:
         config_error = f"no --model-config and no stack outputs ({outputs_error})"
 

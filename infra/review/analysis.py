@@ -456,7 +456,6 @@ def _roi(review: Review) -> None:
     roi["instance"] = i.prices.instance
 
 
-
 def recommendations(review: Review) -> list[dict[str, Any]]:
     """The three rules, each with its threshold, the numbers it read and whether it fired (None: no data)."""
     t, thresholds = review.inputs.rules, review.inputs.thresholds

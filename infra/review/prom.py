@@ -61,7 +61,9 @@ class PrometheusClient:
         except json.JSONDecodeError:
             raise PrometheusError(f"{url}: the answer is not JSON") from None
         if payload.get("status") != "success":
-            raise PrometheusError(f"{url}: {payload.get('errorType')}: {payload.get('error')} in {params.get('query')!r}")
+            raise PrometheusError(
+                f"{url}: {payload.get('errorType')}: {payload.get('error')} in {params.get('query')!r}"
+            )
         return payload["data"]
 
     # ---- queries ---------------------------------------------------------------------------------------

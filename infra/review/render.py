@@ -105,7 +105,10 @@ def sections(review: Review, plots: bool = True) -> list[Section]:
         ("experts per token", _fmt(e.get("experts_per_token"))),
         ("compute saved against a dense model of the same size", _fmt(e.get("compute_saved"), "pct")),
         ("source document's claim (> 40% saved) holds", _fmt(e.get("source_claim_holds"))),
-        ("expert load imbalance (max/mean), mean / max", _pair(e, "expert_load_imbalance_mean", "expert_load_imbalance_max")),
+        (
+            "expert load imbalance (max/mean), mean / max",
+            _pair(e, "expert_load_imbalance_mean", "expert_load_imbalance_max"),
+        ),
         ("prefix-cache hit rate", _fmt(e.get("prefix_cache_hit_rate"), "pct")),
     ]
     if review.sparsity:
@@ -137,7 +140,10 @@ def sections(review: Review, plots: bool = True) -> list[Section]:
         (f"GPU time at {t.gpu_low_perc:g}–{t.gpu_high_perc:g}%", _fmt(h.get("gpu_time_between"), "pct")),
         (f"GPU time at > {t.gpu_high_perc:g}%", _fmt(h.get("gpu_time_above_high"), "pct")),
         ("GPU-hours up", _fmt(h.get("gpu_hours"), "num")),
-        ("GPU memory used per GPU, mean / max", _pair(h, "gpu_memory_used_mean_bytes", "gpu_memory_used_max_bytes", "gib")),
+        (
+            "GPU memory used per GPU, mean / max",
+            _pair(h, "gpu_memory_used_mean_bytes", "gpu_memory_used_max_bytes", "gib"),
+        ),
         ("KV-cache usage, mean / P95", _pair(h, "kv_cache_usage_mean", "kv_cache_usage_p95", "pct")),
         ("hours with GPUs up", _fmt(h.get("gpu_up_hours"), "int")),
         ("hours with zero traffic while GPUs were up", _fmt(h.get("idle_hours_with_gpus_up"), "int")),
@@ -146,14 +152,21 @@ def sections(review: Review, plots: bool = True) -> list[Section]:
         bands = [h["gpu_time_below_low"], h["gpu_time_between"], h["gpu_time_above_high"]]
         labels = [f"< {t.gpu_low_perc:g}%", f"{t.gpu_low_perc:g}–{t.gpu_high_perc:g}%", f"> {t.gpu_high_perc:g}%"]
         hw.plots.append(
-            ("Share of GPU time by utilisation band", _png(lambda ax: _bars(ax, labels, [b * 100 for b in bands], "% of GPU time")))
+            (
+                "Share of GPU time by utilisation band",
+                _png(lambda ax: _bars(ax, labels, [b * 100 for b in bands], "% of GPU time")),
+            )
         )
 
     sq = Section("Service quality", notes=list(review.notes.get("service", [])))
     sq.rows = [
         ("P99 latency, period (SLO)", f"{_fmt(s.get('p99_latency_s'), 'ms')} (SLO {_fmt(s.get('slo_p99_s'), 'ms')})"),
         ("P50 latency, period", _fmt(s.get("p50_latency_s"), "ms")),
-        ("hours with P99 over the SLO", f"{_fmt(s.get('hours_p99_over_slo'), 'int')} of {_fmt(s.get('hours_with_latency'), 'int')} ({_fmt(s.get('share_hours_p99_over_slo'), 'pct')})"),
+        (
+            "hours with P99 over the SLO",
+            f"{_fmt(s.get('hours_p99_over_slo'), 'int')} of {_fmt(s.get('hours_with_latency'), 'int')} "
+            f"({_fmt(s.get('share_hours_p99_over_slo'), 'pct')})",
+        ),
         ("time to first token, P50 / P99", _pair(s, "ttft_p50_s", "ttft_p99_s", "ms")),
         ("requests finished", _fmt(s.get("requests"), "int")),
         ("error rate (server side)", _fmt(s.get("error_rate"), "pct")),
@@ -174,42 +187,76 @@ def sections(review: Review, plots: bool = True) -> list[Section]:
             )
         )
         if plots:
-            sq.plots.append(("P99 latency by week against the SLO", _weekly_plot(weekly_p99, s["slo_p99_s"], "P99 (s)", "SLO")))
+            sq.plots.append(
+                ("P99 latency by week against the SLO", _weekly_plot(weekly_p99, s["slo_p99_s"], "P99 (s)", "SLO"))
+            )
     alerts = s.get("alert_minutes_firing") or {}
     sq.tables.append(
-        ("Minutes each alert was firing", ["alert", "minutes"], [[a, _fmt(m, "int")] for a, m in alerts.items()] or [["none fired", "0"]])
+        (
+            "Minutes each alert was firing",
+            ["alert", "minutes"],
+            [[a, _fmt(m, "int")] for a, m in alerts.items()] or [["none fired", "0"]],
+        )
     )
 
     ql = Section("Quality", notes=list(review.notes.get("quality", [])))
     ql.rows = [
         ("rolling accuracy, mean", _fmt(q.get("accuracy_mean"), "num")),
         ("baseline, mean", _fmt(q.get("baseline_mean"), "num")),
-        ("hours drifting beyond tolerance", f"{_fmt(q.get('hours_drifting'), 'int')} of {_fmt(q.get('hours_with_accuracy'), 'int')} (±{q.get('accuracy_tolerance'):g})"),
+        (
+            "hours drifting beyond tolerance",
+            f"{_fmt(q.get('hours_drifting'), 'int')} of {_fmt(q.get('hours_with_accuracy'), 'int')} "
+            f"(±{q.get('accuracy_tolerance'):g})",
+        ),
         ("feedback coverage (labels / predictions)", _fmt(q.get("feedback_coverage"), "pct")),
     ]
     acc, base = review.weekly.get("accuracy") or {}, review.weekly.get("baseline") or {}
     if acc:
         ql.tables.append(
-            ("Accuracy by week", ["week", "rolling accuracy", "baseline"], [[str(w + 1), _fmt(v, "num"), _fmt(base.get(w), "num")] for w, v in acc.items()])
+            (
+                "Accuracy by week",
+                ["week", "rolling accuracy", "baseline"],
+                [[str(w + 1), _fmt(v, "num"), _fmt(base.get(w), "num")] for w, v in acc.items()],
+            )
         )
         if plots:
-            ql.plots.append(("Rolling accuracy by week against its baseline", _weekly_plot(acc, None, "accuracy", "baseline", other=base)))
+            ql.plots.append(
+                (
+                    "Rolling accuracy by week against its baseline",
+                    _weekly_plot(acc, None, "accuracy", "baseline", other=base),
+                )
+            )
 
     rs = Section("ROI")
     rs.rows = [
         ("period", f"{roi['period_hours']:,.1f} hours"),
-        (f"GPU cost ({_fmt(roi['gpu_hours'], 'num')} GPU-hours × {_fmt(roi['usd_per_gpu_hour'], 'usd')}, {roi['instance']})", _fmt(roi["cost_gpu_usd"], "usd")),
+        (
+            f"GPU cost ({_fmt(roi['gpu_hours'], 'num')} GPU-hours × {_fmt(roi['usd_per_gpu_hour'], 'usd')}, "
+            f"{roi['instance']})",
+            _fmt(roi["cost_gpu_usd"], "usd"),
+        ),
         (f"always-on cost ({_fmt(roi['usd_per_hour_fixed'], 'usd')}/h)", _fmt(roi["cost_fixed_usd"], "usd")),
         ("cost of the period at list prices", _fmt(roi["cost_usd"], "usd")),
         ("cost per million tokens", _fmt(roi.get("usd_per_million_tokens"), "usd")),
-        (f"source document's capex ({roi['source_hardware']}, {_fmt(roi['capex_usd'], 'usd')}) over {t.capex_amortisation_months:g} months, this period", _fmt(roi["capex_amortised_usd"], "usd")),
+        (
+            f"source document's capex ({roi['source_hardware']}, {_fmt(roi['capex_usd'], 'usd')}) "
+            f"over {t.capex_amortisation_months:g} months, this period",
+            _fmt(roi["capex_amortised_usd"], "usd"),
+        ),
         ("the same per million tokens", _fmt(roi.get("capex_usd_per_million_tokens"), "usd")),
     ]
     if plots:
         rs.plots.append(
             (
                 "Cost of the period: cloud at list prices against amortised capex",
-                _png(lambda ax: _bars(ax, ["cloud (list prices)", "capex amortised"], [roi["cost_usd"], roi["capex_amortised_usd"]], "USD")),
+                _png(
+                    lambda ax: _bars(
+                        ax,
+                        ["cloud (list prices)", "capex amortised"],
+                        [roi["cost_usd"], roi["capex_amortised_usd"]],
+                        "USD",
+                    )
+                ),
             )
         )
 
@@ -219,7 +266,13 @@ def sections(review: Review, plots: bool = True) -> list[Section]:
             "Rules",
             ["rule", "condition", "fired", "numbers", "action"],
             [
-                [x["rule"], x["condition"], "no data" if x["fired"] is None else ("YES" if x["fired"] else "no"), _numbers(x["numbers"]), x["action"] if x["fired"] else "—"]
+                [
+                    x["rule"],
+                    x["condition"],
+                    "no data" if x["fired"] is None else ("YES" if x["fired"] else "no"),
+                    _numbers(x["numbers"]),
+                    x["action"] if x["fired"] else "—",
+                ]
                 for x in review.recommendations
             ],
         )
@@ -234,7 +287,9 @@ def _pair(d: dict, a: str, b: str, kind: str = "num") -> str:
 
 
 def _numbers(numbers: dict[str, Any]) -> str:
-    return ", ".join(f"{k} = {NO_DATA if v is None else (f'{v:.4g}' if isinstance(v, float) else v)}" for k, v in numbers.items())
+    return ", ".join(
+        f"{k} = {NO_DATA if v is None else (f'{v:.4g}' if isinstance(v, float) else v)}" for k, v in numbers.items()
+    )
 
 
 def _hourly(ax: Any, values: dict[int, float], ylabel: str) -> None:
@@ -264,7 +319,8 @@ def headline_text(review: Review) -> str:
     hl = review.headline()
     return (
         f"tokens {_fmt(hl['tokens'], 'int')} · tokens/s/GPU {_fmt(hl['tokens_per_s_per_gpu'])} · "
-        f"P99 {_fmt(hl['p99_latency_s'], 'ms')} · cost per million tokens {_fmt(hl['usd_per_million_tokens'], 'usd')} · "
+        f"P99 {_fmt(hl['p99_latency_s'], 'ms')} · "
+        f"cost per million tokens {_fmt(hl['usd_per_million_tokens'], 'usd')} · "
         f"compute saved by sparsity {_fmt(hl['compute_saved'], 'pct')}"
     )
 
@@ -299,14 +355,19 @@ def html_document(review: Review, secs: list[Section]) -> str:
     for sec in secs:
         out.append(f"<h2>{e(sec.title)}</h2>")
         if sec.rows:
-            out.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in sec.rows) + "</table>")
+            out.append(
+                "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in sec.rows) + "</table>"
+            )
         for caption, headers, rows in sec.tables:
             head = "".join(f"<th>{e(h)}</th>" for h in headers)
             body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
             out.append(f"<table><caption>{e(caption)}</caption><tr>{head}</tr>{body}</table>")
         for caption, png in sec.plots:
             data = base64.b64encode(png).decode()
-            out.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'><figcaption>{e(caption)}</figcaption></figure>")
+            out.append(
+                f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{e(caption)}</figcaption></figure>"
+            )
         out += [f"<p class='note'>{e(note)}</p>" for note in sec.notes]
     out.append("</body></html>")
     return "\n".join(out)
