@@ -101,7 +101,9 @@ def _review(args: argparse.Namespace) -> int:
     config, config_error = args.model_config, None
     if config is None and outputs is not None:
         try:
-            config = model_config(env, outputs.models_bucket, outputs.models_prefix, emulator_endpoint(args, env))
+            endpoint = emulator_endpoint(args, env)
+            dest = args.out / "model-config.json"
+            config = model_config(env, outputs.models_bucket, outputs.models_prefix, endpoint, dest)
         except Exception as err:  # a missing config is "no data" in its section, never a failed review
             config_error = (
                 f"config.json of {env.model.name}@{env.model.revision} not readable from the cold tier: {err}"

@@ -117,7 +117,12 @@ def recording_rules() -> list[RecordingRule]:
         RecordingRule(
             EXPERT_IMBALANCE, f"avg({c.EXPERT_LOAD_IMBALANCE.name})", "expert load max/mean, mean over layers"
         ),
-        RecordingRule(ACCURACY_ROLLING, f"avg({c.ACCURACY_ROLLING.name})", "rolling risk-model accuracy"),
+        RecordingRule(
+            ACCURACY_ROLLING,
+            # Only once labels arrive: before the first one the gauge reads 0, which is no accuracy at all.
+            f"avg({c.ACCURACY_ROLLING.name} and {c.FEEDBACK.name} > 0)",
+            "rolling risk-model accuracy, where labels have arrived",
+        ),
         RecordingRule(
             ACCURACY_BASELINE, f"avg({c.ACCURACY_BASELINE.name} > 0)", "configured accuracy baseline (0: none)"
         ),

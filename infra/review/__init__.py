@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,16 +48,17 @@ def prices(env: Environment) -> Prices:
     return Prices(per_gpu, fixed, cost.source_capex_usd, cost.source_hardware, f"{it.name}, {it.gpu_model}")
 
 
-def model_config(env: Environment, bucket: str, models_prefix: str, endpoint: str | None) -> Path:
-    """Download the served revision's config.json from the cold tier into a temporary file."""
+def model_config(env: Environment, bucket: str, models_prefix: str, endpoint: str | None, dest: Path) -> Path:
+    """Download the served revision's config.json from the cold tier to ``dest`` (kept next to the report,
+    so the parameter counts can be checked later against the file they came from)."""
     from infra.ops.aws import make_client
     from infra.ops.weights import revision_prefix
 
     key = revision_prefix(models_prefix, env.model.name, env.model.revision) + "config.json"
     body = make_client("s3", env.region, endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
-    path = Path(tempfile.mkdtemp(prefix="moefleet-review-")) / "config.json"
-    path.write_bytes(body)
-    return path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(body)
+    return dest
 
 
 def sparsity_of(config: Path | None, error: str | None) -> tuple[Sparsity | None, str | None]:

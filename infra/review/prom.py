@@ -97,7 +97,7 @@ class PrometheusClient:
 
 class AmpClient(PrometheusClient):
     """The AMP workspace's query API, every request SigV4-signed (service ``aps``) with ``credentials``
-    (botocore credentials: access key, secret key and, for a role's session, a token)."""
+    (botocore credentials: access key, secret key and, for temporary role credentials, a token)."""
 
     def __init__(self, base_url: str, region: str, credentials: Any, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)

@@ -44,9 +44,20 @@ def _fmt(value: Any, kind: str = "num") -> str:
         "perc": lambda v: f"{v:.1f}%",
         "ms": lambda v: f"{v * 1000:.0f} ms",
         "usd": lambda v: f"${v:,.2f}",
-        "params": lambda v: f"{v / 1e9:.2f} B",
+        "params": _params,
         "gib": lambda v: f"{v / 2**30:.1f} GiB",
     }[kind](value)
+
+
+def _params(n: float) -> str:
+    """A parameter count the way model cards write it: 671.03 B, 2.45 B, 13.8 M, 344,256."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def _span(hours: float) -> str:
+    return f"{hours:,.1f} hours" if hours >= 1 else f"{hours * 60:.1f} minutes"
 
 
 def date(ts: float) -> str:
@@ -229,7 +240,7 @@ def sections(review: Review, plots: bool = True) -> list[Section]:
 
     rs = Section("ROI")
     rs.rows = [
-        ("period", f"{roi['period_hours']:,.1f} hours"),
+        ("period", _span(roi["period_hours"])),
         (
             f"GPU cost ({_fmt(roi['gpu_hours'], 'num')} GPU-hours × {_fmt(roi['usd_per_gpu_hour'], 'usd')}, "
             f"{roi['instance']})",

@@ -132,8 +132,8 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
             outputs = read_stack_outputs(tf.workdir)
 
         model_dir = _weights(workdir, url, outputs, model)
-        started = time.time()
         runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model)
+        started = time.time()  # the review's period: from the moment Prometheus watches the runtime
         results = _traffic(runtime_url, prom_url, model)
         results["review"] = _review(prom_url, started, workdir)
         _summary(outputs, url, runtime_url, prom_url, results, workdir)
