@@ -77,6 +77,8 @@ def _review(args: argparse.Namespace) -> int:
         step = parse_duration(args.step, "--step")
     except ValueError as err:
         raise CliError(f"review: {err}") from None
+    if step > since:
+        raise CliError(f"review: --step = {args.step!r} is longer than --since = {args.since!r}; allowed: step ≤ since")
     end = parse_until(args.until)
     period = Period(end - since, end, step)
 

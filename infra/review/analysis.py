@@ -2,8 +2,9 @@
 
 Everything is read from the recording rules of :mod:`infra.observability.recording` (fleet-wide series,
 cheap over 90 days) at ``step`` resolution; a sample at time t stands for the ``step`` seconds before it.
-Latency percentiles are computed by Prometheus from the recorded bucket rates over each hour, week and the
-whole period. A series that is absent makes its figures ``None`` ("no data" in the report) and adds a note
+Where a recorded series starts after the period does, the time before is read through the rule's own
+expression. Latency percentiles are computed by Prometheus from the recorded bucket rates over each hour,
+week and the whole period. A series that is absent makes its figures ``None`` ("no data" in the report) and adds a note
 to its section; nothing here raises for missing data. docs/review.md states each formula.
 """
 

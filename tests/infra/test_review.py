@@ -665,5 +665,7 @@ def test_review_rejects_bad_options_with_the_field_and_what_is_allowed(tmp_path:
     assert "--since = '90x': expected a positive duration" in capsys.readouterr().err
     assert main(["review", ENV, "--until", "yesterday", "--out", str(tmp_path)]) == 2
     assert "--until = 'yesterday'" in capsys.readouterr().err
+    assert main(["review", ENV, "--since", "1m", "--out", str(tmp_path)]) == 2
+    assert "--step = '5m' is longer than --since = '1m'" in capsys.readouterr().err
     assert main(["review", "qa", "--out", str(tmp_path)]) == 2
     assert "unknown environment 'qa'" in capsys.readouterr().err
