@@ -120,6 +120,8 @@ def _review(args: argparse.Namespace) -> int:
         raise CliError(f"review: {err}", ExitCode.FAILED) from None
     except OSError as err:
         raise CliError(f"review: cannot write {args.out}: {err}", ExitCode.FAILED) from None
+    except ModuleNotFoundError as err:  # the plots need matplotlib, part of the infra extra
+        raise CliError(f"review: {err}; install the infra extra: pip install -e '.[infra]'", ExitCode.FAILED) from None
     print(headline_text(review))
     for rec in review.recommendations:
         if rec["fired"]:
