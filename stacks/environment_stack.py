@@ -42,6 +42,7 @@ from infra.constructs.provider import aws_provider, standard_tags
 from infra.constructs.registry import Registry, RegistryProps
 from infra.constructs.storage import ColdTier, ColdTierProps, FsxHotTier, FsxHotTierProps
 from infra.observability.alerts import alert_rules, rules_yaml
+from infra.observability.recording import recording_rules_yaml
 
 
 class EnvironmentStack(TerraformStack):
@@ -167,6 +168,7 @@ class EnvironmentStack(TerraformStack):
                 name=name,
                 aws=aws,
                 rules_yaml=rules_yaml(alert_rules(env.thresholds)),
+                recording_rules_yaml=recording_rules_yaml(),
                 logs_key_arn=self.logs_key.arn,
                 alarm_email=env.alarm_email,
             ),

@@ -43,6 +43,11 @@ def cluster_name(environment: str) -> str:
 #: to it and the FSx hot tier mirrors it, so the three cannot disagree.
 MODELS_PREFIX = "models/"
 
+#: Port of the local Prometheus on loopback: the demo starts it there, `moefleet review` reads an emulated
+#: environment's metrics from it.
+LOCAL_PROMETHEUS_PORT = 9090
+LOCAL_PROMETHEUS_URL = f"http://127.0.0.1:{LOCAL_PROMETHEUS_PORT}"
+
 # ---- node labels and taints -------------------------------------------------------------------------
 
 LABEL_PREFIX = "moefleet.io"

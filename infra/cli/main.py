@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from infra.catalog.exit_codes import EXIT_CODE_MEANINGS
-from infra.cli import kubernetes, operations, plan_summary, weights
+from infra.cli import kubernetes, operations, plan_summary, review, weights
 from infra.cli.common import CliError, Subparsers
 
 DESCRIPTION = "moefleet: provision, load, install and watch the MoE Fleet environments."
@@ -26,6 +26,7 @@ COMMANDS: list[Callable[[Subparsers], None]] = [
     weights.register,  # weights upload / verify / pull
     operations.add_cost,
     operations.add_status,
+    review.add_review,
     kubernetes.add_render,
     kubernetes.add_install,
 ]

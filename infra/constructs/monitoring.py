@@ -1,8 +1,9 @@
-"""Managed monitoring: an Amazon Managed Service for Prometheus workspace with logging, alert rules as a
-rule-group namespace, and an alertmanager routing to an encrypted SNS topic.
+"""Managed monitoring: an Amazon Managed Service for Prometheus workspace with logging, alert rules and the
+review's recording rules as rule-group namespaces, and an alertmanager routing to an encrypted SNS topic.
 
-The construct takes the rules already rendered (a Prometheus rule-groups YAML document, which
-`infra.observability.alerts.rules_yaml` produces), so it knows AWS, not what the rules say."""
+The construct takes the rules already rendered (Prometheus rule-groups YAML documents, which
+`infra.observability.alerts.rules_yaml` and `infra.observability.recording.recording_rules_yaml`
+produce), so it knows AWS, not what the rules say."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class MonitoringProps:
     logs_key_arn: str
     alarm_email: str | None = None
     rule_namespace: str = "moe-fleet"
+    #: Recording rules as YAML (`groups: [...]`), in a namespace of their own (`<rule_namespace>-recording`).
+    recording_rules_yaml: str | None = None
 
 
 class Monitoring(Construct):
@@ -103,6 +106,15 @@ class Monitoring(Construct):
         self.rules = PrometheusRuleGroupNamespace(
             self, "rules", name=props.rule_namespace, workspace_id=self.workspace.id, data=props.rules_yaml
         )
+        self.recording_rules = None
+        if props.recording_rules_yaml:
+            self.recording_rules = PrometheusRuleGroupNamespace(
+                self,
+                "recording-rules",
+                name=f"{props.rule_namespace}-recording",
+                workspace_id=self.workspace.id,
+                data=props.recording_rules_yaml,
+            )
         self.topic = SnsTopic(self, "alerts", name=f"{props.name}-alerts", kms_master_key_id=self.key.arn)
         SnsTopicPolicy(
             self,

@@ -89,7 +89,8 @@ def runtime_objects(inp: o.RenderInput) -> list[Obj]:
 
 def monitoring_objects(inp: o.RenderInput) -> list[Obj]:
     """GPU metrics (device plugin, DCGM exporter + its ServiceMonitor) in kube-system, the runtime's
-    ServiceMonitor and the alert rules (PrometheusRule) in the runtime's namespace, from
+    ServiceMonitor, the alert rules and the review's recording rules (PrometheusRules) in the runtime's
+    namespace, from
     `infra.observability.monitoring_objects`.
 
     The GPU DaemonSets need host paths (the kubelet's pod-resources socket), which the runtime namespace's
@@ -99,6 +100,7 @@ def monitoring_objects(inp: o.RenderInput) -> list[Obj]:
         *mon.gpu_monitoring_objects(GPU_MONITORING_NAMESPACE),
         mon.runtime_service_monitor(RUNTIME_NAMESPACE, o.selector_labels(inp)),
         mon.prometheus_rule(RUNTIME_NAMESPACE),
+        mon.prometheus_recording_rule(RUNTIME_NAMESPACE),
     ]
 
 

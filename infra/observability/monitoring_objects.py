@@ -10,6 +10,7 @@ them; its tests validate them against the schemas).
 - :func:`runtime_service_monitor` / :func:`runtime_pod_monitor` — Prometheus Operator monitors whose
   job label is ``moe-runtime``, the job the alert rules watch.
 - :func:`prometheus_rule` — the alert rules of :mod:`infra.observability.alerts` as a ``PrometheusRule``.
+- :func:`prometheus_recording_rule` — the review's recording rules (:mod:`infra.observability.recording`), likewise.
 
 Images are pinned (the tag is the version; never ``latest``).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from infra.catalog.names import GPU_POOL, GPU_TAINT, NODE_POOL_LABEL
 from infra.catalog.thresholds import Thresholds
-from infra.observability import alerts
+from infra.observability import alerts, recording
 from infra.observability.alerts import GPU_EXPORTER_JOB
 from infra.observability.prometheus_config import DCGM_APP_NAME, DCGM_PORT, DCGM_PORT_NAME
 from runtime import contract
@@ -214,4 +215,14 @@ def prometheus_rule(
         name=alerts.RULE_GROUP,
         namespace=namespace,
         labels={NAME_KEY: contract.APP_NAME, COMPONENT_KEY: "alerts", **(labels or {})},
+    )
+
+
+def prometheus_recording_rule(namespace: str, *, labels: dict[str, str] | None = None) -> dict:
+    """The review's recording rules as a ``PrometheusRule``; ``labels`` as for :func:`prometheus_rule`."""
+    return recording.prometheus_recording_rule_object(
+        recording.recording_rules(),
+        name=recording.RECORDING_GROUP,
+        namespace=namespace,
+        labels={NAME_KEY: contract.APP_NAME, COMPONENT_KEY: "recording-rules", **(labels or {})},
     )

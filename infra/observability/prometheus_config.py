@@ -100,12 +100,18 @@ def write_local(
     *,
     scrape_interval: str = "15s",
     evaluation_interval: str = "15s",
+    recording_rules_yaml: str | None = None,
 ) -> Path:
-    """Write ``prometheus.yml`` and ``rules.yml`` into ``directory``; returns the config's path."""
+    """Write ``prometheus.yml`` and ``rules.yml`` (plus ``recording.yml`` with the review's recording rules,
+    when given) into ``directory``; returns the config's path."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "rules.yml").write_text(rules_yaml)
+    rule_files = ["rules.yml"]
+    if recording_rules_yaml:
+        (directory / "recording.yml").write_text(recording_rules_yaml)
+        rule_files.append("recording.yml")
     config = local_config(
-        targets, rule_files=["rules.yml"], scrape_interval=scrape_interval, evaluation_interval=evaluation_interval
+        targets, rule_files=rule_files, scrape_interval=scrape_interval, evaluation_interval=evaluation_interval
     )
     path = directory / "prometheus.yml"
     path.write_text(to_yaml(config))

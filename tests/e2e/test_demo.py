@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -87,6 +88,14 @@ def test_demo_once_deploys_serves_monitors_and_tears_down(once_demo: DemoRun) ->
     assert re.search(r"requests Prometheus saw\s+(1[6-9]|[2-9]\d)", out), "all 16 chats (and warm-up) scraped"
     assert re.search(r"MoeRuntimeMetricsMissing\s+inactive", out), "the runtime is scraped, so not missing"
     assert re.search(r"MoeP99LatencyHigh\s+(inactive|pending)", out)
+    # A review of its own run: tokens, P99 and cost per million tokens from Prometheus, sparsity from the
+    # tiny checkpoint's config; no GPUs on a CPU run, so tokens/s per GPU is "no data".
+    headline = next(line for line in out.splitlines() if "compute saved by sparsity" in line)
+    assert re.search(r"tokens [1-9][\d,]* ·", headline) and "tokens/s/GPU no data" in headline, headline
+    assert re.search(r"P99 \d+ ms", headline) and re.search(r"per million tokens \$[\d,.]+", headline), headline
+    review = tmp_path / "review"
+    assert "data:image/png;base64," in (review / "review.html").read_text()
+    assert json.loads((review / "review.json").read_text())["headline"]["tokens"] > 0
     # Torn down in reverse order, nothing left listening.
     for message in ("Prometheus stopped", "runtime stopped", "stack destroyed", "emulated AWS stopped"):
         assert message in out

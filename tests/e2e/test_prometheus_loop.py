@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.catalog.thresholds import Thresholds
-from infra.observability import alerts, dashboard, prometheus_config
+from infra.observability import alerts, dashboard, prometheus_config, recording
 from infra.observability.alerts import alert_rules
 from runtime import contract as c
 from runtime.tiny import make_tiny
@@ -62,6 +62,7 @@ def test_dashboard_and_rules_reference_only_exposed_metrics(runtime_server: Serv
     live = exposed_names(httpx.get(runtime_server.url + c.METRICS_PATH, timeout=10).text)
     known = live | set(alerts.DCGM_METRICS) | {"up"}
     exprs = dashboard.expressions(dashboard.dashboard()) + [r.expr for r in alert_rules(Thresholds())]
+    exprs += [r.expr for r in recording.recording_rules()]  # the review's series, too
     for expr in exprs:
         names = dashboard.metric_names(expr)
         assert names, f"no metric found in {expr!r}"

@@ -179,8 +179,12 @@ def test_monitoring_workspace_rules_and_encrypted_alerts(
     stack = stacks[env_name]
     workspace = one(stack, "aws_prometheus_workspace")
     assert workspace["logging_configuration"]["log_group_arn"].startswith("${aws_cloudwatch_log_group.")
-    namespace = one(stack, "aws_prometheus_rule_group_namespace")
+    namespaces = {ns["name"]: ns for ns in resources(stack, "aws_prometheus_rule_group_namespace").values()}
+    assert set(namespaces) == {"moe-fleet", "moe-fleet-recording"}
+    namespace = namespaces["moe-fleet"]
     alerts = {rule["alert"] for group in yaml.safe_load(namespace["data"])["groups"] for rule in group["rules"]}
+    recorded = yaml.safe_load(namespaces["moe-fleet-recording"]["data"])["groups"][0]["rules"]
+    assert recorded and all("record" in rule for rule in recorded)
     assert {"MoeGpuUtilizationHigh", "MoeP99LatencyHigh", "MoeAccuracyDrift", "MoeMemoryLeak"} <= alerts
     assert any("MetricsMissing" in a for a in alerts)
     topic = one(stack, "aws_sns_topic")

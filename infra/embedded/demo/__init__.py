@@ -8,7 +8,8 @@ Steps (each named when it fails; everything started so far is torn down, in reve
      pull it into a local hot-tier folder (`moefleet weights pull` code, as the init container does)
   4. start the runtime on the pulled weights and a local Prometheus with our rules and scrape config
   5. send streamed chat completions and risk predictions with feedback; ask Prometheus what it saw
-  6. print a summary, stay up until Ctrl-C (or, with --once, go on at once), then tear everything down
+  6. write a review of the run (`moefleet review` code) into the work folder and print its headline
+  7. print a summary, stay up until Ctrl-C (or, with --once, go on at once), then tear everything down
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.catalog.environments import load_environments
+from infra.catalog.names import LOCAL_PROMETHEUS_PORT
 from infra.catalog.outputs import StackOutputs
 from infra.catalog.sizes import ModelRef
 from infra.embedded.emulator.process import Emulator, port_in_use
@@ -37,7 +39,7 @@ from .services import prometheus_process, runtime_process, runtime_ready_url
 
 DEMO_ENV = "local"
 DEFAULT_EMULATOR_PORT = 4566
-DEFAULT_PROMETHEUS_PORT = 9090
+DEFAULT_PROMETHEUS_PORT = LOCAL_PROMETHEUS_PORT
 REQUIRED_TOOLS = {
     "terraform": "Terraform 1.11 (see README: requirements)",
     "prometheus": "Debian's prometheus package (`make setup` installs it)",
@@ -131,7 +133,9 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
 
         model_dir = _weights(workdir, url, outputs, model)
         runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model)
+        started = time.time()  # the review's period: from the moment Prometheus watches the runtime
         results = _traffic(runtime_url, prom_url, model)
+        results["review"] = _review(prom_url, started, workdir)
         _summary(outputs, url, runtime_url, prom_url, results, workdir)
 
         if not once:
@@ -181,6 +185,7 @@ def _services(
 ) -> tuple[str, str]:
     from infra.observability.alerts import alert_rules, rules_yaml
     from infra.observability.prometheus_config import write_local
+    from infra.observability.recording import recording_rules_yaml
 
     runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name)
     with step(f"start the runtime on 127.0.0.1:{ports.runtime} (CPU)"):
@@ -194,7 +199,12 @@ def _services(
         # The demo has no GPU exporter; its "metrics missing" rule would only report that.
         rules = alert_rules(gpu_exporter=False)
         config = write_local(
-            prom_dir, [f"127.0.0.1:{ports.runtime}"], rules_yaml(rules), scrape_interval="2s", evaluation_interval="2s"
+            prom_dir,
+            [f"127.0.0.1:{ports.runtime}"],
+            rules_yaml(rules),
+            scrape_interval="2s",
+            evaluation_interval="2s",
+            recording_rules_yaml=recording_rules_yaml(),
         )
         prometheus = prometheus_process(config, prom_dir / "data", ports.prometheus, workdir / "prometheus.log")
         prometheus.start()
@@ -231,6 +241,35 @@ def _traffic(runtime_url: str, prom_url: str, model: ModelRef) -> dict[str, Any]
         results["prometheus"]["requests seen"] = served
         results["alerts"] = traffic.prom_alert_states(prom_url)
     return results
+
+
+#: Resolution of the demo's review: a few scrape intervals (the run lasts about a minute).
+REVIEW_STEP_S = 4.0
+
+
+def _review(prom_url: str, started: float, workdir: Path) -> dict[str, Any]:
+    """The quarterly review over the demo's own run: the same code as `moefleet review local`, a period of
+    a minute or two instead of 90 days; series the run has none of (GPUs on a CPU run) say "no data"."""
+    from infra.review import run as run_review
+    from infra.review.analysis import Period
+    from infra.review.prom import PrometheusClient
+    from infra.review.render import headline_text
+
+    out = workdir / "review"
+    with step(f"review the run (moefleet review): {out}"):
+        end = time.time()
+        period = Period(started, end, REVIEW_STEP_S)
+        client = PrometheusClient(prom_url)
+        review, paths = run_review(
+            load_environments()[DEMO_ENV],
+            client,
+            period,
+            out,
+            config=workdir / "checkpoint" / "config.json",
+            progress=lambda _message: None,
+        )
+        print(f"    {headline_text(review)}", flush=True)
+    return {"headline": headline_text(review), "paths": paths}
 
 
 def _summary(
@@ -279,6 +318,8 @@ def _summary(
     )
     print("\nAlerts (Prometheus's evaluation of our rules):")
     print_table(results["alerts"])
+    print("\nReview of this run (moefleet review):")
+    print_table({"headline": results["review"]["headline"], "report": str(results["review"]["paths"]["html"])})
     print("\nStop with Ctrl-C: the stack is destroyed and every process stopped.")
 
 
