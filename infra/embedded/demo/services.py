@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from infra.catalog.names import DEFAULT_RISK_TASK_FILE
 from runtime import contract
 
 
@@ -98,6 +99,8 @@ def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str)
             "cpu",
             "--accuracy-baseline",
             "0.9",
+            "--risk-task",
+            str(DEFAULT_RISK_TASK_FILE),
         ],
         log_path,
     )
