@@ -181,7 +181,9 @@ class ServiceState:
             log.error("risk routes off: %s", self.risk_off)
             return
         self.risk_task, self.records, self.risk_off = task, RecordWriter(store, self.metrics), None
-        where = s.risk_store_table or s.risk_store_path or ":memory: (not durable)"
+        if not (s.risk_store_table or s.risk_store_path):
+            log.warning("prediction records are kept in memory only; give --risk-store-path or --risk-store-table")
+        where = s.risk_store_table or s.risk_store_path or ":memory:"
         log.info("risk task %r on; prediction records in %s %s", task.name, store.kind, where)
 
     def fail(self, message: str) -> None:

@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.catalog.names import DEFAULT_RISK_TASK_FILE
 from runtime import contract
 
 
@@ -78,8 +77,11 @@ class ManagedProcess:
             self.proc.wait()
 
 
-def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str) -> ManagedProcess:
-    """`moe-runtime serve` on loopback, CPU, with an accuracy baseline so the drift alert has a reference."""
+def runtime_process(
+    model_dir: Path, port: int, log_path: Path, model_name: str, env: dict[str, str] | None = None
+) -> ManagedProcess:
+    """`moe-runtime serve` on loopback, CPU. `env` carries the environment's runtime settings (accuracy
+    baseline, risk task) and the prediction table, by the variable names the pods get them under."""
     return ManagedProcess(
         "the runtime",
         [
@@ -97,12 +99,9 @@ def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str)
             str(port),
             "--device",
             "cpu",
-            "--accuracy-baseline",
-            "0.9",
-            "--risk-task",
-            str(DEFAULT_RISK_TASK_FILE),
         ],
         log_path,
+        env=env,
     )
 
 
