@@ -250,7 +250,7 @@ class FeedbackResponse(BaseModel):
         }
     )
 
-    request_id: str
+    request_id: str = Field(description="the labelled prediction's request_id")
     correct: bool = Field(description="the predicted class matched the ground truth")
     rolling_accuracy: float = Field(
         description="this replica's accuracy over its last labels (the fleet's is computed in Prometheus)"
