@@ -186,7 +186,12 @@ class DynamoStore:
         from botocore.config import Config
 
         self.table, self.ttl_s = table, ttl_days * 86400
-        cfg = Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 2, "mode": "standard"})
+        cfg = Config(
+            connect_timeout=2,
+            read_timeout=3,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=32,  # one per thread of asyncio.to_thread's pool at most
+        )
         self._client = boto3.client("dynamodb", region_name=region, endpoint_url=endpoint, config=cfg)
 
     def _call(self, op: str, **kw):
