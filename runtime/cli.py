@@ -97,6 +97,28 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=_env_int(c.ENV_ACCURACY_WINDOW) or c.DEFAULT_ACCURACY_WINDOW,
         help=f"labels in the rolling accuracy (default: ${c.ENV_ACCURACY_WINDOW} or {c.DEFAULT_ACCURACY_WINDOW})",
     )
+    p.add_argument(
+        "--risk-task",
+        default=os.environ.get(c.ENV_RISK_TASK) or None,
+        help=f"risk task: a .toml/.json file or inline JSON (default: ${c.ENV_RISK_TASK}; none: risk routes off)",
+    )
+    p.add_argument(
+        "--risk-store-table",
+        default=os.environ.get(c.ENV_RISK_STORE_TABLE) or None,
+        help=f"DynamoDB table of prediction records, region from ${c.ENV_AWS_REGION} "
+        f"(default: ${c.ENV_RISK_STORE_TABLE})",
+    )
+    p.add_argument(
+        "--risk-store-endpoint",
+        default=os.environ.get(c.ENV_RISK_STORE_ENDPOINT) or None,
+        help=f"DynamoDB endpoint override (default: ${c.ENV_RISK_STORE_ENDPOINT})",
+    )
+    p.add_argument(
+        "--risk-store-path",
+        default=os.environ.get(c.ENV_RISK_STORE_PATH) or None,
+        help=f"SQLite file of prediction records when no table is given (default: ${c.ENV_RISK_STORE_PATH}; "
+        "none: in memory, lost at exit)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1, help="default: $WORLD_SIZE")
     p.add_argument(
@@ -206,6 +228,12 @@ def _serve(args: argparse.Namespace) -> int:
             grace_period_s=args.grace_period,
             accuracy_baseline=args.accuracy_baseline,
             accuracy_window=args.accuracy_window,
+            risk_task=args.risk_task,
+            model_revision=os.environ.get(c.ENV_MODEL_REVISION) or "unknown",
+            risk_store_table=args.risk_store_table,
+            risk_store_region=os.environ.get(c.ENV_AWS_REGION) or None,
+            risk_store_endpoint=args.risk_store_endpoint,
+            risk_store_path=args.risk_store_path,
             warmup=not args.no_warmup,
         )
         settings.engine_config()  # validate the engine's limits before loading anything

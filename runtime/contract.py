@@ -61,6 +61,13 @@ ENV_MAX_QUEUE = "MOE_MAX_QUEUE"
 ENV_ACCURACY_BASELINE = "MOE_ACCURACY_BASELINE"  # reference accuracy of the drift alert (unset: no baseline)
 ENV_ACCURACY_WINDOW = "MOE_ACCURACY_WINDOW"  # labelled predictions in the rolling accuracy
 ENV_LOG_LEVEL = "MOE_LOG_LEVEL"
+ENV_MODEL_REVISION = "MOE_MODEL_REVISION"  # revision of the served checkpoint, written into prediction records
+# ---- the risk task and its prediction records (docs/risk.md) ----
+ENV_RISK_TASK = "MOE_RISK_TASK"  # the task: inline JSON or a .toml/.json file (unset: risk routes answer 503)
+ENV_RISK_STORE_TABLE = "MOE_RISK_STORE_TABLE"  # DynamoDB table of prediction records (shared by all replicas)
+ENV_RISK_STORE_ENDPOINT = "MOE_RISK_STORE_ENDPOINT"  # DynamoDB endpoint override (the embedded AWS only)
+ENV_RISK_STORE_PATH = "MOE_RISK_STORE_PATH"  # SQLite file of prediction records (single node, no AWS)
+ENV_AWS_REGION = "AWS_REGION"
 ENV_WORLD_SIZE = "WORLD_SIZE"  # torchrun / LeaderWorkerSet convention
 ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
 
@@ -80,6 +87,12 @@ ENV_DIST_TIMEOUT = "MOE_DIST_TIMEOUT_S"  # collective / heartbeat timeout, secon
 DEFAULT_DIST_TIMEOUT_S = 120.0
 
 DEFAULT_ACCURACY_WINDOW = 500
+#: Prediction records: partition key and TTL attribute (the DynamoDB table is built with the same names).
+RISK_RECORD_KEY = "request_id"
+RISK_RECORD_TTL_ATTRIBUTE = "expires_at"
+DEFAULT_RISK_RECORD_TTL_DAYS = 90
+#: DynamoDB item actions the runtime uses on the prediction table (its IAM policy allows exactly these).
+RISK_STORE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem")
 LOG_LEVELS = ("debug", "info", "warning", "error")  # serve --log-level / $MOE_LOG_LEVEL
 DEFAULT_LOG_LEVEL = "info"
 
@@ -186,6 +199,23 @@ EXPERT_LOAD_IMBALANCE = _m(
 )
 RISK_PREDICTIONS = _m("moe_risk_predictions_total", "Risk predictions served.", "counter")
 FEEDBACK = _m("moe_feedback_total", "Ground-truth labels received on /v1/feedback.", "counter")
+RISK_LABELLED = _m(
+    "moe_risk_labelled_total",
+    "Risk predictions joined to a ground-truth label by this replica. Fleet accuracy over a window = "
+    "sum(increase(moe_risk_correct_total[w])) / sum(increase(this[w])).",
+    "counter",
+)
+RISK_CORRECT = _m("moe_risk_correct_total", "Labelled risk predictions that were correct.", "counter")
+RISK_RECORDS_PENDING = _m(
+    "moe_risk_records_pending",
+    "Prediction records waiting in memory for the store (it failed); retried in the background.",
+    "gauge",
+)
+RISK_RECORDS_DROPPED = _m(
+    "moe_risk_records_dropped_total",
+    "Prediction records lost: the pending buffer was full, or the process ended before the store came back.",
+    "counter",
+)
 ACCURACY_ROLLING = _m("moe_accuracy_rolling", "Accuracy of risk predictions over the last feedback window.", "gauge")
 ACCURACY_BASELINE = _m("moe_accuracy_baseline", "Configured reference accuracy; drift = rolling - baseline.", "gauge")
 GPU_UTILIZATION = _m("moe_gpu_utilization_perc", "GPU utilisation from NVML, 0-100, per device.", "gauge", (LABEL_GPU,))
@@ -214,6 +244,10 @@ METRICS: tuple[MetricDef, ...] = (
     EXPERT_LOAD_IMBALANCE,
     RISK_PREDICTIONS,
     FEEDBACK,
+    RISK_LABELLED,
+    RISK_CORRECT,
+    RISK_RECORDS_PENDING,
+    RISK_RECORDS_DROPPED,
     ACCURACY_ROLLING,
     ACCURACY_BASELINE,
     GPU_UTILIZATION,

@@ -21,6 +21,7 @@ from infra.catalog.names import (
     RUNTIME_SERVICE_ACCOUNT,
     SIZE_LABEL,
     SYSTEM_POOL,
+    prediction_table_name,
 )
 from infra.catalog.outputs import StackOutputs
 from infra.catalog.sizes import HotTierKind
@@ -38,6 +39,7 @@ from infra.constructs.monitoring import Monitoring, MonitoringProps
 from infra.constructs.network import Network, NetworkProps
 from infra.constructs.node_autoscaling import cluster_autoscaler_policy
 from infra.constructs.node_pools import GpuNodePool, GpuPoolProps, NodePool, NodePoolProps, node_role
+from infra.constructs.prediction_store import PredictionStore, PredictionStoreProps, prediction_store_statements
 from infra.constructs.provider import aws_provider, standard_tags
 from infra.constructs.registry import Registry, RegistryProps
 from infra.constructs.storage import ColdTier, ColdTierProps, FsxHotTier, FsxHotTierProps
@@ -188,10 +190,21 @@ class EnvironmentStack(TerraformStack):
                 force_destroy=env.emulated,
             ),
         )
+        self.predictions = PredictionStore(
+            self,
+            "prediction-store",
+            PredictionStoreProps(
+                table_name=prediction_table_name(env.name), aws=self.aws, deletion_protection=not env.emulated
+            ),
+        )
         self.runtime_role = self._workload_role(
             "runtime",
             (RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT),
-            runtime_policy(self.cold.bucket.arn, self.cold.key.arn),
+            runtime_policy(
+                self.cold.bucket.arn,
+                self.cold.key.arn,
+                *prediction_store_statements(self.predictions.arn, self.predictions.key.arn, env.region),
+            ),
         )
         self.ebs_csi_role = self._workload_role(
             "ebs-csi",
@@ -284,6 +297,7 @@ class EnvironmentStack(TerraformStack):
             amp_query_url=self.monitoring.query_url,
             alerts_topic_arn=self.monitoring.topic.arn,
             runtime_role_arn=self.runtime_role.arn,
+            prediction_table=self.predictions.name,
             hot_tier_kind=self.env.size_spec.storage.hot_kind.value,
             region=self.env.region,
             fsx_file_system_id=self.hot.file_system.id if self.hot is not None else None,

@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.catalog import names
-from infra.catalog.names import DEFAULT_ENVIRONMENTS_FILE, DEFAULT_REVISION, model_name_problem, model_revision_problem
+from infra.catalog.names import (
+    DEFAULT_ENVIRONMENTS_FILE,
+    DEFAULT_REVISION,
+    DEFAULT_RISK_TASK_FILE,
+    REPOSITORY_ROOT,
+    model_name_problem,
+    model_revision_problem,
+)
 from infra.catalog.sizes import (
     CAPACITY_BLOCK_INSTANCE_TYPES,
     INSTANCE_TYPES,
@@ -30,6 +37,7 @@ from infra.catalog.sizes import (
 )
 from infra.catalog.thresholds import Thresholds
 from runtime import contract
+from runtime.risk_task import RiskTask, RiskTaskError, load_task
 
 #: EKS versions the stacks are written and tested for (standard support as of 2026-11).
 SUPPORTED_KUBERNETES_VERSIONS = ("1.31", "1.32", "1.33", "1.34")
@@ -122,13 +130,32 @@ class ModelSetting(Strict):
 
 
 class RuntimeSettings(Strict):
-    """`runtime = { accuracy_baseline, accuracy_window, log_level }`: what the runtime's pods are started with,
-    rendered into their environment by the names in `runtime.contract`. Without `accuracy_baseline` the
-    runtime publishes no baseline and the accuracy-drift alert cannot fire."""
+    """`runtime = { accuracy_baseline, accuracy_window, log_level, risk_task }`: what the runtime's pods are
+    started with, rendered into their environment by the names in `runtime.contract`. Without
+    `accuracy_baseline` the runtime publishes no baseline and the accuracy-drift alert cannot fire.
+
+    `risk_task` is a task file (TOML or JSON, relative paths from the repository root; default: the shipped
+    fraud task) or "" for none (the risk routes then answer 503). It is validated here with the runtime's own
+    model and rendered into the ConfigMap as JSON, so the image needs no task file."""
 
     accuracy_baseline: float | None = None
     accuracy_window: int = contract.DEFAULT_ACCURACY_WINDOW
     log_level: str = contract.DEFAULT_LOG_LEVEL
+    risk_task: str = str(DEFAULT_RISK_TASK_FILE.relative_to(REPOSITORY_ROOT))
+
+    @field_validator("risk_task")
+    @classmethod
+    def _risk_task(cls, value: str) -> str:
+        if value:
+            try:
+                load_task(value, base=REPOSITORY_ROOT)
+            except RiskTaskError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    def task(self) -> RiskTask | None:
+        """The validated risk task, or None when the environment turns it off."""
+        return load_task(self.risk_task, base=REPOSITORY_ROOT) if self.risk_task else None
 
     @field_validator("accuracy_baseline", mode="before")
     @classmethod
@@ -161,6 +188,8 @@ class RuntimeSettings(Strict):
         }
         if self.accuracy_baseline is not None:
             out[contract.ENV_ACCURACY_BASELINE] = repr(float(self.accuracy_baseline))
+        if (task := self.task()) is not None:
+            out[contract.ENV_RISK_TASK] = task.to_json()
         return out
 
 

@@ -27,6 +27,10 @@ EMULATOR_ENDPOINT_VAR = "MOEFLEET_EMULATOR_ENDPOINT"
 #: Where applied stacks live, one folder per environment (default `cdktf.out/stacks`, cdktf.json's output):
 #: every command that reads stack outputs looks for `<dir>/<env>` unless given `--stack-dir`.
 STACKS_DIR_VAR = "MOEFLEET_STACKS_DIR"
+#: Relative `runtime.risk_task` paths in environments.toml are read from the repository root (tasks/...).
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+#: The risk task shipped with the repository: the source document's fraud prompt, labels and threshold.
+DEFAULT_RISK_TASK_FILE = REPOSITORY_ROOT / "tasks" / "fraud.toml"
 
 # ---- resources ------------------------------------------------------------------------------------------
 
@@ -37,6 +41,11 @@ NAME_PREFIX = "moefleet"
 def cluster_name(environment: str) -> str:
     """The EKS cluster's name, which also prefixes every other resource name of the environment."""
     return f"{NAME_PREFIX}-{environment}"
+
+
+def prediction_table_name(environment: str) -> str:
+    """The DynamoDB table of the environment's risk prediction records (shared by every runtime replica)."""
+    return f"{cluster_name(environment)}-risk-predictions"
 
 
 #: Where checkpoints live in the cold tier: `models/<name>/<revision>/`. The runtime's IAM policy is scoped

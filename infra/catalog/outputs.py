@@ -22,7 +22,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_origin, get_type_hints
 
-from infra.catalog.names import MODELS_PREFIX, cluster_name
+from infra.catalog.names import MODELS_PREFIX, cluster_name, prediction_table_name
 from infra.catalog.sizes import HotTierKind, SizeName
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class StackOutputs:
     amp_query_url: str = _output("Query URL of the Prometheus workspace (ends in api/v1/query).")
     alerts_topic_arn: str = _output("SNS topic the workspace's alert manager publishes alerts to.")
     runtime_role_arn: str = _output("IAM role the runtime's service account gets through EKS Pod Identity.")
+    prediction_table: str = _output("DynamoDB table of the risk service's prediction records (all replicas).")
     hot_tier_kind: str = _output("Hot tier of the environment's size: ebs-gp3 or fsx-lustre.")
     region: str = _output("AWS region of the environment.")
     fsx_file_system_id: str | None = _output("FSx for Lustre file system of the hot tier.", hot_tier=_FSX)
@@ -224,6 +225,7 @@ def representative_outputs(env: Environment) -> dict[str, Any]:
         "amp_query_url": f"{amp}api/v1/query",
         "alerts_topic_arn": f"arn:aws:sns:{region}:{account}:{name}-alerts",
         "runtime_role_arn": f"arn:aws:iam::{account}:role/{name}-runtime",
+        "prediction_table": prediction_table_name(env.name),
         "hot_tier_kind": size.storage.hot_kind.value,
         "region": region,
     }

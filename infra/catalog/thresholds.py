@@ -29,8 +29,9 @@ class Thresholds:
     p99_latency_seconds: float = 0.5
     latency_for: str = "10m"  # longer than rate_window: a burst shorter than for - window does not page
     rate_window: str = "5m"  # latency histogram, error and rejection rates
-    accuracy_drift: float = 0.03  # ±3 percentage points of accuracy (rolling - baseline)
-    accuracy_min_labels: float = 100  # fewer labelled predictions than this: too noisy to page on
+    accuracy_drift: float = 0.03  # ±3 percentage points of accuracy (fleet accuracy over the window - baseline)
+    accuracy_min_labels: float = 100  # fewer labelled predictions in the window, fleet-wide: too noisy to page on
+    accuracy_window: str = "1h"  # the fleet's accuracy = correct / labelled predictions over this window
     accuracy_for: str = "15m"
     memory_growth_bytes_per_hour: float = 1e9  # 1 GB per hour
     memory_window: str = "1h"

@@ -57,8 +57,9 @@ class WorkloadRole(Construct):
         return self.role.arn
 
 
-def runtime_policy(bucket_arn: str, key_arn: str) -> str:
-    """Read models/ and decrypt them. No write, no listing outside models/, nothing else."""
+def runtime_policy(bucket_arn: str, key_arn: str, *extra: dict) -> str:
+    """Read models/ and decrypt them, plus `extra` statements (the prediction records' table). No write to
+    the cold tier, no listing outside models/, nothing else."""
     return policy_document(
         {
             "Sid": "ReadModels",
@@ -74,6 +75,7 @@ def runtime_policy(bucket_arn: str, key_arn: str) -> str:
             "Condition": {"StringLike": {"s3:prefix": [f"{MODELS_PREFIX}*"]}},
         },
         {"Sid": "DecryptModels", "Effect": "Allow", "Action": ["kms:Decrypt", "kms:DescribeKey"], "Resource": key_arn},
+        *extra,
     )
 
 

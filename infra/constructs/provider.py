@@ -9,7 +9,8 @@ from infra.catalog.environments import Environment
 
 #: Services the stacks call; in emulated mode each is pointed at the emulator.
 EMULATED_SERVICES = (
-    "amp", "autoscaling", "ec2", "ecr", "eks", "fsx", "iam", "kms", "logs", "s3", "sns", "sts", "servicequotas",
+    "amp", "autoscaling", "dynamodb", "ec2", "ecr", "eks", "fsx", "iam", "kms", "logs", "s3", "sns", "sts",
+    "servicequotas",
 )  # fmt: skip
 
 

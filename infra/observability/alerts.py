@@ -81,6 +81,15 @@ def _missing(job: str) -> str:
     return f'up{{job="{job}"}} == 0 or absent(up{{job="{job}"}})'
 
 
+def fleet_accuracy(window: str, selector: str = "", by: str = "job") -> str:
+    """The share of correct risk predictions over ``window`` across every replica: each pod counts its own
+    labelled and correct predictions, so the sums are the fleet's whatever replica took the feedback (a
+    per-pod rolling gauge would only show the pods that happened to receive labels)."""
+    correct = f"sum by ({by}) (increase({contract.RISK_CORRECT.name}{selector}[{window}]))"
+    labelled = f"sum by ({by}) (increase({contract.RISK_LABELLED.name}{selector}[{window}]))"
+    return f"({correct} / {labelled})"
+
+
 def alert_rules(t: Thresholds | None = None, *, gpu_exporter: bool = True) -> list[AlertRule]:
     """The rules. ``gpu_exporter=False`` leaves out the DCGM-exporter target alert (a local Prometheus
     has no exporter; the GPU utilisation alert still works there on the runtime's NVML gauge)."""
@@ -92,6 +101,8 @@ def alert_rules(t: Thresholds | None = None, *, gpu_exporter: bool = True) -> li
         f" + rate({c.RISK_PREDICTIONS.name}[{w}])"
     )
     errors = f"sum without ({c.LABEL_REASON}) (rate({c.REQUEST_ERRORS.name}[{w}]))"
+    baseline = f"max by (job) ({c.ACCURACY_BASELINE.name})"
+    labelled = f"sum by (job) (increase({c.RISK_LABELLED.name}[{t.accuracy_window}]))"
     queue_full = (
         f'sum without ({c.LABEL_REASON}) (rate({c.REQUESTS_REJECTED.name}{{{c.LABEL_REASON}="queue_full"}}[{w}]))'
     )
@@ -127,16 +138,19 @@ def alert_rules(t: Thresholds | None = None, *, gpu_exporter: bool = True) -> li
         AlertRule(
             name="MoeAccuracyDrift",
             expr=(
-                f"abs({c.ACCURACY_ROLLING.name} - {c.ACCURACY_BASELINE.name}) > {_num(t.accuracy_drift)}"
-                f" and {c.ACCURACY_BASELINE.name} > 0"
-                f" and {c.FEEDBACK.name} >= {_num(t.accuracy_min_labels)}"
+                f"abs({fleet_accuracy(t.accuracy_window)} - on (job) {baseline}) > {_num(t.accuracy_drift)}"
+                f" and on (job) {baseline} > 0"
+                f" and on (job) {labelled} >= {_num(t.accuracy_min_labels)}"
             ),
             for_=t.accuracy_for,
             severity="warning",
             summary=f"Risk-model accuracy drifted beyond ±{t.accuracy_drift * 100:.0f} points of its baseline",
             description=(
-                "Rolling accuracy on {{ $labels.instance }} differs from the baseline by "
-                '{{ $value | printf "%.3f" }} (threshold ' + _num(t.accuracy_drift) + ")."
+                "Accuracy of the fleet (job {{ $labels.job }}, every replica) over the last "
+                + t.accuracy_window
+                + ' differs from the baseline by {{ $value | printf "%.3f" }} (threshold '
+                + _num(t.accuracy_drift)
+                + ")."
             ),
         ),
         AlertRule(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from infra.catalog.thresholds import Thresholds
 from infra.observability import alerts
+from infra.observability.alerts import fleet_accuracy
 from runtime import contract as c
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "moe-fleet-dashboard.json"
@@ -129,11 +130,14 @@ def panels(t: Thresholds) -> list[Panel]:
             "Accuracy vs baseline",
             "percentunit",
             (
-                (f"avg by (pod) ({c.ACCURACY_ROLLING.name}{SEL})", "rolling {{pod}}"),
+                (fleet_accuracy(t.accuracy_window, SEL, by="namespace"), f"fleet ({t.accuracy_window})"),
                 (f"max({c.ACCURACY_BASELINE.name}{SEL})", "baseline"),
-                (f"avg by (pod) ({c.ACCURACY_ROLLING.name}{SEL} - {c.ACCURACY_BASELINE.name}{SEL})", "drift {{pod}}"),
+                (fleet_accuracy(t.accuracy_window, SEL, by="pod"), "{{pod}}"),
             ),
-            description=f"The drift alert fires beyond ±{t.accuracy_drift:g}.",
+            description=(
+                f"Correct / labelled risk predictions over {t.accuracy_window}, all replicas together (what the "
+                f"drift alert compares with the baseline; it fires beyond ±{t.accuracy_drift:g}), and per pod."
+            ),
         ),
         Panel(
             "Memory growth",

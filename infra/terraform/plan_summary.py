@@ -29,6 +29,7 @@ STATEFUL_RESOURCE_TYPES: tuple[str, ...] = (
     "aws_eks_node_group",
     "aws_prometheus_workspace",
     "aws_ecr_repository",
+    "aws_dynamodb_table",  # the risk service's prediction records
 )
 
 #: The one marker the PR workflow searches for, so it updates a single comment instead of adding more.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,7 +16,16 @@ from runtime.metrics import CONTENT_TYPE_LATEST
 from runtime.server import errors, risk
 from runtime.server.errors import APIError
 from runtime.server.openai_api import engine_refusals, ready_state, router
+from runtime.server.prediction_store import (
+    AlreadyLabelled,
+    PredictionRecord,
+    RecordNotFound,
+    StoreUnavailable,
+    features_digest,
+)
 from runtime.server.schemas import (
+    FEEDBACK_DESCRIPTION,
+    RISK_DESCRIPTION,
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
@@ -27,7 +37,16 @@ from runtime.server.state import ServiceState
 
 log = logging.getLogger(__name__)
 
-RISK_ERRORS = {s: {"model": ErrorResponse} for s in (400, 422, 429, 503)}
+RISK_ERRORS = {s: {"model": ErrorResponse} for s in (400, 409, 422, 429, 503)}
+
+
+def _store_down(request_id: str) -> APIError:
+    return APIError(
+        503,
+        f"the prediction store is unavailable; the label for '{request_id}' was not recorded, retry later",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 def create_app(state: ServiceState, load: bool = True) -> FastAPI:
@@ -38,6 +57,8 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
         yield
         if state.engine is not None:
             state.engine.stop()
+        if state.records is not None:
+            await asyncio.to_thread(state.records.close)
 
     app = FastAPI(
         title="MoE Fleet runtime",
@@ -70,11 +91,17 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def risk_predict(body: RiskRequest, request: Request) -> RiskResponse:
+    def risk_state(request: Request) -> ServiceState:
         st = ready_state(request)
-        tok, engine = st.tokenizer, st.engine
+        if st.risk_off is not None:
+            raise APIError(503, f"the risk service is off: {st.risk_off}", code="risk_disabled")
+        return st
+
+    async def risk_predict(body: RiskRequest, request: Request) -> RiskResponse:
+        st = risk_state(request)
+        tok, engine, task = st.tokenizer, st.engine, st.risk_task
         features = dict(body.features)
-        prompts = [tok.encode(p) for p in risk.leave_one_out_prompts(features)]
+        prompts = [tok.encode(p) for p in risk.leave_one_out_prompts(task, features)]
         longest = max(len(p) for p in prompts)
         if longest > engine.max_model_len:
             st.metrics.rejected.labels("context_length").inc()
@@ -90,13 +117,35 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
         lps = await asyncio.wrap_future(fut)
         scores = [risk.score_from_logprobs(a, b) for a, b in lps]
         rid = body.request_id or st.new_id("risk")
-        st.feedback.record(rid, scores[0])
+        predicted = task.classify(scores[0])
+        record = PredictionRecord(
+            request_id=rid,
+            task=task.name,
+            score=scores[0],
+            predicted=predicted,
+            positive=predicted == task.positive_class,
+            features_digest=features_digest(features),
+            model=st.settings.model_name,
+            model_revision=st.settings.model_revision,
+            created_at=time.time(),
+        )
+        try:
+            await asyncio.to_thread(st.records.write, record)
+        except AlreadyLabelled:
+            raise APIError(
+                409,
+                f"request_id '{rid}' already has a ground-truth label; use a new request_id",
+                "request_id",
+                "already_labelled",
+            ) from None
         st.metrics.risk_predictions.inc()
         return RiskResponse(
             request_id=rid,
             model=st.settings.model_name,
+            task=task.name,
             risk_score=scores[0],
-            label="fraud" if scores[0] >= risk.THRESHOLD else "legit",
+            label=predicted,
+            threshold=task.threshold,
             factors=[
                 {"name": f.name, "value": f.value, "impact": f.impact} for f in risk.rank_factors(features, scores)
             ],
@@ -108,32 +157,44 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
             response_model=RiskResponse,
             responses=RISK_ERRORS,
             summary="Risk score and factors (the source document's /risk_predict)",
+            description=RISK_DESCRIPTION,
         )(risk_predict)
 
     @app.post(
         c.FEEDBACK_PATH,
         response_model=FeedbackResponse,
-        responses={s: {"model": ErrorResponse} for s in (400, 404, 422)},
+        responses={s: {"model": ErrorResponse} for s in (400, 404, 409, 422, 503)},
+        summary="Ground truth for an earlier risk prediction",
+        description=FEEDBACK_DESCRIPTION,
     )
-    async def feedback(body: FeedbackRequest) -> FeedbackResponse:
-        got = state.feedback.label(body.request_id, bool(body.label))
-        if got is None:
+    async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
+        st = risk_state(request)
+        rid = body.request_id
+        try:
+            rec = await asyncio.to_thread(st.records.store.label, rid, bool(body.label))
+        except RecordNotFound:
+            if st.records.is_pending(rid):
+                raise _store_down(rid) from None
+            raise APIError(404, f"no stored prediction for request_id '{rid}'", "request_id", "not_found") from None
+        except AlreadyLabelled:
             raise APIError(
-                404,
-                f"no stored prediction for request_id '{body.request_id}' (unknown, evicted or already labelled)",
-                "request_id",
-                "not_found",
-            )
-        correct, acc = got
-        state.metrics.feedback.inc()
-        state.metrics.accuracy_rolling.set(acc)
-        base = state.settings.accuracy_baseline
+                409, f"request_id '{rid}' is already labelled (labels are final)", "request_id", "already_labelled"
+            ) from None
+        except StoreUnavailable as exc:
+            log.warning("feedback for %s: %s", rid, exc)
+            raise _store_down(rid) from None
+        st.metrics.feedback.inc()
+        st.metrics.risk_labelled.inc()
+        if rec.correct:
+            st.metrics.risk_correct.inc()
+        acc = st.accuracy.add(bool(rec.correct))
+        st.metrics.accuracy_rolling.set(acc)
         return FeedbackResponse(
-            request_id=body.request_id,
-            correct=correct,
+            request_id=rid,
+            correct=bool(rec.correct),
             rolling_accuracy=0.0 if math.isnan(acc) else acc,
-            labelled=state.feedback.labelled,
-            baseline=base,
+            labelled=st.accuracy.labelled,
+            baseline=st.settings.accuracy_baseline,
         )
 
     return app

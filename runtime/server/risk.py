@@ -1,14 +1,16 @@
-"""The risk-score application of the service: an e-commerce risk score from the language model, plus
-accuracy-drift tracking (the use case of the source document, a deployment guide).
+"""The risk-score application of the service: a risk score from the language model, plus accuracy tracking
+(the use case of the source document, a deployment guide: e-commerce transactions scored for fraud).
 
-The features are rendered into a fixed prompt that ends where the model should answer " yes" or
-" no"; the risk score is P(yes) / (P(yes) + P(no)) from the next-token log-probabilities of those two
-label tokens. Factors are ranked by leave-one-out impact: the same prompt without feature i, all N+1
-prompts scored in ONE batched forward (the engine's scoring job), impact_i = score - score_without_i.
+The task (``runtime.risk_task``: prompt, labels, threshold, few-shot examples) renders the features into a
+prompt that ends where the model should answer the positive or the negative label; the risk score is
+P(pos) / (P(pos) + P(neg)) from the next-token log-probabilities of those two label tokens. Factors are
+ranked by leave-one-out impact: the same prompt without feature i, all N+1 prompts scored in ONE batched
+forward (the engine's scoring job), impact_i = score - score_without_i.
 
-Feedback joins a later ground-truth label to the stored prediction by ``request_id``; the share of
-correct predictions over the last ``window`` labels is the rolling-accuracy gauge, compared against a
-configured baseline (the source document's ±3% accuracy-drift alert).
+Feedback joins a later ground-truth label to the stored prediction record (``prediction_store``) by
+``request_id``; each replica counts labelled and correct predictions, and the fleet's accuracy over a time
+window is computed from those counters in PromQL (the source document's ±3% accuracy-drift alert). The
+per-replica rolling accuracy over the last ``window`` labels stays as a gauge for the feedback response.
 """
 
 from __future__ import annotations
@@ -19,35 +21,29 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-PROMPT_HEADER = "Order features:\n"
-PROMPT_QUESTION = "Is this transaction a fraud risk? Answer yes or no. The answer is"
-POSITIVE_LABEL, NEGATIVE_LABEL = " yes", " no"
-THRESHOLD = 0.5
+from runtime.risk_task import RiskTask
 
 
 class RiskConfigError(RuntimeError):
-    """The tokenizer cannot express the label tokens (the checkpoint does not fit this template)."""
+    """The tokenizer cannot express the task's label tokens (the checkpoint does not fit this task)."""
 
 
-def render(features: Mapping[str, object]) -> str:
-    """Stable, readable prompt: one ``name: value`` line per feature, in the caller's order."""
-    lines = "".join(f"{k}: {_fmt(v)}\n" for k, v in features.items())
-    return PROMPT_HEADER + lines + PROMPT_QUESTION
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def label_token_ids(tokenizer) -> tuple[int, int]:
-    """First token of " yes" / " no"; they must differ or the score would be meaningless."""
-    pos = tokenizer.encode(POSITIVE_LABEL, add_bos=False)
-    neg = tokenizer.encode(NEGATIVE_LABEL, add_bos=False)
-    if not pos or not neg or pos[0] == neg[0]:
-        raise RiskConfigError(f"labels {POSITIVE_LABEL!r}/{NEGATIVE_LABEL!r} do not map to distinct tokens")
-    return pos[0], neg[0]
+def label_token_ids(task: RiskTask, tokenizer) -> tuple[int, int]:
+    """The token ids of the two labels: each must be exactly one token, and they must differ, or the
+    score would be meaningless."""
+    ids = []
+    for field in ("positive_label", "negative_label"):
+        label = getattr(task, field)
+        got = tokenizer.encode(label, add_bos=False)
+        if len(got) != 1:
+            raise RiskConfigError(
+                f"risk task {task.name!r}: {field} {label!r} is {len(got)} tokens {got} for this tokenizer; "
+                "it must be exactly one token (try a leading space, or another word)"
+            )
+        ids.append(got[0])
+    if ids[0] == ids[1]:
+        raise RiskConfigError(f"risk task {task.name!r}: both labels are token {ids[0]}; they must differ")
+    return ids[0], ids[1]
 
 
 def score_from_logprobs(lp_pos: float, lp_neg: float) -> float:
@@ -57,12 +53,12 @@ def score_from_logprobs(lp_pos: float, lp_neg: float) -> float:
     return a / (a + b)
 
 
-def leave_one_out_prompts(features: Mapping[str, object]) -> list[str]:
+def leave_one_out_prompts(task: RiskTask, features: Mapping[str, object]) -> list[str]:
     """[full prompt, prompt without feature 0, without feature 1, ...]."""
     names = list(features)
-    out = [render(features)]
+    out = [task.render(features)]
     for n in names:
-        out.append(render({k: v for k, v in features.items() if k != n}))
+        out.append(task.render({k: v for k, v in features.items() if k != n}))
     return out
 
 
@@ -80,37 +76,22 @@ def rank_factors(features: Mapping[str, object], scores: list[float]) -> list[Fa
     return sorted(factors, key=lambda f: -abs(f.impact))
 
 
-class FeedbackTracker:
-    """Stored predictions (bounded, oldest evicted) and the rolling accuracy over labelled ones."""
+class RollingAccuracy:
+    """This replica's share of correct predictions over its last ``window`` labels."""
 
-    def __init__(self, window: int = 500, capacity: int = 100_000, baseline: float | None = None) -> None:
-        if window < 1 or capacity < 1:
-            raise ValueError("window and capacity must be >= 1")
-        self.window, self.capacity, self.baseline = window, capacity, baseline
-        self._pred: collections.OrderedDict[str, float] = collections.OrderedDict()
+    def __init__(self, window: int = 500) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
         self._hits: collections.deque[bool] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def record(self, request_id: str, score: float) -> None:
+    def add(self, correct: bool) -> float:
         with self._lock:
-            self._pred[request_id] = score
-            self._pred.move_to_end(request_id)
-            while len(self._pred) > self.capacity:
-                self._pred.popitem(last=False)
-
-    def label(self, request_id: str, label: bool) -> tuple[bool, float] | None:
-        """Join a ground-truth label; returns (prediction was correct, rolling accuracy) or None when
-        the request id is unknown (never seen, evicted or already labelled)."""
-        with self._lock:
-            score = self._pred.pop(request_id, None)
-            if score is None:
-                return None
-            correct = (score >= THRESHOLD) == bool(label)
             self._hits.append(correct)
-            return correct, self.accuracy()
+            return self.accuracy()
 
     def accuracy(self) -> float:
-        return sum(self._hits) / len(self._hits) if self._hits else float("nan")
+        return sum(self._hits) / len(self._hits) if self._hits else math.nan
 
     @property
     def labelled(self) -> int:

@@ -234,38 +234,126 @@ class ModelList(BaseModel):
 
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 FeatureValue = Annotated[str, StringConstraints(max_length=128)] | int | float | bool
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+_EXAMPLE_FEATURES = {
+    "amount": 1250.0,
+    "device_age_days": 1,
+    "ip_country": "US",
+    "card_country": "NG",
+    "new_email": True,
+}
+
+RISK_DESCRIPTION = """Scores one transaction with the configured risk task: its features are rendered into the
+task's prompt and the score is P(positive label) / (P(positive) + P(negative)) of the model's next token.
+`label` is the task's positive class at or above its threshold, else its negative class. Factors are the
+features ranked by leave-one-out impact. Each prediction is stored under `request_id` (give your own to join
+feedback later, or use the one returned) in a store shared by every replica.
+
+503 `risk_disabled`: no usable risk task is configured (the message says why); the OpenAI routes still serve.
+409 `already_labelled`: that `request_id` already carries a ground-truth label."""
+
+FEEDBACK_DESCRIPTION = """Joins the ground truth to a stored prediction by `request_id`, on any replica,
+exactly once. Each labelled prediction counts in `moe_risk_labelled_total` / `moe_risk_correct_total`, from
+which the fleet's accuracy over a window is computed and compared with the baseline (the accuracy-drift
+alert).
+
+404 `not_found`: no prediction with that id. 409 `already_labelled`: labels are final. 503
+`store_unavailable`: the prediction store cannot be reached; nothing was recorded, retry later."""
 
 
 class RiskRequest(BaseModel):
-    features: Annotated[dict[FeatureName, FeatureValue], Field(min_length=1, max_length=32)]
-    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """A transaction to score."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"features": _EXAMPLE_FEATURES, "request_id": "order-20261206-0042"}]}
+    )
+
+    features: Annotated[dict[FeatureName, FeatureValue], Field(min_length=1, max_length=32)] = Field(
+        description="1-32 named features (string ≤ 128 chars, number or boolean), rendered in this order",
+        examples=[_EXAMPLE_FEATURES],
+    )
+    request_id: RequestId | None = Field(
+        None,
+        description="your id for this prediction (1-128 chars), the key feedback joins on; default: a new one",
+        examples=["order-20261206-0042"],
+    )
 
 
 class RiskFactor(BaseModel):
-    name: str
-    value: FeatureValue
-    impact: float = Field(description="risk_score minus the score without this feature")
+    name: str = Field(description="the feature's name", examples=["card_country"])
+    value: FeatureValue = Field(description="the feature's value as sent", examples=["NG"])
+    impact: float = Field(description="risk_score minus the score without this feature (> 0: raises the risk)")
 
 
 class RiskResponse(BaseModel):
-    request_id: str
-    model: str
-    risk_score: float = Field(ge=0.0, le=1.0)
-    label: Literal["fraud", "legit"]
-    factors: list[RiskFactor]
+    """A risk score, its class and the features that drove it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "order-20261206-0042",
+                    "model": "deepseek-v2-lite",
+                    "task": "fraud",
+                    "risk_score": 0.83,
+                    "label": "fraud",
+                    "threshold": 0.5,
+                    "factors": [
+                        {"name": "card_country", "value": "NG", "impact": 0.21},
+                        {"name": "device_age_days", "value": 1, "impact": 0.12},
+                    ],
+                }
+            ]
+        }
+    )
+
+    request_id: str = Field(description="the key to send feedback with")
+    model: str = Field(description="the served model's id")
+    task: str = Field(description="the risk task's name", examples=["fraud"])
+    risk_score: float = Field(ge=0.0, le=1.0, description="P(positive class), in [0, 1]")
+    label: str = Field(
+        description="the task's positive class (score ≥ threshold) or negative class", examples=["fraud"]
+    )
+    threshold: float = Field(description="the task's decision threshold", examples=[0.5])
+    factors: list[RiskFactor] = Field(description="every input feature, largest |impact| first")
 
 
 class FeedbackRequest(BaseModel):
-    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    label: bool | Literal[0, 1] = Field(description="ground truth: true/1 = fraud")
+    """The ground truth for an earlier prediction."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"request_id": "order-20261206-0042", "label": True}]})
+
+    request_id: RequestId = Field(description="the prediction's request_id", examples=["order-20261206-0042"])
+    label: bool | Literal[0, 1] = Field(
+        description="ground truth: true/1 = the task's positive class (fraud), false/0 = negative", examples=[True]
+    )
 
 
 class FeedbackResponse(BaseModel):
-    request_id: str
-    correct: bool
-    rolling_accuracy: float
-    labelled: int
-    baseline: float | None
+    """Whether the prediction was right, and this replica's rolling accuracy."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "order-20261206-0042",
+                    "correct": True,
+                    "rolling_accuracy": 0.92,
+                    "labelled": 500,
+                    "baseline": 0.9,
+                }
+            ]
+        }
+    )
+
+    request_id: str = Field(description="the labelled prediction's request_id")
+    correct: bool = Field(description="the predicted class matched the ground truth")
+    rolling_accuracy: float = Field(
+        description="this replica's accuracy over its last labels (the fleet's is computed in Prometheus)"
+    )
+    labelled: int = Field(description="labels in this replica's rolling window")
+    baseline: float | None = Field(description="the configured reference accuracy, if any")
 
 
 class Health(BaseModel):

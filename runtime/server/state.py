@@ -1,9 +1,12 @@
-"""Process-wide service state: the engine and its asyncio bridge, tokenizer, metrics, risk tracker.
+"""Process-wide service state: the engine and its asyncio bridge, tokenizer, metrics, the risk task and its
+prediction records.
 
 Loading happens in a background thread so ``/healthz`` answers at once while ``/readyz`` stays false
 until the model is loaded and warmed up (Kubernetes then neither kills a slow load nor routes traffic
-to it). ``begin_drain`` is the first half of SIGTERM handling: admission closes (503) and readiness
-drops; in-flight requests carry on.
+to it). The risk task is optional: without one, or with one this tokenizer cannot express, the service
+starts anyway, says why once in the log, and its risk routes answer 503 with that reason; chat and
+completions never depend on it. ``begin_drain`` is the first half of SIGTERM handling: admission closes
+(503) and readiness drops; in-flight requests carry on.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime import contract as c
 from runtime.metrics import ServiceMetrics
-from runtime.server.risk import FeedbackTracker
+from runtime.server.risk import RollingAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,14 @@ class Settings:
     grace_period_s: float = 30.0
     accuracy_baseline: float | None = None
     accuracy_window: int = 500
+    #: The risk task: inline JSON or a .toml/.json file (runtime.risk_task); None: risk routes off.
+    risk_task: str | None = None
+    model_revision: str = "unknown"
+    #: Prediction records: a DynamoDB table (with region, endpoint override), else a SQLite file.
+    risk_store_table: str | None = None
+    risk_store_region: str | None = None
+    risk_store_endpoint: str | None = None
+    risk_store_path: str | None = None
     warmup: bool = True
     retry_after_s: int = 1
     parallel: object | None = None  # runtime.parallel.dist.ParallelState of the leader (multi-GPU)
@@ -77,7 +89,10 @@ class ServiceState:
     engine: object | None = None  # runtime.engine.Engine
     tokenizer: object | None = None
     label_ids: tuple[int, int] | None = None
-    feedback: FeedbackTracker | None = None
+    risk_task: object | None = None  # runtime.risk_task.RiskTask
+    risk_off: str | None = "the model is still loading"  # why the risk routes answer 503 (None: they serve)
+    records: object | None = None  # runtime.server.prediction_store.RecordWriter
+    accuracy: RollingAccuracy | None = None
     ready: bool = False
     draining: bool = False
     fatal: str | None = None
@@ -90,7 +105,7 @@ class ServiceState:
         s = self.settings
         if self.metrics is None:
             self.metrics = ServiceMetrics(s.model_name)
-        self.feedback = FeedbackTracker(window=s.accuracy_window, baseline=s.accuracy_baseline)
+        self.accuracy = RollingAccuracy(window=s.accuracy_window)
         self.metrics.queue_capacity.set(s.max_queue)
         if s.accuracy_baseline is not None:
             self.metrics.accuracy_baseline.set(s.accuracy_baseline)
@@ -108,7 +123,6 @@ class ServiceState:
 
             from runtime.engine import Engine
             from runtime.loader import load_model, load_tokenizer
-            from runtime.server.risk import label_token_ids
 
             s = self.settings
             t0 = time.perf_counter()
@@ -125,7 +139,7 @@ class ServiceState:
             # a leader's graphs are captured on every rank at once, and replayed from host inputs only
             capture = self.leader.make_graph_decoder if self.leader is not None else None
             engine = Engine(model, tok, cfg, metrics=self.metrics, graph_capture=capture)
-            self.label_ids = label_token_ids(tok)
+            self._setup_risk(tok)
             engine.start()
             if s.warmup:
                 engine.warm_up()
@@ -152,6 +166,31 @@ class ServiceState:
             log.error("model load failed: %s", self.fatal)
             if self.on_fatal is not None:
                 self.on_fatal()
+
+    def _setup_risk(self, tok) -> None:
+        """Task, label tokens and record store; any problem turns the risk routes off, never the service."""
+        from runtime.risk_task import RiskTaskError, load_task
+        from runtime.server.prediction_store import RecordWriter, StoreUnavailable, open_store
+        from runtime.server.risk import RiskConfigError, label_token_ids
+
+        s = self.settings
+        if not s.risk_task:
+            self.risk_off = f"no risk task is configured (serve --risk-task or ${c.ENV_RISK_TASK})"
+            log.warning("risk routes off: %s", self.risk_off)
+            return
+        try:
+            task = load_task(s.risk_task)
+            self.label_ids = label_token_ids(task, tok)
+            store = open_store(s.risk_store_table, s.risk_store_region, s.risk_store_endpoint, s.risk_store_path)
+        except (RiskTaskError, RiskConfigError, StoreUnavailable, OSError) as exc:
+            self.risk_off = f"the risk task is unusable: {exc}"
+            log.error("risk routes off: %s", self.risk_off)
+            return
+        self.risk_task, self.records, self.risk_off = task, RecordWriter(store, self.metrics), None
+        if not (s.risk_store_table or s.risk_store_path):
+            log.warning("prediction records are kept in memory only; give --risk-store-path or --risk-store-table")
+        where = s.risk_store_table or s.risk_store_path or ":memory:"
+        log.info("risk task %r on; prediction records in %s %s", task.name, store.kind, where)
 
     def fail(self, message: str) -> None:
         """The service can no longer serve (a rank of a multi-GPU replica is gone): unready, then exit 1."""

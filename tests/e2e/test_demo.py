@@ -87,6 +87,8 @@ def test_demo_once_deploys_serves_monitors_and_tears_down(once_demo: DemoRun) ->
     assert "n/a" not in prom_line, prom_line
     assert re.search(r"requests Prometheus saw\s+(1[6-9]|[2-9]\d)", out), "all 16 chats (and warm-up) scraped"
     assert re.search(r"MoeRuntimeMetricsMissing\s+inactive", out), "the runtime is scraped, so not missing"
+    # The risk records went through the DynamoDB code into the stack's table on the emulated AWS.
+    assert re.search(r"labelled records in DynamoDB\s+20 \(moefleet-local-risk-predictions\)", out), out[-3000:]
     assert re.search(r"MoeP99LatencyHigh\s+(inactive|pending)", out)
     # A review of its own run: tokens, P99 and cost per million tokens from Prometheus, sparsity from the
     # tiny checkpoint's config; no GPUs on a CPU run, so tokens/s per GPU is "no data".

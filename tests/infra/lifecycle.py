@@ -13,6 +13,7 @@ import boto3
 
 from infra.catalog.names import MODELS_PREFIX
 from infra.terraform.runner import Terraform
+from runtime import contract
 from tests.infra.helpers import resource_types
 
 
@@ -178,6 +179,38 @@ def check_medium(emulator: str, outputs: dict, _workdir: Path) -> None:
     addons = aws("eks", emulator).list_addons(clusterName=outputs["cluster_name"])["addons"]
     assert "aws-fsx-csi-driver" in addons
     check_cold_tier_and_runtime_role(emulator, outputs)
+    check_prediction_store(emulator, outputs)
+
+
+def check_prediction_store(emulator: str, outputs: dict) -> None:
+    """The prediction table as applied: its key, PITR and TTL read back from DynamoDB, and the runtime role's
+    policy, evaluated by moto's IAM policy engine, allowing item reads and writes on this table only."""
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+
+    ddb = aws("dynamodb", emulator)
+    table = ddb.describe_table(TableName=outputs["prediction_table"])["Table"]
+    assert table["KeySchema"] == [{"AttributeName": contract.RISK_RECORD_KEY, "KeyType": "HASH"}]
+    sse = table["SSEDescription"]
+    assert sse["Status"] == "ENABLED" and sse["SSEType"] == "KMS"
+    key_alias = f"alias/{outputs['prediction_table']}"
+    key_id = aws("kms", emulator).describe_key(KeyId=key_alias)["KeyMetadata"]["Arn"]
+    assert sse["KMSMasterKeyArn"] == key_id
+    backups = ddb.describe_continuous_backups(TableName=outputs["prediction_table"])["ContinuousBackupsDescription"]
+    assert backups["PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"] == "ENABLED"
+    ttl = ddb.describe_time_to_live(TableName=outputs["prediction_table"])["TimeToLiveDescription"]
+    assert ttl == {"TimeToLiveStatus": "ENABLED", "AttributeName": contract.RISK_RECORD_TTL_ATTRIBUTE}
+
+    iam = aws("iam", emulator)
+    role_name = outputs["runtime_role_arn"].rsplit("/", 1)[-1]
+    name = iam.list_role_policies(RoleName=role_name)["PolicyNames"][0]
+    document = iam.get_role_policy(RoleName=role_name, PolicyName=name)["PolicyDocument"]
+    policy = IAMPolicy(document if isinstance(document, str) else json.dumps(document))
+    other = table["TableArn"].rsplit("/", 1)[0] + "/another-table"
+    for action in contract.RISK_STORE_ACTIONS:
+        assert policy.is_action_permitted(action, table["TableArn"]) == PermissionResult.PERMITTED, action
+        assert policy.is_action_permitted(action, other) != PermissionResult.PERMITTED, action
+    for action in ("dynamodb:DeleteItem", "dynamodb:Scan", "dynamodb:DeleteTable"):
+        assert policy.is_action_permitted(action, table["TableArn"]) != PermissionResult.PERMITTED, action
 
 
 def check_cold_tier_and_runtime_role(emulator: str, outputs: dict) -> None:

@@ -40,6 +40,7 @@ THRESHOLD_SETS = {
             "rate_window": "3m",
             "accuracy_drift": 0.02,
             "accuracy_min_labels": 20,
+            "accuracy_window": "30m",
             "memory_growth_bytes_per_hour": 5e8,
             "memory_window": "30m",
             "memory_for": "20m",
@@ -173,25 +174,70 @@ def latency_cases(t: Thresholds) -> list[Case]:
     ]
 
 
-def accuracy_cases(t: Thresholds) -> list[Case]:
-    f, d, base = minutes(t.accuracy_for), t.accuracy_drift, 0.9
-    n, enough = f + 3, t.accuracy_min_labels + 50
+RT_B = {**RTM, "instance": "10.0.1.8:8000"}  # a second replica of the same job
 
-    def inputs(rolling: list[float], baseline: float = base, labels: float = enough) -> list[dict]:
+
+def accuracy_cases(t: Thresholds) -> list[Case]:
+    """Two replicas with different accuracies: the alert judges the fleet (sum of correct / sum of labelled
+    over the window), not either pod, and each pod's counters only count the feedback that reached it."""
+    f, w, d, base = minutes(t.accuracy_for), minutes(t.accuracy_window), t.accuracy_drift, 0.9
+    n = w + f + 3
+    per_min = (t.accuracy_min_labels + 60) / w  # labels per minute per replica: comfortably enough in a window
+    job = {"job": RUNTIME_JOB}
+
+    def inputs(
+        acc_a: list[float],
+        acc_b: list[float],
+        rate: float = per_min,
+        baseline: float = base,
+        b_extra: tuple[list[float], list[float]] | None = None,
+    ) -> list[dict]:
+        extra_labelled, extra_correct = b_extra or ([0.0] * n, [0.0] * n)
         return [
-            series(c.ACCURACY_ROLLING.name, RTM, rolling),
-            series(c.ACCURACY_BASELINE.name, RTM, [baseline] * len(rolling)),
-            series(c.FEEDBACK.name, RTM, [labels] * len(rolling)),
+            series(c.RISK_LABELLED.name, RTM, counter([rate] * n)),
+            series(c.RISK_CORRECT.name, RTM, counter([rate * a for a in acc_a])),
+            series(c.RISK_LABELLED.name, RT_B, counter([rate + e for e in extra_labelled])),
+            series(
+                c.RISK_CORRECT.name, RT_B, counter([rate * b + e for b, e in zip(acc_b, extra_correct, strict=True)])
+            ),
+            series(c.ACCURACY_BASELINE.name, RTM, [baseline] * n),
+            series(c.ACCURACY_BASELINE.name, RT_B, [baseline] * n),
         ]
 
     down, up = base - d - 0.01, base + d + 0.01
+
+    # replica A is always right; B's accuracy is set so that the fleet's (A + B) / 2 is `fleet`
+    def pair(fleet: float) -> tuple[list[float], list[float]]:
+        return [1.0] * n, [2 * fleet - 1.0] * n
+
+    # Spike: a burst of wrong answers on B pushes the fleet's accuracy past the threshold; three minutes later
+    # a larger burst of right ones brings it back inside, before `for` is over.
+    window_labels = 2 * per_min * w
+    wrong = window_labels / 4
+    target = base - d / 2
+    right = math.ceil((target * (window_labels + wrong) - base * window_labels) / (1 - target)) + 1
+    burst_labelled, burst_correct = [0.0] * n, [0.0] * n
+    burst_labelled[w], burst_labelled[w + 3] = wrong, right
+    burst_correct[w + 3] = right
     return [
-        Case("MoeAccuracyDrift", "fires-down", inputs([down] * n), {n - 1: [(RTM, d + 0.01)]}),
-        Case("MoeAccuracyDrift", "fires-up", inputs([up] * n), {n - 1: [(RTM, d + 0.01)]}),
-        Case("MoeAccuracyDrift", "below", inputs([base - d + 0.005] * n), {n - 1: []}),
-        Case("MoeAccuracyDrift", "few-labels", inputs([down] * n, labels=t.accuracy_min_labels - 1), {n - 1: []}),
-        Case("MoeAccuracyDrift", "no-baseline", inputs([down] * n, baseline=0.0), {n - 1: []}),
-        Case("MoeAccuracyDrift", "spike", inputs([down] * (f - 1) + [base] * 5), {m: [] for m in range(f + 4)}),
+        Case("MoeAccuracyDrift", "fires-down", inputs(*pair(down)), {n - 1: [(job, d + 0.01)]}),
+        Case("MoeAccuracyDrift", "fires-up", inputs([up] * n, [up] * n), {n - 1: [(job, d + 0.01)]}),
+        # each pod is 0.1 off the baseline, the fleet is on it: silent
+        Case("MoeAccuracyDrift", "below-fleet-on-baseline", inputs(*pair(base)), {n - 1: []}),
+        Case("MoeAccuracyDrift", "below", inputs(*pair(base - d + 0.005)), {n - 1: []}),
+        Case(
+            "MoeAccuracyDrift",
+            "few-labels",
+            inputs(*pair(down), rate=(t.accuracy_min_labels - 10) / w / 2),
+            {n - 1: []},
+        ),
+        Case("MoeAccuracyDrift", "no-baseline", inputs(*pair(down), baseline=0.0), {n - 1: []}),
+        Case(
+            "MoeAccuracyDrift",
+            "spike",
+            inputs(*pair(base), b_extra=(burst_labelled, burst_correct)),
+            {m: [] for m in range(w - 1, n)},
+        ),
     ]
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from infra.catalog.environments import DEFAULT_ENVIRONMENTS_FILE, ConfigError, load_environments
+from infra.catalog.names import DEFAULT_RISK_TASK_FILE
+from runtime.risk_task import RiskTask, load_task
 
 GOOD = """
 [environments.dev]
@@ -228,8 +231,26 @@ def test_runtime_settings_default_and_are_read(tmp_path: Path) -> None:
     assert c.ENV_ACCURACY_BASELINE not in env.runtime.env(), "no baseline unless the environment sets one"
     good = GOOD + 'runtime = { accuracy_baseline = 1, accuracy_window = 200, log_level = "debug" }\n'
     env = load_environments(write(tmp_path, good))["dev"]
-    assert env.runtime.env() == {c.ENV_ACCURACY_BASELINE: "1.0", c.ENV_ACCURACY_WINDOW: "200", c.ENV_LOG_LEVEL: "debug"}
+    rendered = env.runtime.env()
+    assert RiskTask.model_validate_json(rendered.pop(c.ENV_RISK_TASK)) == load_task(str(DEFAULT_RISK_TASK_FILE))
+    assert rendered == {c.ENV_ACCURACY_BASELINE: "1.0", c.ENV_ACCURACY_WINDOW: "200", c.ENV_LOG_LEVEL: "debug"}
     assert load_environments(DEFAULT_ENVIRONMENTS_FILE)["local"].runtime.accuracy_baseline == 0.9
+
+
+def test_risk_task_is_chosen_per_environment(tmp_path: Path) -> None:
+    from runtime import contract as c
+
+    task = tmp_path / "fs.json"
+    task.write_text(json.dumps({"name": "fs", "threshold": 0.7, "positive_label": " Yes"}))
+    env = load_environments(write(tmp_path, GOOD + f'runtime = {{ risk_task = "{task}" }}\n'))["dev"]
+    assert json.loads(env.runtime.env()[c.ENV_RISK_TASK])["threshold"] == 0.7
+    off = load_environments(write(tmp_path, GOOD + 'runtime = { risk_task = "" }\n'))["dev"]
+    assert c.ENV_RISK_TASK not in off.runtime.env()
+    task.write_text(json.dumps({"name": "fs", "threshold": 7}))
+    message = error_for(tmp_path, GOOD + f'runtime = {{ risk_task = "{task}" }}\n')
+    assert f"field 'runtime.risk_task' = '{task}'" in message and "threshold = 7" in message
+    missing = error_for(tmp_path, GOOD + 'runtime = { risk_task = "tasks/nope.toml" }\n')
+    assert "tasks/nope.toml': file not found" in missing
 
 
 @pytest.mark.parametrize(

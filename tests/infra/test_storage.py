@@ -13,6 +13,7 @@ from infra.catalog.environments import load_environments
 from infra.catalog.names import MODELS_PREFIX, RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT
 from infra.catalog.sizes import SIZES, HotTierKind
 from infra.constructs.storage import FSX_MODELS_PATH, LUSTRE_PORTS
+from runtime import contract
 from tests.conftest import STANDARD_ENVIRONMENTS
 from tests.infra.helpers import one, resources
 
@@ -128,7 +129,10 @@ def test_runtime_role_reads_models_only(stacks: dict[str, dict], env_name: str) 
     assert len(association) == 1 and association[0]["namespace"] == RUNTIME_NAMESPACE
     policy = one(stack, "aws_iam_role_policy", "runtime")
     actions = {a for s in statements(policy["policy"]) for a in as_list(s["Action"])}
-    assert actions == {"s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:DescribeKey"}
+    models = {"s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:DescribeKey"}
+    # plus the prediction records' table and its key (tests/infra/test_prediction_store.py)
+    records = {*contract.RISK_STORE_ACTIONS, "kms:Encrypt", "kms:GenerateDataKey*"}
+    assert actions == models | records
     for statement in statements(policy["policy"]):
         assert statement["Effect"] == "Allow"
         for resource in as_list(statement["Resource"]):

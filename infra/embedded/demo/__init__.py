@@ -105,6 +105,23 @@ def demo_model() -> ModelRef:
     return load_environments()[DEMO_ENV].model
 
 
+def demo_runtime_env(outputs: StackOutputs, endpoint: str, model: ModelRef) -> dict[str, str]:
+    """What the `local` environment's pods would get (its `runtime` table: baseline, risk task, …, and the
+    stack's prediction table), with the emulated AWS as the DynamoDB endpoint: the demo's risk records go
+    through the same DynamoDB code as on AWS."""
+    from infra.ops.aws import EMULATED_CREDENTIALS
+
+    return {
+        **load_environments()[DEMO_ENV].runtime.env(),
+        contract.ENV_MODEL_REVISION: model.revision,
+        contract.ENV_RISK_STORE_TABLE: outputs.prediction_table,
+        contract.ENV_RISK_STORE_ENDPOINT: endpoint,
+        contract.ENV_AWS_REGION: outputs.region,
+        "AWS_ACCESS_KEY_ID": EMULATED_CREDENTIALS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": EMULATED_CREDENTIALS["aws_secret_access_key"],
+    }
+
+
 def run(once: bool, ports: Ports, workdir: Path) -> int:
     check_tools()
     ports.check_free()
@@ -132,9 +149,12 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
             outputs = read_stack_outputs(tf.workdir)
 
         model_dir = _weights(workdir, url, outputs, model)
-        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model)
+        runtime_env = demo_runtime_env(outputs, url, model)
+        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model, runtime_env)
         started = time.time()  # the review's period: from the moment Prometheus watches the runtime
         results = _traffic(runtime_url, prom_url, model)
+        with step("count the prediction records in the stack's DynamoDB table"):
+            results["risk_records"] = _labelled_records(outputs, url)
         results["review"] = _review(prom_url, started, workdir)
         _summary(outputs, url, runtime_url, prom_url, results, workdir)
 
@@ -181,13 +201,18 @@ def _weights(workdir: Path, endpoint: str, outputs: StackOutputs, model: ModelRe
 
 
 def _services(
-    teardown: contextlib.ExitStack, workdir: Path, model_dir: Path, ports: Ports, model: ModelRef
+    teardown: contextlib.ExitStack,
+    workdir: Path,
+    model_dir: Path,
+    ports: Ports,
+    model: ModelRef,
+    runtime_env: dict[str, str],
 ) -> tuple[str, str]:
     from infra.observability.alerts import alert_rules, rules_yaml
     from infra.observability.prometheus_config import write_local
     from infra.observability.recording import recording_rules_yaml
 
-    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name)
+    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name, runtime_env)
     with step(f"start the runtime on 127.0.0.1:{ports.runtime} (CPU)"):
         runtime.start()
         teardown.callback(_announce, "runtime stopped", runtime.stop)
@@ -223,7 +248,7 @@ def _traffic(runtime_url: str, prom_url: str, model: ModelRef) -> dict[str, Any]
         if not all(c.chunks for c in chats):
             raise RuntimeError("a streamed completion returned no tokens")
         results["chats"] = chats
-    with step("score 20 transactions on the risk endpoint and send their ground truth"):
+    with step("score 20 transactions on the risk endpoint and send their ground truth (records in DynamoDB)"):
         results["risk"] = traffic.risk_with_feedback(runtime_url, 20)
     with step("ask Prometheus what it scraped and how the alerts stand"):
         latency = contract.E2E_LATENCY.name
@@ -272,6 +297,20 @@ def _review(prom_url: str, started: float, workdir: Path) -> dict[str, Any]:
     return {"headline": headline_text(review), "paths": paths}
 
 
+def _labelled_records(outputs: StackOutputs, endpoint: str) -> int:
+    """Records in the table that carry a ground-truth label (what feedback wrote, on any replica)."""
+    from infra.ops.aws import make_client
+
+    ddb = make_client("dynamodb", outputs.region, endpoint)
+    page = ddb.scan(
+        TableName=outputs.prediction_table,
+        Select="COUNT",
+        FilterExpression="attribute_exists(#label)",
+        ExpressionAttributeNames={"#label": "label"},
+    )
+    return int(page["Count"])
+
+
 def _summary(
     outputs: StackOutputs, aws_url: str, runtime_url: str, prom_url: str, results: dict[str, Any], workdir: Path
 ) -> None:
@@ -314,6 +353,7 @@ def _summary(
         {
             "predictions": f"{risk.predictions} ({risk.flagged} flagged as fraud)",
             "rolling accuracy vs baseline": f"{risk.rolling_accuracy:.2f} vs {risk.baseline}",
+            "labelled records in DynamoDB": f"{results['risk_records']} ({outputs.prediction_table})",
         }
     )
     print("\nAlerts (Prometheus's evaluation of our rules):")

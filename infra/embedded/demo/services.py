@@ -77,8 +77,11 @@ class ManagedProcess:
             self.proc.wait()
 
 
-def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str) -> ManagedProcess:
-    """`moe-runtime serve` on loopback, CPU, with an accuracy baseline so the drift alert has a reference."""
+def runtime_process(
+    model_dir: Path, port: int, log_path: Path, model_name: str, env: dict[str, str] | None = None
+) -> ManagedProcess:
+    """`moe-runtime serve` on loopback, CPU. `env` carries the environment's runtime settings (accuracy
+    baseline, risk task) and the prediction table, by the variable names the pods get them under."""
     return ManagedProcess(
         "the runtime",
         [
@@ -96,10 +99,9 @@ def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str)
             str(port),
             "--device",
             "cpu",
-            "--accuracy-baseline",
-            "0.9",
         ],
         log_path,
+        env=env,
     )
 
 

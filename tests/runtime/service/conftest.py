@@ -21,6 +21,8 @@ from infra.embedded.emulator.process import free_port
 from runtime import contract as c
 
 REPO = Path(__file__).resolve().parents[3]
+#: The default risk task shipped in the repository (the source document's fraud prompt).
+FRAUD_TASK = REPO / "tasks" / "fraud.toml"
 
 
 @dataclass
@@ -103,5 +105,5 @@ def server_factory(v2_path: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def shared_server(server_factory) -> Iterator[Server]:
     """The default server most modules use (baseline accuracy configured for the risk tests)."""
-    with server_factory("--accuracy-baseline", "0.9", "--max-queue", "256") as srv:
+    with server_factory("--accuracy-baseline", "0.9", "--max-queue", "256", "--risk-task", str(FRAUD_TASK)) as srv:
         yield srv

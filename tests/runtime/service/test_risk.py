@@ -6,7 +6,8 @@ import httpx
 import pytest
 
 from runtime import contract as c
-from runtime.server.risk import FeedbackTracker, leave_one_out_prompts, rank_factors, score_from_logprobs
+from runtime.risk_task import RiskTask
+from runtime.server.risk import RollingAccuracy, leave_one_out_prompts, rank_factors, score_from_logprobs
 
 FEATURES = {
     "amount": 1250.0,
@@ -28,6 +29,8 @@ def test_risk_score_and_factors(shared_server):
     out = r.json()
     assert 0.0 <= out["risk_score"] <= 1.0
     assert out["model"] == "v2_greedy" and out["request_id"].startswith("risk-")
+    assert out["task"] == "fraud" and out["threshold"] == 0.5
+    assert out["label"] == ("fraud" if out["risk_score"] >= 0.5 else "legit")
     names = [f["name"] for f in out["factors"]]
     assert sorted(names) == sorted(FEATURES)  # every input feature, nothing else
     impacts = [abs(f["impact"]) for f in out["factors"]]
@@ -74,20 +77,22 @@ def test_feedback_moves_the_accuracy_gauge(shared_server):
     assert low < high
     assert r.json()["rolling_accuracy"] == low and r.json()["baseline"] == 0.9
     again = httpx.post(url, json={"request_id": "fb-3", "label": 1}, timeout=10)
-    assert again.status_code == 404 and again.json()["error"]["param"] == "request_id"
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_labelled"
+    unknown = httpx.post(url, json={"request_id": "fb-never", "label": 1}, timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
+    # a labelled id cannot be predicted over (its record is final)
+    assert predict(shared_server, FEATURES, request_id="fb-3").status_code == 409
+    m = shared_server.metrics()
+    assert m["moe_risk_labelled_total"] >= 4 and m["moe_risk_correct_total"] >= 2
     assert httpx.post(url, json={"request_id": "fb-x", "label": "maybe"}, timeout=10).status_code == 400
 
 
 def test_risk_units():
     assert score_from_logprobs(-1000.0, 0.0) == pytest.approx(0.0, abs=1e-12)
     assert score_from_logprobs(0.0, 0.0) == 0.5
-    prompts = leave_one_out_prompts({"a": 1, "b": True})
+    prompts = leave_one_out_prompts(RiskTask(name="fraud"), {"a": 1, "b": True})
     assert len(prompts) == 3 and "a: 1" not in prompts[1] and "b: true" not in prompts[2]
     f = rank_factors({"a": 1, "b": 2}, [0.5, 0.45, 0.7])
     assert [(x.name, round(x.impact, 2)) for x in f] == [("b", -0.2), ("a", 0.05)]
-    t = FeedbackTracker(window=2, capacity=2)
-    for i in range(3):
-        t.record(str(i), 0.9)
-    assert t.label("0", True) is None  # evicted (capacity 2)
-    assert t.label("1", True) == (True, 1.0)
-    assert t.label("2", False) == (False, 0.5)
+    t = RollingAccuracy(window=2)
+    assert t.add(True) == 1.0 and t.add(False) == 0.5 and t.add(False) == 0.0  # the first left the window

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
 
 from runtime import contract as c
+from tests.runtime.service.conftest import FRAUD_TASK
 
 CHECKS = [
     checks.not_a_server_error,
@@ -27,7 +28,7 @@ EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 10}
 
 @pytest.fixture(scope="module")
 def fuzz_server(server_factory):
-    with server_factory("--max-model-len", "64", "--max-queue", "64") as srv:
+    with server_factory("--max-model-len", "64", "--max-queue", "64", "--risk-task", str(FRAUD_TASK)) as srv:
         yield srv
 
 
