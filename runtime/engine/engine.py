@@ -102,18 +102,31 @@ class Engine:
             self._thread.start()
 
     def warm_up(self, prompt_len: int = 8, new_tokens: int = 4) -> None:
-        """One generation and one scoring pass through the real step code, then clear the statistics
-        they left (expert load). The readiness probe turns true only after this."""
-        done = threading.Event()
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        seq = Sequence("warm-up", [0] * prompt_len, params, warmup=True)
-        seq.on_event = lambda ev: done.set() if ev.finish_reason else None
-        self.submit([seq])
-        self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
-        if not done.wait(timeout=600):
-            raise RuntimeError("warm-up generation did not finish")
+        """Generations and a scoring pass through the real step code, then clear what they left (expert load,
+        cached prefixes). The readiness probe turns true only after this.
+
+        Besides a short prompt, one prompt spans a full step's token budget and then a chunk more: compiled
+        prefill regions see a long step (and its MoE dispatch) and a chunk attending to cached context here,
+        not on the first long request."""
+        long_len = min(
+            self.max_num_batched_tokens + self.block_size + 1,
+            self.max_model_len - new_tokens,
+            self.allocator.capacity * self.block_size - new_tokens,
+        )
+        for n in (prompt_len, long_len):
+            done = threading.Event()
+            seq = Sequence(
+                f"warm-up-{n}", [0] * n, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), warmup=True
+            )
+            seq.on_event = lambda ev, done=done: done.set() if ev.finish_reason else None
+            self.submit([seq])
+            if n == prompt_len:
+                self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
+            if not done.wait(timeout=600):
+                raise RuntimeError("warm-up generation did not finish")
         with self._lock:
             self.model.reset_expert_load()
+            self.allocator.reset_cache()
 
     # ---- API for other threads --------------------------------------------------------------
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
