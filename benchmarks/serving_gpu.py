@@ -32,7 +32,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,10 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.model_gpu import V2_LITE, prefill_flops, roofline_step_bytes  # noqa: E402
-from runtime import contract as c  # noqa: E402
-from runtime.config import ModelConfig  # noqa: E402
-from runtime.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, tiny_config  # noqa: E402
+from benchmarks.model_gpu import V2_LITE, prefill_flops, roofline_step_bytes
+from runtime import contract as c
+from runtime.config import ModelConfig
+from runtime.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 128
@@ -253,7 +252,7 @@ def engine_loop(model_path: Path, device: str, batches: list[int], max_tokens: i
                         f"e{b}-{i}-{measured}",
                         random_prompt(rng, PROMPT_LEN, vocab),
                         SamplingParams(max_new_tokens=max_tokens, ignore_eos=True),
-                        lambda ev: done.release() if ev.finish_reason else None,
+                        lambda ev, done=done: done.release() if ev.finish_reason else None,
                     )
                     for i in range(b)
                 ]

@@ -11,8 +11,9 @@ The kernel walks the block table itself (no gathered copy of the cache, no mask 
 contexts across programs (flash-decoding): each split writes its normalized output and log-sum-exp, and a
 few elementwise ops combine them. The split count is fixed by the block table's width, so the step keeps
 static shapes for CUDA graphs; the rows of each split follow the sequence's real context (a table as wide
-as the longest context a model allows must not leave a short sequence's rows all in one program). Rows with context 0 (padding of a graph bucket) read the one scratch slot
-their table points at, as the reference does.
+as the longest context a model allows must not leave a short sequence's rows all in one program). Rows
+with context 0 (padding of a graph bucket) read the one scratch slot their table points at, as the
+reference does.
 """
 
 from __future__ import annotations
