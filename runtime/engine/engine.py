@@ -277,6 +277,7 @@ class Engine:
             jobs, self._jobs = self._jobs, []
         for s in [*self.scheduler.running, *waiting]:
             self.post.finish(s, reason, events, error=message)
+        self.allocator.reset_cache()  # a failed step may have registered blocks it never wrote
         for job in jobs:
             if not job.result.done():
                 job.result.set_exception(RuntimeError(message))

@@ -170,8 +170,9 @@ class Scheduler:
             self.running.append(s)
             chunks.append(PrefillChunk(s, cached, n))
             budget -= n
-            step.cache_queries += target
-            step.cache_hits += cached
+            if not s.warmup:
+                step.cache_queries += target
+                step.cache_hits += cached
         return budget
 
     def _cached_prefix(self, tokens: list[int]) -> tuple[list[int], list[int]]:
