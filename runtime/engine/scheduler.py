@@ -15,7 +15,9 @@ could not fit the pool alone), so the batch always makes progress.
 
 With prefix caching, an admitted sequence first takes the cached blocks that hold its leading full
 blocks (matched by content hash, see :mod:`runtime.kv_cache`): its prefill starts at the first uncached
-token. Admission never skips the head of the queue, so a large request cannot be starved by small ones.
+token. Full blocks are registered once written: prompt blocks when their chunk is scheduled, generated
+ones as decoding fills them (a follow-up turn that repeats the conversation hits both). Admission
+never skips the head of the queue, so a large request cannot be starved by small ones.
 
 The grouping functions (:func:`group_by_length`, :func:`padded_slots`) work on any chunk-like objects;
 :class:`Scheduler` applies the policy to the engine's queues.
@@ -137,6 +139,7 @@ class Scheduler:
             s.blocks.reserve(n)
             if s.prefilled:
                 step.decode.append(s)
+                self._seal_generated(s)
             else:
                 chunks.append(PrefillChunk(s, s.num_computed, n))
                 budget -= n
@@ -189,6 +192,15 @@ class Scheduler:
             blocks.append(b)
             hashes.append(h)
         return blocks, hashes
+
+    def _seal_generated(self, s: Sequence) -> None:
+        """Register the blocks that decode steps filled (a later prompt that repeats this conversation hits
+        them). Only positions whose token the host has read: with overlapped decode, the newest token
+        can still be on the device, its KV written but not yet in ``output_ids``."""
+        b = s.blocks
+        known = min(b.num_tokens, s.prompt_len + len(s.output_ids))
+        if self.allocator.caching and known // self.block_size > len(b.hashes):
+            b.seal(s.token_ids, known)
 
     def _preempt(self, s: Sequence) -> None:
         """Recompute preemption: ``s`` gives its blocks back and waits at the head of the queue."""

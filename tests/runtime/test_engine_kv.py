@@ -286,3 +286,20 @@ def test_engine_thread_completes_every_request_under_a_tiny_pool(tiny):
     assert engine.allocator.usage() == 0.0
     ref = run(make_engine(model, tok, max_num_seqs=12), prompts, 40)
     assert [outs[f"t{i}"] for i in range(12)] == ref
+
+
+def test_a_follow_up_turn_hits_the_blocks_its_answer_filled(tiny):
+    """Blocks filled by decode steps are cached too: a prompt repeating an earlier prompt and its answer
+    (the next turn of a conversation) skips both; its output equals a cold engine's."""
+    from runtime.metrics import ServiceMetrics
+
+    model, tok = tiny
+    first = prompt(30, 20)
+    m = ServiceMetrics()
+    engine = make_engine(model, tok, m)
+    answer = run(engine, [first], 40)[0]
+    turn = first + answer + prompt(31, 5)
+    hits_before = m.prefix_cache_hits._value.get()
+    again = run(engine, [turn], 6)
+    assert m.prefix_cache_hits._value.get() - hits_before == 48  # 3 full blocks of the 60 earlier tokens
+    assert again == run(make_engine(model, tok, prefix_caching=False), [turn], 6)
