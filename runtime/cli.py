@@ -79,7 +79,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-queue", type=int, default=_env_int(c.ENV_MAX_QUEUE) or 256, help="waiting requests before 429"
     )
-    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        "--max-prefill-tokens",
+        dest="max_num_batched_tokens",
+        type=int,
+        default=None,
+        help="tokens per engine step: one per running decode, prompt chunks fill the rest (default: 2048 on GPU, "
+        "512 on CPU)",
+    )
+    p.add_argument(
+        "--no-prefix-caching", action="store_true", help="do not share cached KV blocks of equal prompt prefixes"
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run decode eagerly")
     p.add_argument("--no-overlap", action="store_true", help="read each decode step's tokens before launching the next")
@@ -220,7 +231,8 @@ def _serve(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             max_num_seqs=args.max_num_seqs,
             max_queue=args.max_queue,
-            max_prefill_tokens=args.max_prefill_tokens,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            prefix_caching=not args.no_prefix_caching,
             max_model_len=args.max_model_len,
             cuda_graphs=not args.no_cuda_graphs,
             overlap=not args.no_overlap,

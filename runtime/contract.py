@@ -169,6 +169,19 @@ PROMPT_TOKENS = _m("moe_prompt_tokens_total", "Prompt tokens prefilled.", "count
 GENERATION_TOKENS = _m("moe_generation_tokens_total", "Tokens generated.", "counter")
 KV_CACHE_USAGE = _m("moe_kv_cache_usage_perc", "Fraction of the KV-cache block pool in use (1 = full).", "gauge")
 KV_CACHE_BLOCKS = _m("moe_kv_cache_blocks", "Usable blocks in the KV-cache pool (fixed at start-up).", "gauge")
+PREEMPTIONS = _m(
+    "moe_num_preemptions_total",
+    "Running sequences preempted because the KV pool ran dry (their blocks freed, recomputed later).",
+    "counter",
+)
+PREFIX_CACHE_QUERIES = _m(
+    "moe_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at admission.", "counter"
+)
+PREFIX_CACHE_HITS = _m(
+    "moe_prefix_cache_hits_total",
+    "Prompt tokens found in the prefix cache (not prefilled again); hit rate = this / queries.",
+    "counter",
+)
 PADDING_RATIO = _m(
     "moe_padding_ratio",
     "Padded token slots / all token slots over recent forward passes (prefill attention padding and "
@@ -237,6 +250,9 @@ METRICS: tuple[MetricDef, ...] = (
     GENERATION_TOKENS,
     KV_CACHE_USAGE,
     KV_CACHE_BLOCKS,
+    PREEMPTIONS,
+    PREFIX_CACHE_QUERIES,
+    PREFIX_CACHE_HITS,
     PADDING_RATIO,
     REQUESTS_REJECTED,
     REQUEST_SUCCESS,

@@ -12,6 +12,7 @@ The engine owns a :class:`BlockAllocator` and one :class:`SequenceBlocks` per re
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,12 +79,24 @@ def write_cache(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) ->
 
 
 class BlockAllocator:
-    """Free list over block ids 1..num_blocks-1 (block 0 is the scratch block)."""
+    """Reference-counted blocks 1..num_blocks-1 (block 0 is the scratch block), with an optional prefix cache.
 
-    def __init__(self, num_blocks: int) -> None:
+    Prefix caching (``caching=True``): a full block can be registered under a content hash
+    (:func:`block_hash`: its tokens chained to the hash of the block before, so equal hashes mean equal
+    prefixes). A later sequence with the same prefix takes that block by reference (:meth:`take_cached`)
+    instead of prefilling it again. A registered block whose last holder releases it stays cached on an LRU
+    list of free blocks; it is evicted (its hash forgotten) only when a fresh block is needed and no
+    never-cached block is left. Free blocks = uncached free + cached free, so caching never costs capacity.
+    """
+
+    def __init__(self, num_blocks: int, caching: bool = False) -> None:
         self.num_blocks = num_blocks
+        self.caching = caching
         self._free: list[int] = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out 1, 2, ...
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # held blocks → holders
+        self._hash_of: dict[int, int] = {}  # registered block → its hash
+        self._by_hash: dict[int, int] = {}  # hash → registered block
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, no holder; LRU first
 
     @property
     def capacity(self) -> int:
@@ -91,28 +104,83 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     def usage(self) -> float:
-        """Fraction of usable blocks in use, in [0, 1] (the `moe_kv_cache_usage_perc` gauge)."""
-        return len(self._used) / self.capacity
+        """Fraction of usable blocks held by sequences, in [0, 1] (the `moe_kv_cache_usage_perc` gauge;
+        cached blocks nobody holds count as free)."""
+        return len(self._refs) / self.capacity
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocksError(f"need {n} KV blocks, {len(self._free)} free of {self.capacity}")
-        blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
-        return blocks
+        if n > self.num_free:
+            raise OutOfBlocksError(f"need {n} KV blocks, {self.num_free} free of {self.capacity}")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:  # evict the least recently used cached block
+                b, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(b)]
+            self._refs[b] = 1
+            out.append(b)
+        return out
 
     def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block. Pass a sequence's blocks tail first: among cached blocks the
+        later ones of a prefix are then evicted first (the earlier ones are shared by more prompts)."""
         for b in blocks:
-            if b not in self._used:
+            refs = self._refs.get(b)
+            if refs is None:
                 raise ValueError(f"block {b} is not allocated")
-            self._used.remove(b)
+            if refs > 1:
+                self._refs[b] = refs - 1
+                continue
+            del self._refs[b]
+            if b in self._hash_of:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
+
+    # ---- prefix cache ------------------------------------------------------------------------
+    def cached(self, h: int) -> int | None:
+        """The block registered under hash ``h``, if any."""
+        return self._by_hash.get(h) if self.caching else None
+
+    def take_cached(self, b: int) -> None:
+        """Hold cached block ``b`` (one more reference; out of the LRU list if nobody held it)."""
+        if b in self._refs:
+            self._refs[b] += 1
+        else:
+            del self._evictable[b]
+            self._refs[b] = 1
+
+    def is_evictable(self, b: int) -> bool:
+        """Cached with no holder: taking it uses up one free block."""
+        return b in self._evictable
+
+    def register(self, b: int, h: int) -> None:
+        """Block ``b`` (held, full, its content written by this step at the latest) holds the prefix
+        hashed ``h``. A hash already registered keeps its block (``b`` then stays a private copy)."""
+        if self.caching and h not in self._by_hash and b not in self._hash_of:
+            self._by_hash[h] = b
+            self._hash_of[b] = h
+
+    def reset_cache(self) -> None:
+        """Forget every cached prefix (held blocks stay held)."""
+        for b in self._evictable:
             self._free.append(b)
+        self._evictable.clear()
+        self._by_hash.clear()
+        self._hash_of.clear()
+
+
+def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
+    """Content hash of a full block: its token ids chained to the previous block's hash (None for the
+    first), so a hit on block i implies the same tokens in blocks 0..i."""
+    return hash((parent, tuple(tokens)))
 
 
 class SequenceBlocks:
@@ -123,24 +191,50 @@ class SequenceBlocks:
         self.block_size = block_size
         self.blocks: list[int] = []
         self.num_tokens = 0
+        self.hashes: list[int] = []  # content hashes of the leading full blocks (prefix caching)
 
     def blocks_needed(self, n_new: int) -> int:
         return max(0, math.ceil((self.num_tokens + n_new) / self.block_size) - len(self.blocks))
 
-    def append(self, n_new: int) -> list[int]:
-        """Reserve room for ``n_new`` more tokens; returns their cache slots."""
+    def reserve(self, n_new: int) -> None:
+        """Hold the blocks that ``n_new`` more tokens need, without appending them yet."""
         need = self.blocks_needed(n_new)
         if need:
             self.blocks.extend(self.allocator.allocate(need))
+
+    def append(self, n_new: int) -> list[int]:
+        """Reserve room for ``n_new`` more tokens; returns their cache slots."""
+        self.reserve(n_new)
         start = self.num_tokens
         self.num_tokens += n_new
         bs = self.block_size
         return [self.blocks[p // bs] * bs + p % bs for p in range(start, self.num_tokens)]
 
+    def adopt_cached(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
+        """Start from cached full blocks (a prefix-cache hit): the table begins with them, their tokens count
+        as in the cache."""
+        for b in blocks:
+            self.allocator.take_cached(b)
+        self.blocks = list(blocks)
+        self.hashes = list(hashes)
+        self.num_tokens = len(blocks) * self.block_size
+
+    def seal(self, tokens: Sequence[int], computed: int) -> None:
+        """Register the full blocks among the first ``computed`` tokens (``tokens``: the sequence's ids)
+        in the prefix cache."""
+        if not self.allocator.caching:
+            return
+        bs = self.block_size
+        for j in range(len(self.hashes), min(computed // bs, len(self.blocks))):
+            h = block_hash(self.hashes[-1] if self.hashes else None, tokens[j * bs : (j + 1) * bs])
+            self.hashes.append(h)
+            self.allocator.register(self.blocks[j], h)
+
     def release(self) -> None:
         if self.blocks:
-            self.allocator.free(self.blocks)
+            self.allocator.free(self.blocks[::-1])
         self.blocks = []
+        self.hashes = []
         self.num_tokens = 0
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runtime.config import ModelConfig, yarn_get_mscale
 from runtime.execution import (
@@ -361,11 +362,11 @@ class MLAttention(nn.Module):
             qi = q[start : start + ql].transpose(0, 1).unsqueeze(0)  # [1, nh, ql, dq]
             k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
             if cl == ql:
-                o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=self.scale)
+                o = prefill_sdpa(qi, k, v, is_causal=True, scale=self.scale)
             else:
                 qpos = torch.arange(ql, device=q.device)[:, None] + (cl - ql)
                 mask = torch.arange(cl, device=q.device)[None, :] <= qpos
-                o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=self.scale)
+                o = prefill_sdpa(qi, k, v, attn_mask=mask, scale=self.scale)
             outs.append(o.squeeze(0).transpose(0, 1))
             start += ql
         return torch.cat(outs, dim=0)
@@ -381,7 +382,7 @@ class MLAttention(nn.Module):
             out = x.new_zeros(B * L, *x.shape[1:]).index_copy_(0, idx, x)
             return out.view(B, L, *x.shape[1:]).transpose(1, 2)  # [B, nh, L, d]
 
-        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=self.scale)
+        o = prefill_sdpa(pad(q), pad(k), pad(v), is_causal=True, scale=self.scale)
         return o.transpose(1, 2).reshape(B * L, self.n_heads, self.v_dim).index_select(0, idx)
 
     def _decode_expanded(self, q_nope, q_pe, bias, meta: AttentionMetadata, cache) -> torch.Tensor:
@@ -420,6 +421,18 @@ class MLAttention(nn.Module):
         if fused:
             self.fuse_input_projections()
         return self
+
+
+# Prefill attention backends, in order of preference. cuDNN's is left out: it builds an execution plan for
+# every new shape (prompt length, group size), which the first request of each shape pays while serving.
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def prefill_sdpa(q, k, v, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` restricted to :data:`PREFILL_SDPA_BACKENDS` (flash needs equal
+    q / k / v head dims, so MLA's prefill runs the memory-efficient kernel on CUDA)."""
+    with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def decode_bias(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class EngineConfig:
     max_num_seqs: int = 64  # running batch cap (largest decode batch)
     max_queue: int = 256  # waiting sequences + scoring jobs; beyond this, QueueFullError (429)
-    max_prefill_tokens: int = 512  # prompt tokens per step: keeps decodes flowing under long prompts
+    # tokens per engine step (decodes first, prompt chunks fill the rest); None: 2048 on CUDA, 512 on CPU
+    max_num_batched_tokens: int | None = None
+    prefix_caching: bool = True  # share cached full blocks of equal prompt prefixes between requests
     block_size: int = 16
     kv_blocks: int | None = None  # pool size; None: from memory (CUDA) or enough for a full batch (CPU)
     kv_memory_fraction: float = 0.5  # of free device memory, when kv_blocks is None on CUDA
@@ -27,10 +29,16 @@ class EngineConfig:
     imbalance_interval_s: float = 5.0  # window of the expert-load imbalance gauge
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_queue", "max_prefill_tokens", "block_size"):
-            if getattr(self, name) < 1:
+        for name in ("max_num_seqs", "max_queue", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_blocks is not None and self.kv_blocks < 2:
             raise ValueError(f"kv_blocks must be >= 2, got {self.kv_blocks}")
         if not 0 < self.kv_memory_fraction <= 0.95:
             raise ValueError(f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}")
+
+    def batched_tokens(self, device_type: str) -> int:
+        """The step's token budget on this device (``max_num_batched_tokens`` or its default)."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 2048 if device_type == "cuda" else 512

@@ -5,8 +5,10 @@ the hot path. Other threads (the asyncio server, tests, the benchmark) only touc
 ``_lock``: :meth:`Engine.submit`, :meth:`Engine.abort`, :meth:`Engine.score`. Each iteration
 (:meth:`Engine.step`) applies aborts and runs queued scoring jobs, then
 
-1. schedules (:class:`~runtime.engine.scheduler.Scheduler`): prefill chunks of new or partially prefilled
-   sequences under a token budget, and one decode step for every running sequence;
+1. schedules (:class:`~runtime.engine.scheduler.Scheduler`): one decode token for every running sequence,
+   prefill chunks of new, partially prefilled or preempted sequences in the rest of the step's token
+   budget, KV blocks taken as sequences grow (the newest preempted when the pool runs dry), cached
+   prompt prefixes reused;
 2. runs the model (:class:`~runtime.engine.model_runner.ModelRunner`): the forwards and the sampling;
 3. post-processes the tokens (:class:`~runtime.engine.postprocess.PostProcessor`): stop rules, events, and
    finished sequences leaving the batch, their KV blocks back in the pool;
@@ -77,9 +79,10 @@ class Engine:
         self.stats = EngineStats(metrics, model, cfg.imbalance_interval_s)
         max_blocks = math.ceil(self.max_model_len / cfg.block_size)
         self.runner = ModelRunner(model, cfg, max_blocks, self.stats, graph_capture)
-        self.allocator = BlockAllocator(self.runner.cache.num_blocks)
+        self.allocator = BlockAllocator(self.runner.cache.num_blocks, caching=cfg.prefix_caching)
         self.stats.kv_pool(self.allocator.capacity)
-        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens)
+        self.max_num_batched_tokens = cfg.batched_tokens(self.device.type)
+        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, self.max_num_batched_tokens)
         self.post = PostProcessor(model.config.eos_token_id, tokenizer, self.stats, self._release)
 
         self._lock = threading.Lock()
@@ -99,18 +102,31 @@ class Engine:
             self._thread.start()
 
     def warm_up(self, prompt_len: int = 8, new_tokens: int = 4) -> None:
-        """One generation and one scoring pass through the real step code, then clear the statistics
-        they left (expert load). The readiness probe turns true only after this."""
-        done = threading.Event()
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        seq = Sequence("warm-up", [0] * prompt_len, params, warmup=True)
-        seq.on_event = lambda ev: done.set() if ev.finish_reason else None
-        self.submit([seq])
-        self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
-        if not done.wait(timeout=600):
-            raise RuntimeError("warm-up generation did not finish")
+        """Generations and a scoring pass through the real step code, then clear what they left (expert load,
+        cached prefixes). The readiness probe turns true only after this.
+
+        Besides a short prompt, one prompt spans a full step's token budget and then a chunk more: compiled
+        prefill regions see a long step (and its MoE dispatch) and a chunk attending to cached context here,
+        not on the first long request."""
+        long_len = min(
+            self.max_num_batched_tokens + self.block_size + 1,
+            self.max_model_len - new_tokens,
+            self.allocator.capacity * self.block_size - new_tokens,
+        )
+        for n in (prompt_len, long_len):
+            done = threading.Event()
+            seq = Sequence(
+                f"warm-up-{n}", [0] * n, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), warmup=True
+            )
+            seq.on_event = lambda ev, done=done: done.set() if ev.finish_reason else None
+            self.submit([seq])
+            if n == prompt_len:
+                self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
+            if not done.wait(timeout=600):
+                raise RuntimeError("warm-up generation did not finish")
         with self._lock:
             self.model.reset_expert_load()
+            self.allocator.reset_cache()
 
     # ---- API for other threads --------------------------------------------------------------
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -122,6 +138,7 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{prompt_len} prompt tokens + max_tokens {max_new_tokens} = {prompt_len + max_new_tokens}"
             )
+        # blocks are taken as the sequence grows, but it must be able to finish alone in the pool
         need = math.ceil((prompt_len + max_new_tokens) / self.block_size)
         if need > self.allocator.capacity:
             raise RequestTooLargeError(
@@ -213,8 +230,12 @@ class Engine:
         self._run_jobs(jobs)
         with self._lock:
             batch = self.scheduler.schedule()
+        self.stats.scheduled(len(batch.preempted), batch.cache_queries, batch.cache_hits)
         for group in batch.prefill_groups:
-            self.post.first_tokens(self.runner.prefill(group), events)
+            sampled = self.runner.prefill(group)
+            resumed = [(s, t) for s, t in sampled if s.first_token_at is not None]  # preempted earlier
+            self.post.first_tokens([(s, t) for s, t in sampled if s.first_token_at is None], events)
+            self.post.accept(resumed, events)
         if batch.decode or self.runner.inflight is not None:
             self.post.accept(self.runner.decode(batch.decode), events)
         self.steps += 1
@@ -242,9 +263,9 @@ class Engine:
                     job.result.set_exception(exc)
 
     def _release(self, s: Sequence) -> None:
-        """A finished sequence leaves the batch and the inbox."""
-        self.scheduler.finish(s)
+        """A finished sequence leaves the batch (or the queue, when preempted) and the inbox."""
         with self._lock:
+            self.scheduler.finish(s)
             self._by_id.pop(s.id, None)
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
@@ -256,6 +277,7 @@ class Engine:
             jobs, self._jobs = self._jobs, []
         for s in [*self.scheduler.running, *waiting]:
             self.post.finish(s, reason, events, error=message)
+        self.allocator.reset_cache()  # a failed step may have registered blocks it never wrote
         for job in jobs:
             if not job.result.done():
                 job.result.set_exception(RuntimeError(message))

@@ -95,13 +95,14 @@ class ModelRunner:
 
     # ---- prefill ----------------------------------------------------------------------------
     def prefill(self, group: list[PrefillChunk]) -> list[tuple[Sequence, Sampled]]:
-        """One packed forward over the chunks (fresh prompts and continued chunked ones) → the first token of
-        each sequence whose prompt this chunk completes."""
+        """One packed forward over the chunks (fresh prompts, continued chunked ones, prompts after a cached
+        prefix) → the next token of each sequence whose prefill this chunk completes. The scheduler already
+        holds the blocks; chunks after the first attend to the earlier ones through the cache."""
         dev = self.device
         qlens = [c.length for c in group]
         ctx = [c.start + c.length for c in group]
         slots = [slot for c in group for slot in c.seq.blocks.append(c.length)]
-        ids = torch.tensor([t for c in group for t in c.seq.prompt_ids[c.start : c.start + c.length]], device=dev)
+        ids = torch.tensor([t for c in group for t in c.seq.token_ids[c.start : c.start + c.length]], device=dev)
         pos = torch.cat([torch.arange(c.start, c.start + c.length) for c in group]).to(dev)
         last = torch.tensor(qlens, device=dev).cumsum(0) - 1
         meta = prefill_metadata(qlens, ctx, [c.seq.blocks.blocks for c in group], slots, device=dev)

@@ -1,25 +1,36 @@
 """Who runs each engine step: the waiting queue, the running batch, and the policy between them.
 
-Per step the scheduler (1) continues chunked prefills of running sequences, (2) admits waiting sequences
-first-come-first-served while the batch, the KV pool (counting blocks already promised to running
-sequences) and the per-step prefill-token budget allow, then (3) decodes every prefilled sequence.
-The prefill budget is what keeps a long prompt from stalling everyone's decode: it is split into
-chunks across steps, and each step still decodes the whole running batch. Admission never skips the
-head of the queue, so a large request cannot be starved by a stream of small ones.
+Each step has a token budget (``max_num_batched_tokens``). Every running sequence that has finished its
+prefill gets its one decode token first; the rest of the budget goes to prompts, in chunks: running
+sequences whose prefill is not complete continue (oldest first), then waiting sequences are admitted
+first-come-first-served while the batch (``max_num_seqs``), the budget and the free KV blocks allow. A
+long prompt is therefore spread over several steps and never stalls the running decodes.
 
-The policy functions (:func:`plan_prefill`, :func:`group_by_length`, :func:`padded_slots`) work on any
-sequence-like objects, so they can be reasoned about (and tested) on their own; :class:`Scheduler` applies
-them to the engine's queues.
+KV blocks are taken as sequences grow: a step holds only the blocks its tokens need (a client's
+``max_tokens`` reserves nothing). When the pool runs dry, the newest running sequences are preempted
+(recompute, as vLLM does): their blocks go back to the pool and they return to the front of the waiting
+queue; when readmitted, their prompt and the tokens generated so far are prefilled again, and generation
+continues where it stopped. The oldest sequence can always grow (the engine refuses requests that
+could not fit the pool alone), so the batch always makes progress.
+
+With prefix caching, an admitted sequence first takes the cached blocks that hold its leading full
+blocks (matched by content hash, see :mod:`runtime.kv_cache`): its prefill starts at the first uncached
+token. Full blocks are registered once written: prompt blocks when their chunk is scheduled, generated
+ones as decoding fills them (a follow-up turn that repeats the conversation hits both). Admission
+never skips the head of the queue, so a large request cannot be starved by small ones.
+
+The grouping functions (:func:`group_by_length`, :func:`padded_slots`) work on any chunk-like objects;
+:class:`Scheduler` applies the policy to the engine's queues.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.engine.sequence import Sequence
-from runtime.kv_cache import BlockAllocator, SequenceBlocks
+from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash
 
 #: a padded prefill group must be at least this full of real tokens (the model's own rule for its
 #: batched-attention path; below it, it loops over sequences with no padding at all)
@@ -34,8 +45,8 @@ class PrefillChunk:
 
     @property
     def fresh(self) -> bool:
-        """Whole prompt in one go, no cached prefix: eligible for padded batched attention."""
-        return self.start == 0 and self.length == self.seq.prompt_len
+        """Whole prefill in one go, no cached prefix: eligible for padded batched attention."""
+        return self.start == 0 and self.length == self.seq.prefill_len
 
 
 def group_by_length(chunks: Seq[PrefillChunk]) -> list[list[PrefillChunk]]:
@@ -69,40 +80,8 @@ def padded_slots(lengths: Seq[int], contexts: Seq[int]) -> int:
     return len(ql) * max(ql) - sum(ql)
 
 
-def plan_prefill(
-    partial: Seq[object],
-    waiting: Seq[object],
-    *,
-    budget: int,
-    free_seq_slots: int,
-    free_blocks: int,
-    block_size: int,
-) -> tuple[list[PrefillChunk], int]:
-    """Chunks to prefill this step and how many sequences from the head of ``waiting`` to admit.
-
-    ``partial``: running sequences whose prompt is not fully cached yet (served first, in order).
-    ``free_blocks``: pool blocks not held and not promised to running sequences."""
-    chunks: list[PrefillChunk] = []
-    for s in partial:
-        if budget <= 0:
-            break
-        n = min(s.prompt_len - s.num_computed, budget)
-        chunks.append(PrefillChunk(s, s.num_computed, n))
-        budget -= n
-    admitted = 0
-    for s in waiting:
-        if budget <= 0 or free_seq_slots <= 0:
-            break
-        need = s.total_blocks(block_size)
-        if need > free_blocks:
-            break  # FCFS: wait for room rather than let later requests overtake
-        n = min(s.prompt_len, budget)
-        chunks.append(PrefillChunk(s, 0, n))
-        budget -= n
-        free_blocks -= need
-        free_seq_slots -= 1
-        admitted += 1
-    return chunks, admitted
+#: admission keeps this share of the pool free for the running sequences' next tokens (fewer preemptions)
+WATERMARK = 0.01
 
 
 @dataclass
@@ -111,43 +90,127 @@ class ScheduledStep:
 
     prefill_groups: list[list[PrefillChunk]]
     decode: list[Sequence]
+    preempted: list[Sequence] = field(default_factory=list)
+    cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
+    cache_hits: int = 0  # of which found cached
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(c.length for g in self.prefill_groups for c in g)
 
 
 class Scheduler:
     """The engine's sequences between admission and finish: ``waiting`` (FCFS) and ``running`` (holding KV
-    blocks). Other threads append to ``waiting`` under the engine's lock; everything else is the engine
-    thread's."""
+    blocks, in admission order). Other threads append to ``waiting`` under the engine's lock; everything
+    else is the engine thread's."""
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
         self.allocator, self.block_size = allocator, block_size
-        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.watermark = int(WATERMARK * allocator.capacity)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def schedule(self) -> ScheduledStep:
-        """This step's work (call under the engine's lock: it takes from ``waiting``). Sequences whose prompt
-        completes in this step's prefill decode from the next step on; chunks count as computed once
-        scheduled."""
-        decode = [s for s in self.running if s.prefilled]
-        partial = [s for s in self.running if not s.prefilled]
-        chunks, admitted = plan_prefill(
-            partial,
-            self.waiting,
-            budget=self.max_prefill_tokens,
-            free_seq_slots=self.max_num_seqs - len(self.running),
-            free_blocks=self.allocator.num_free - self._reserved_blocks(),
-            block_size=self.block_size,
-        )
-        for _ in range(admitted):
-            s = self.waiting.popleft()
-            s.blocks = SequenceBlocks(self.allocator, self.block_size)
-            self.running.append(s)
+        """This step's work (call under the engine's lock: it takes from and returns to ``waiting``). Blocks
+        for every scheduled token are held on return; chunks count as computed once scheduled. Sequences
+        whose prefill completes in this step decode from the next step on."""
+        step = ScheduledStep([], [])
+        budget = max(0, self.max_num_batched_tokens - sum(s.prefilled for s in self.running))
+        chunks: list[PrefillChunk] = []
+        i = 0
+        while i < len(self.running):
+            s = self.running[i]
+            n = 1 if s.prefilled else min(s.prefill_len - s.num_computed, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while s.blocks.blocks_needed(n) > self.allocator.num_free:
+                victim = self.running[-1]  # the newest: never scheduled yet this step (we go oldest first)
+                self._preempt(victim)
+                step.preempted.append(victim)
+                if victim is s:
+                    break
+            if s.blocks is None:  # preempted itself: it was the newest, nothing follows
+                break
+            s.blocks.reserve(n)
+            if s.prefilled:
+                step.decode.append(s)
+                self._seal_generated(s)
+            else:
+                chunks.append(PrefillChunk(s, s.num_computed, n))
+                budget -= n
+            i += 1
+        if not step.preempted:  # the pool is tight when something was preempted: admit nobody this step
+            budget = self._admit(budget, chunks, step)
         for c in chunks:
             c.seq.num_computed += c.length
-        return ScheduledStep(group_by_length(chunks), decode)
+            c.seq.blocks.seal(c.seq.token_ids, c.seq.num_computed)
+        step.prefill_groups = group_by_length(chunks)
+        return step
 
-    def _reserved_blocks(self) -> int:
-        return sum(s.outstanding_blocks(self.block_size) for s in self.running)
+    def _admit(self, budget: int, chunks: list[PrefillChunk], step: ScheduledStep) -> int:
+        bs, alloc = self.block_size, self.allocator
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            s = self.waiting[0]
+            tokens = s.token_ids
+            target = len(tokens)
+            hits, hashes = self._cached_prefix(tokens)
+            cached = len(hits) * bs
+            n = min(target - cached, budget)
+            need = -(-(cached + n) // bs) - len(hits) + sum(alloc.is_evictable(b) for b in hits)
+            reserve = self.watermark if self.running else 0
+            if need + reserve > alloc.num_free:
+                break  # FCFS: wait for room rather than let later requests overtake
+            self.waiting.popleft()
+            s.blocks = SequenceBlocks(alloc, bs)
+            s.blocks.adopt_cached(hits, hashes)
+            s.blocks.reserve(n)
+            s.prefill_len, s.num_computed = target, cached
+            self.running.append(s)
+            chunks.append(PrefillChunk(s, cached, n))
+            budget -= n
+            if not s.warmup:
+                step.cache_queries += target
+                step.cache_hits += cached
+        return budget
+
+    def _cached_prefix(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+        """Cached blocks holding the leading full blocks of ``tokens`` (at most all but the last token: the
+        prefill must compute at least one, whose logits give the next token), and their hashes."""
+        if not self.allocator.caching:
+            return [], []
+        bs, blocks, hashes = self.block_size, [], []
+        for j in range((len(tokens) - 1) // bs):
+            h = block_hash(hashes[-1] if hashes else None, tokens[j * bs : (j + 1) * bs])
+            b = self.allocator.cached(h)
+            if b is None:
+                break
+            blocks.append(b)
+            hashes.append(h)
+        return blocks, hashes
+
+    def _seal_generated(self, s: Sequence) -> None:
+        """Register the blocks that decode steps filled (a later prompt that repeats this conversation hits
+        them). Only positions whose token the host has read: with overlapped decode, the newest token
+        can still be on the device, its KV written but not yet in ``output_ids``."""
+        b = s.blocks
+        known = min(b.num_tokens, s.prompt_len + len(s.output_ids))
+        if self.allocator.caching and known // self.block_size > len(b.hashes):
+            b.seal(s.token_ids, known)
+
+    def _preempt(self, s: Sequence) -> None:
+        """Recompute preemption: ``s`` gives its blocks back and waits at the head of the queue."""
+        self.running.remove(s)
+        s.blocks.release()
+        s.blocks = None
+        s.num_computed = s.prefill_len = 0
+        s.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(s)
 
     def remove_waiting(self, ids: set[str]) -> list[Sequence]:
         """Take the sequences with these ids out of the queue (call under the engine's lock)."""
@@ -157,8 +220,12 @@ class Scheduler:
         return gone
 
     def finish(self, s: Sequence) -> None:
-        """``s`` leaves the batch; its blocks return to the pool."""
+        """``s`` leaves the batch (or the queue, if it finished while preempted); its blocks return to the
+        pool. Call under the engine's lock."""
         if s.blocks is not None:
             s.blocks.release()
+            s.blocks = None
         if s in self.running:
             self.running.remove(s)
+        elif s in self.waiting:
+            self.waiting.remove(s)

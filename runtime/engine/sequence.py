@@ -6,7 +6,6 @@ An HTTP request with ``n`` choices becomes ``n`` sequences. The engine thread ow
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -69,7 +68,12 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     blocks: SequenceBlocks | None = field(default=None, repr=False)
     generator: object | None = field(default=None, repr=False)
-    num_computed: int = 0  # prompt tokens in the KV cache, or scheduled into it this step (chunked prefill)
+    # tokens in the KV cache, or scheduled into it this step (chunked prefill), counted over ``token_ids``
+    num_computed: int = 0
+    # tokens to prefill before the next token is sampled: the prompt, or after a preemption the prompt and
+    # the tokens generated so far (recomputed, not swapped); set when the sequence (re)joins the batch
+    prefill_len: int = 0
+    preemptions: int = 0
     first_token_at: float | None = None
     finish_reason: str | None = None
     # (runtime.sampling.token_logprobs row, its k) for each sampled token not yet accepted, oldest first;
@@ -81,13 +85,10 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
+    def token_ids(self) -> list[int]:
+        """Prompt then generated tokens: what the cache holds, position by position."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
     def prefilled(self) -> bool:
-        return self.num_computed >= self.prompt_len
-
-    def total_blocks(self, block_size: int) -> int:
-        """Blocks this sequence may ever hold: reserved at admission so decode never runs out."""
-        return math.ceil((self.prompt_len + self.params.max_new_tokens) / block_size)
-
-    def outstanding_blocks(self, block_size: int) -> int:
-        held = len(self.blocks.blocks) if self.blocks is not None else 0
-        return self.total_blocks(block_size) - held
+        return self.prefill_len > 0 and self.num_computed >= self.prefill_len

@@ -35,6 +35,17 @@ class EngineStats:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(prompt_tokens)
 
+    def scheduled(self, preempted: int, cache_queries: int, cache_hits: int) -> None:
+        """A step's preemptions and its admissions' prefix-cache lookups (in tokens)."""
+        m = self.metrics
+        if m is None:
+            return
+        if preempted:
+            m.preemptions.inc(preempted)
+        if cache_queries:
+            m.prefix_cache_queries.inc(cache_queries)
+            m.prefix_cache_hits.inc(cache_hits)
+
     def decode(self, batch: int, rows: int) -> None:
         """A decode step of ``batch`` sequences over ``rows`` rows (a CUDA graph's bucket, or the batch)."""
         self._pad_window.append((rows - batch, rows))

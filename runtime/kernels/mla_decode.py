@@ -10,8 +10,10 @@ from L2.
 The kernel walks the block table itself (no gathered copy of the cache, no mask tensor) and splits long
 contexts across programs (flash-decoding): each split writes its normalized output and log-sum-exp, and a
 few elementwise ops combine them. The split count is fixed by the block table's width, so the step keeps
-static shapes for CUDA graphs. Rows with context 0 (padding of a graph bucket) read the one scratch slot
-their table points at, as the reference does.
+static shapes for CUDA graphs; the rows of each split follow the sequence's real context (a table as wide
+as the longest context a model allows must not leave a short sequence's rows all in one program). Rows
+with context 0 (padding of a graph bucket) read the one scratch slot their table points at, as the
+reference does.
 """
 
 from __future__ import annotations
@@ -62,8 +64,13 @@ if HAS_TRITON:
         b = tl.program_id(0)
         sp = tl.program_id(1)
         ctx = tl.maximum(tl.load(ctx_ptr + b), 1)
-        start = sp * split_len
-        end = tl.minimum(ctx, start + split_len)
+        # the grid is sized for the widest context the block table allows (static for CUDA graphs); the rows a
+        # program takes are sized by this sequence's real context, so a short one is spread over as many
+        # programs as it has tiles instead of all landing in the first split
+        per = tl.cdiv(tl.cdiv(ctx, tl.num_programs(1)), BLOCK_S) * BLOCK_S
+        rows = tl.minimum(tl.maximum(per, BLOCK_S), split_len)
+        start = sp * rows
+        end = tl.minimum(ctx, start + rows)
         offs_h = tl.program_id(2) * HP + tl.arange(0, HP)  # this program's block of heads
         h_mask = offs_h < n_heads
         offs_r = tl.arange(0, RP)  # widths padded to powers of two (and >= 16 for the tensor cores)

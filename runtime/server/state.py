@@ -39,7 +39,8 @@ class Settings:
     kv_memory_fraction: float = 0.5
     max_num_seqs: int = 64
     max_queue: int = 256
-    max_prefill_tokens: int = 512
+    max_num_batched_tokens: int | None = None  # None: the engine's default for the device
+    prefix_caching: bool = True
     max_model_len: int | None = None
     block_size: int = 16
     cuda_graphs: bool = True
@@ -71,7 +72,8 @@ class Settings:
         return EngineConfig(
             max_num_seqs=self.max_num_seqs,
             max_queue=self.max_queue,
-            max_prefill_tokens=self.max_prefill_tokens,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            prefix_caching=self.prefix_caching,
             block_size=self.block_size,
             kv_blocks=self.kv_blocks,
             kv_memory_fraction=self.kv_memory_fraction,

@@ -22,7 +22,7 @@ def test_routes_are_described_with_their_errors(openapi: dict) -> None:
     for path in (c.RISK_PATH, c.RISK_ALIAS_PATH, c.FEEDBACK_PATH):
         op = openapi["paths"][path]["post"]
         assert op["summary"] and len(op["description"]) > 100, path
-        assert {"409", "422", "503"} <= set(op["responses"]), path
+        assert {"400", "409", "503"} <= set(op["responses"]), path
     assert "404" in openapi["paths"][c.FEEDBACK_PATH]["post"]["responses"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime import contract as c
-from runtime.engine.scheduler import PrefillChunk, group_by_length, padded_slots, plan_prefill
+from runtime.engine.scheduler import PrefillChunk, group_by_length, padded_slots
 from runtime.server.lifecycle import ShmError, check_shm
 
 
@@ -56,11 +56,8 @@ def test_metrics_module_exports_every_contract_metric():
 
 # ---- scheduling policy --------------------------------------------------------------------------
 class FakeSeq:
-    def __init__(self, n: int, new: int = 4, computed: int = 0) -> None:
-        self.prompt_len, self.num_computed, self.new = n, computed, new
-
-    def total_blocks(self, bs: int) -> int:
-        return -(-(self.prompt_len + self.new) // bs)
+    def __init__(self, n: int) -> None:
+        self.prompt_len = self.prefill_len = n
 
 
 def test_group_by_length_keeps_padding_low():
@@ -75,20 +72,6 @@ def test_group_by_length_keeps_padding_low():
     assert padded_slots(all_in_one, all_in_one) == 0  # too ragged: the model loops, unpadded
     assert padded_slots([100, 96, 90], [100, 96, 90]) == 14
     assert padded_slots([10, 9], [30, 9]) == 0  # a cached prefix is never padded
-
-
-def test_plan_prefill_budget_chunks_and_fcfs():
-    partial = [FakeSeq(300, computed=64)]
-    waiting = [FakeSeq(40), FakeSeq(8)]
-    chunks, admitted = plan_prefill(partial, waiting, budget=64, free_seq_slots=8, free_blocks=100, block_size=16)
-    assert [(ch.start, ch.length) for ch in chunks] == [(64, 64)] and admitted == 0  # budget spent
-    chunks, admitted = plan_prefill([], waiting, budget=64, free_seq_slots=8, free_blocks=3, block_size=16)
-    # the head needs 3 blocks and gets them; the next one does not fit and is not allowed to overtake
-    assert admitted == 1 and [ch.length for ch in chunks] == [40]
-    chunks, admitted = plan_prefill([], waiting, budget=64, free_seq_slots=1, free_blocks=99, block_size=16)
-    assert admitted == 1
-    chunks, admitted = plan_prefill([], [FakeSeq(500)], budget=64, free_seq_slots=1, free_blocks=99, block_size=16)
-    assert admitted == 1 and chunks[0].length == 64  # a long prompt starts, chunked
 
 
 # ---- the engine on the tiny checkpoint ----------------------------------------------------------
@@ -137,7 +120,7 @@ def test_engine_matches_the_reference_generator_with_chunked_prefill(tiny):
     prompts = [tok.encode(t) for t in ("The order", "Hello world, this is a tiny language model." * 3, "A")]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (12, 9, 20)]
     ref = [Generator(model, tok).generate([p], prm)[0].token_ids for p, prm in zip(prompts, params, strict=True)]
-    engine = Engine(model, tok, EngineConfig(max_prefill_tokens=16, max_num_seqs=4))  # forces chunking
+    engine = Engine(model, tok, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4))  # forces chunking
     engine.start()
     try:
         toks, reasons, _ = run_engine(engine, prompts, params)
@@ -238,7 +221,7 @@ def test_long_prompt_does_not_starve_running_decodes(tiny):
     from runtime.sampling import SamplingParams
 
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_prefill_tokens=16))
+    engine = Engine(model, tok, EngineConfig(max_num_batched_tokens=16))
     engine.start()
     try:
         short_steps: list[int] = []

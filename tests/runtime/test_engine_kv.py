@@ -1,0 +1,305 @@
+"""The engine under KV pressure, on the tiny fp32 checkpoint: blocks taken on demand, preemption by
+recompute, chunked prefill mixed with decode steps, automatic prefix caching, and their counters.
+
+Each check compares against the same sequences run without the mechanism (a large pool, one sequence
+alone, caching off): the mechanisms may change when tokens are computed, never which."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash
+
+
+@pytest.fixture(scope="module")
+def tiny(v2_path: Path):
+    import torch
+
+    from runtime.loader import load_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    return load_model(v2_path), load_tokenizer(v2_path)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return [(seed * 31 + 7 * i) % 400 + 3 for i in range(n)]
+
+
+def make_engine(model, tok, metrics=None, **cfg):
+    from runtime.engine import Engine, EngineConfig
+
+    return Engine(model, tok, EngineConfig(**cfg), metrics=metrics)
+
+
+def run(engine, prompts, max_new, step_log=None):
+    """Submit all at once, step the engine by hand until all finish → (tokens per prompt, reasons)."""
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    toks = [[] for _ in prompts]
+    reasons = [None] * len(prompts)
+
+    def on(i):
+        def f(ev):
+            toks[i].extend(ev.token_ids)
+            if ev.finish_reason:
+                reasons[i] = ev.finish_reason
+
+        return f
+
+    news = max_new if isinstance(max_new, list) else [max_new] * len(prompts)
+    seqs = [
+        Sequence(f"s{i}", p, SamplingParams(max_new_tokens=n, ignore_eos=True), on_event=on(i))
+        for i, (p, n) in enumerate(zip(prompts, news, strict=True))
+    ]
+    engine.submit(seqs)
+    for _ in range(5000):
+        if all(reasons):
+            break
+        if step_log is not None:
+            step_log.append(_peek(engine))
+        engine.step()
+    assert all(r == "length" for r in reasons), reasons
+    assert engine.allocator.usage() == 0.0, "blocks leaked"
+    return toks
+
+
+def _peek(engine):
+    return [(s.id, s.prefilled) for s in engine.scheduler.running]
+
+
+# ---- allocator ------------------------------------------------------------------------------------
+def test_allocator_shares_cached_blocks_and_evicts_lru():
+    a = BlockAllocator(5, caching=True)  # 4 usable
+    s = SequenceBlocks(a, 2)
+    s.append(4)
+    s.seal([1, 2, 3, 4], 4)
+    h1 = block_hash(None, [1, 2])
+    h2 = block_hash(h1, [3, 4])
+    assert a.cached(h1) == s.blocks[0] and a.cached(h2) == s.blocks[1]
+    t = SequenceBlocks(a, 2)
+    t.adopt_cached([s.blocks[0]], [h1])  # shared: two holders
+    first = s.blocks[0]
+    s.release()
+    assert a.usage() == 0.25 and a.num_free == 3  # the shared block is still held; the other is cached-free
+    t.release()
+    assert a.num_free == 4 and a.cached(h1) == first
+    got = a.allocate(3)  # two never-cached blocks first, then the LRU cached one: the tail block (h2) goes first
+    assert a.cached(h2) is None and a.cached(h1) == first and first not in got
+    a.free(got)
+    with pytest.raises(ValueError):
+        a.free([got[0]])
+    off = BlockAllocator(5)
+    assert off.cached(h1) is None
+
+
+# ---- preemption -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("caching", [True, False])
+def test_preempted_sequences_give_their_uninterrupted_greedy_output(tiny, caching):
+    """A pool of 24 blocks of 4 tokens for 4 sequences that need 13 each: the newest are preempted (their
+    blocks freed, later re-prefilled from prompt + generated tokens) over and over; every output equals
+    the output of a pool where nobody is preempted."""
+    model, tok = tiny
+    prompts = [prompt(i, 18 + 3 * i) for i in range(4)]
+    ref = run(make_engine(model, tok, block_size=4, max_num_seqs=4), prompts, 30)
+    from runtime.metrics import ServiceMetrics
+
+    m = ServiceMetrics()
+    engine = make_engine(model, tok, m, block_size=4, kv_blocks=25, max_num_seqs=4, prefix_caching=caching)
+    assert engine.allocator.capacity == 24
+    got = run(engine, prompts, 30)
+    assert got == ref
+    assert engine.scheduler.num_preemptions > 0
+    assert m.preemptions._value.get() == engine.scheduler.num_preemptions
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+
+
+def test_max_tokens_reserves_nothing_up_front(tiny):
+    """Blocks follow the tokens really in the cache: a request allowed 400 new tokens holds one block
+    after a 3-token prompt, so many such requests run together in a pool far smaller than their sum."""
+    model, tok = tiny
+    engine = make_engine(model, tok, block_size=16, kv_blocks=33, max_num_seqs=8)
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    seqs = [Sequence(f"m{i}", prompt(i, 3), SamplingParams(max_new_tokens=400, ignore_eos=True)) for i in range(8)]
+    engine.submit(seqs)
+    engine.step()
+    assert len(engine.scheduler.running) == 8  # 8 × 403 tokens would need 208 blocks up front
+    assert all(len(s.blocks.blocks) == 1 for s in seqs)
+    for s in seqs:
+        engine.abort(s.id)
+    engine.step()
+    assert engine.allocator.usage() == 0.0
+
+
+# ---- chunked prefill ------------------------------------------------------------------------------
+def test_chunked_prefill_mixed_with_decode_gives_each_sequence_its_alone_tokens(tiny):
+    """Budget 16 tokens per step: a 100-token prompt arriving while three sequences decode is prefilled
+    over several steps, each of which still decodes the three; everyone's tokens equal their alone run."""
+    model, tok = tiny
+    short = [prompt(i, 5 + i) for i in range(3)]
+    long = prompt(9, 100)
+    alone = [run(make_engine(model, tok), [p], n)[0] for p, n in ((short[0], 40), (short[1], 40), (short[2], 40))]
+    long_alone = run(make_engine(model, tok), [long], 8)[0]
+
+    engine = make_engine(model, tok, max_num_batched_tokens=16, max_num_seqs=8)
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    out: dict[str, list[int]] = {}
+    finished: set[str] = set()
+
+    def seq(name, p, n):
+        def on(ev):
+            out[name].extend(ev.token_ids)
+            if ev.finish_reason:
+                finished.add(name)
+
+        out[name] = []
+        return Sequence(name, p, SamplingParams(max_new_tokens=n, ignore_eos=True), on)
+
+    engine.submit([seq(f"s{i}", p, 40) for i, p in enumerate(short)])
+    for _ in range(3):
+        engine.step()
+    long_seq = seq("long", long, 8)
+    engine.submit([long_seq])
+    mixed = 0
+    while len(finished) < 4:
+        decoding = sum(s.prefilled for s in engine.scheduler.running if s is not long_seq)
+        computed, was_prefilled = long_seq.num_computed, long_seq.prefilled
+        engine.step()
+        grew = long_seq.num_computed - computed
+        if grew and not was_prefilled and decoding == 3:
+            mixed += 1
+            assert grew <= 16 - 3  # the decodes take their share of the budget first
+    assert mixed >= 100 // 13  # the prompt went in chunks, each step alongside the three decodes
+    assert [out[f"s{i}"] for i in range(3)] == alone
+    assert out["long"] == long_alone
+
+
+# ---- prefix caching -------------------------------------------------------------------------------
+def _first_logits(engine, p):
+    """Logits of the prefill that completes prompt ``p`` (recorded at the sampler)."""
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    seen = []
+    sample_rows = engine.runner.sample_rows
+
+    def record(logits, seqs):
+        seen.append(logits.clone())
+        return sample_rows(logits, seqs)
+
+    engine.runner.sample_rows = record
+    s = Sequence("probe", p, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    engine.submit([s])
+    while s.finish_reason is None:
+        engine.step()
+    engine.runner.sample_rows = sample_rows
+    return seen[0][0]
+
+
+def test_prefix_cache_hit_gives_the_cold_prefill_logits(tiny):
+    import torch
+
+    from runtime.metrics import ServiceMetrics
+
+    model, tok = tiny
+    system = prompt(3, 70)  # 4 full blocks of 16 + 6 tokens
+    first, second = system + prompt(4, 9), system + prompt(5, 12)
+    m = ServiceMetrics()
+    warm = make_engine(model, tok, m)
+    run(warm, [first], 3)
+    queries, hits = m.prefix_cache_queries._value.get(), m.prefix_cache_hits._value.get()
+    assert (queries, hits) == (len(first), 0)
+    hot = _first_logits(warm, second)
+    assert m.prefix_cache_hits._value.get() == 64  # the shared full blocks were not prefilled again
+    assert m.prefix_cache_queries._value.get() == len(first) + len(second)
+    cold = _first_logits(make_engine(model, tok, prefix_caching=False), second)
+    assert torch.allclose(hot, cold, atol=1e-5, rtol=0), (hot - cold).abs().max()
+    # whole generations agree too, with the prefix cached and the prompt chunked after it
+    chunked = make_engine(model, tok, max_num_batched_tokens=8)
+    run(chunked, [first], 2)
+    assert run(chunked, [second], 12) == run(make_engine(model, tok, prefix_caching=False), [second], 12)
+
+
+def test_repeated_system_prompt_is_prefilled_once(tiny):
+    model, tok = tiny
+    system = prompt(6, 64)
+    users = [system + prompt(10 + i, 5) for i in range(6)]
+    engine = make_engine(model, tok, max_num_seqs=8)
+    out_seq = run(engine, users[:1], 4) + run(engine, users[1:], 4)
+    prefilled = []
+    real = engine.stats.prefill
+    engine.stats.prefill = lambda n, pad: (prefilled.append(n), real(n, pad))
+    again = run(engine, users, 4)
+    assert sum(prefilled) == 6 * 5  # only the user parts: the 64-token system prompt hits the cache
+    assert again == out_seq
+    assert out_seq == run(make_engine(model, tok, prefix_caching=False, max_num_seqs=8), users, 4)
+
+
+def test_prefix_caching_survives_eviction_pressure(tiny):
+    """A pool too small to keep every prefix: cached blocks are evicted LRU and reused; outputs unchanged."""
+    model, tok = tiny
+    prompts = [prompt(20 + i % 3, 40) for i in range(9)]  # three prefixes, each repeated three times
+    ref = run(make_engine(model, tok, prefix_caching=False, block_size=4), prompts, 6)
+    engine = make_engine(model, tok, block_size=4, kv_blocks=30, max_num_seqs=2)
+    assert run(engine, prompts, 6) == ref
+
+
+def test_engine_thread_completes_every_request_under_a_tiny_pool(tiny):
+    """The threaded engine (overlapped decode) with a pool that forces preemptions: all finish, nothing leaks."""
+    model, tok = tiny
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    engine = make_engine(model, tok, block_size=4, kv_blocks=30, max_num_seqs=6)
+    done = threading.Semaphore(0)
+    outs = {}
+
+    def on(name):
+        def f(ev):
+            outs.setdefault(name, []).extend(ev.token_ids)
+            if ev.finish_reason:
+                done.release()
+
+        return f
+
+    prompts = [prompt(i, 10 + i) for i in range(12)]
+    engine.start()
+    try:
+        engine.submit(
+            [
+                Sequence(f"t{i}", p, SamplingParams(max_new_tokens=40, ignore_eos=True), on(f"t{i}"))
+                for i, p in enumerate(prompts)
+            ]
+        )
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.allocator.usage() == 0.0
+    ref = run(make_engine(model, tok, max_num_seqs=12), prompts, 40)
+    assert [outs[f"t{i}"] for i in range(12)] == ref
+
+
+def test_a_follow_up_turn_hits_the_blocks_its_answer_filled(tiny):
+    """Blocks filled by decode steps are cached too: a prompt repeating an earlier prompt and its answer
+    (the next turn of a conversation) skips both; its output equals a cold engine's."""
+    from runtime.metrics import ServiceMetrics
+
+    model, tok = tiny
+    first = prompt(30, 20)
+    m = ServiceMetrics()
+    engine = make_engine(model, tok, m)
+    answer = run(engine, [first], 40)[0]
+    turn = first + answer + prompt(31, 5)
+    hits_before = m.prefix_cache_hits._value.get()
+    again = run(engine, [turn], 6)
+    assert m.prefix_cache_hits._value.get() - hits_before == 48  # 3 full blocks of the 60 earlier tokens
+    assert again == run(make_engine(model, tok, prefix_caching=False), [turn], 6)
