@@ -331,7 +331,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--seq-len", type=int, default=None, help="also count sequences of this length (default 4096)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="as serve")
-    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens, help="as serve")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=d.batched_tokens("cuda"), help="as serve (GPU default)"
+    )
     p.add_argument("--block-size", type=int, default=d.block_size, help="as serve")
     p.add_argument("--no-cuda-graphs", action="store_true", help="as serve")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -349,7 +351,7 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         engine = EngineConfig(
             max_num_seqs=args.max_num_seqs,
-            max_prefill_tokens=args.max_prefill_tokens,
+            max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size,
             cuda_graphs=not args.no_cuda_graphs,
         )

@@ -10,7 +10,7 @@ is bought or booked: ``moe-runtime plan`` prints it, and the deployment sizes ar
   its linear layers at 1 byte per weight plus one float32 scale per ``weight_block_size`` block; embeddings,
   norms and the LM head stay in the model dtype, and the router is fp32 whatever the checkpoint holds
   (:class:`runtime.moe.Gate`);
-* **activations**: the peak of one engine step, a prefill of ``max_prefill_tokens`` tokens (whose last chunk
+* **activations**: the peak of one engine step, a step of ``max_num_batched_tokens`` tokens (whose last chunk
   may read back a cached prefix of ``max_model_len`` tokens and expand it per head) or a decode of
   ``max_num_seqs`` sequences;
 * **CUDA graphs**: the captured decode batches share one memory pool (largest captured first), which keeps
@@ -213,7 +213,7 @@ def activation_bytes(c: ModelConfig, dtype: str, tp: int, engine: EngineConfig, 
     """Peak of one engine step: the larger of a full prefill step and a full decode step."""
     db = DTYPE_BYTES[dtype]
     H = c.hidden_size
-    T = math.ceil(engine.max_prefill_tokens / PADDED_PREFILL_FILL)  # a padded batch holds up to this many rows
+    T = math.ceil(engine.batched_tokens("cuda") / PADDED_PREFILL_FILL)  # a padded batch holds up to this many rows
     prefill = 4 * T * H * db + _layer_peak(c, T, max(T, max_model_len), tp, db)
     return max(prefill, decode_step_bytes(c, dtype, tp, engine.max_num_seqs))
 
@@ -267,7 +267,7 @@ class Plan:
     seq_len: int
     block_size: int
     max_num_seqs: int
-    max_prefill_tokens: int
+    max_num_batched_tokens: int
     weights: dict[str, int]
     activations: int
     cuda_graphs: int
@@ -328,7 +328,7 @@ class Plan:
         lines += [row(name, n) for name, n in self.weights.items()]
         lines += [
             row("weights", self.weights_total),
-            row(f"activations (prefill {self.max_prefill_tokens} / decode {self.max_num_seqs})", self.activations),
+            row(f"activations (step {self.max_num_batched_tokens} / decode {self.max_num_seqs})", self.activations),
             row("CUDA-graph pool", self.cuda_graphs),
             row("CUDA context + NCCL", self.framework),
             row(f"KV cache ({self.kv_blocks} blocks of {self.block_size})", self.kv_bytes),
@@ -400,7 +400,7 @@ def plan(
         seq_len=seq_len,
         block_size=engine.block_size,
         max_num_seqs=engine.max_num_seqs,
-        max_prefill_tokens=engine.max_prefill_tokens,
+        max_num_batched_tokens=engine.batched_tokens("cuda"),
         weights=weight_bytes(config, quant, dtype, tp, ep),
         activations=activation_bytes(config, dtype, tp, engine, max_model_len),
         cuda_graphs=graph_pool_bytes(config, dtype, tp, engine),

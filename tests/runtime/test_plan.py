@@ -213,7 +213,9 @@ def test_unknown_quantization_is_refused_naming_the_field(tmp_path):
 
 def test_engine_limits_move_the_estimates():
     base = _plan("deepseek-v3.json", 16, 80, nodes=2)
-    bigger = _plan("deepseek-v3.json", 16, 80, nodes=2, engine=EngineConfig(max_prefill_tokens=4096, max_num_seqs=256))
+    bigger = _plan(
+        "deepseek-v3.json", 16, 80, nodes=2, engine=EngineConfig(max_num_batched_tokens=4096, max_num_seqs=256)
+    )
     no_graphs = _plan("deepseek-v3.json", 16, 80, nodes=2, engine=EngineConfig(cuda_graphs=False))
     assert bigger.activations > base.activations and bigger.cuda_graphs > base.cuda_graphs
     assert no_graphs.cuda_graphs == 0 and no_graphs.kv_blocks > base.kv_blocks

@@ -74,7 +74,7 @@ def test_engine_logprobs_equal_the_reference(tiny, v2_path, device, overlap):
         SamplingParams(max_new_tokens=6, ignore_eos=True),  # does not ask
         SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, seed=9, logprobs=20),
     ]
-    engine = Engine(model, tok, EngineConfig(max_prefill_tokens=16, max_num_seqs=4, overlap=overlap))
+    engine = Engine(model, tok, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4, overlap=overlap))
     assert device == "cpu" or engine.runner.graphs is not None
     engine.start()
     try:
