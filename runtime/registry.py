@@ -32,6 +32,10 @@ class WeightNames:
     def parameter(self, name: str, config: ModelConfig) -> str | None:
         return name
 
+    def skipped_reason(self, config: ModelConfig) -> str:
+        """What the tensors :meth:`parameter` leaves out are (for the loader's log line)."""
+        return "not part of the model"
+
 
 @dataclass(frozen=True)
 class DeepseekWeightNames(WeightNames):
@@ -47,6 +51,12 @@ class DeepseekWeightNames(WeightNames):
             if m and int(m.group(1)) >= config.num_hidden_layers:
                 return None
         return name
+
+    def skipped_reason(self, config: ModelConfig) -> str:
+        first = config.num_hidden_layers
+        last = first + config.num_nextn_predict_layers - 1
+        layers = f"model.layers.{first}" if last == first else f"model.layers.{first}-{last}"
+        return f"multi-token-prediction layer(s) {layers}: not used for decoding"
 
 
 @dataclass(frozen=True)
