@@ -183,6 +183,35 @@ def moe_dispatch(impl: MoEImpl, x: torch.Tensor, compiled: bool = False) -> MoEI
     return MoEImpl.GATHER if compiled else MoEImpl.LOOP
 
 
+class Fp8Path(Enum):
+    """How an FP8 linear (runtime.quant.fp8.Fp8Linear) runs for a step."""
+
+    FP8_GEMM = "fp8_gemm"  # FP8 tensor cores, activations quantized per 1×128 group (sm89 / sm90 prefill)
+    WEIGHT_ONLY = "weight_only"  # FP8 weight dequantized in the kernel, bf16 math (decode; Ampere)
+    DEQUANT = "dequant"  # the reference: dequantize, then F.linear (no Triton)
+
+
+# From this many tokens an FP8-capable GPU runs FP8 linears on its FP8 tensor cores: below it the step is
+# bound by reading the weights, which the weight-only kernel does at the same byte count without quantizing
+# the activations (benchmarks/fp8_gpu.py measures both).
+FP8_GEMM_MIN_TOKENS = 64
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: Ada (sm89) and Hopper (sm90) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
+    """The FP8 linear kernel for activations ``x`` [T, K]: by hardware (sm90 → FP8 GEMM for prefill-sized
+    steps, weight-only below; sm80 → weight-only; no Triton → dequantize)."""
+    if not triton_usable(x):
+        return Fp8Path.DEQUANT
+    if x.shape[0] >= FP8_GEMM_MIN_TOKENS and fp8_gemm_supported(x.device):
+        return Fp8Path.FP8_GEMM
+    return Fp8Path.WEIGHT_ONLY
+
+
 # ---- compiled regions --------------------------------------------------------------------------------
 # Each region takes its module as an argument, so one compiled graph serves every layer (parameters are graph
 # inputs); dynamic=True gives one graph for all token counts > 1 (prefill and every decode batch) plus one

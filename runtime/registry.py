@@ -103,10 +103,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     parallel: ParallelState | None = None,
+    fp8: bool = False,
 ) -> PiecewiseCausalLM:
     """An uninitialized model on ``device``: built on the meta device then materialized, so no time is spent
     on random init that the checkpoint overwrites (and no CPU detour for GPU models). With ``parallel``
-    (several ranks), layers are cut to this rank's shard while still on meta, so only the shard is allocated."""
+    (several ranks), layers are cut to this rank's shard while still on meta, so only the shard is allocated.
+    ``fp8``: the quantized projections and expert stacks hold the checkpoint's FP8 weights and block scales
+    (runtime.quant.fp8; the config must have a ``quantization_config``)."""
     arch = architecture(config)
     with torch.device("meta"), _skip_init():
         model = arch.model_class(config)
@@ -114,6 +117,12 @@ def build_model(
         if arch.shard is None:
             raise ValueError(f"{type(model).__name__} cannot be sharded (tensor / expert parallelism)")
         arch.shard(model, parallel)
+    if fp8:
+        if config.quantization is None:
+            raise ValueError("fp8 weights need a quantization_config in config.json")
+        from runtime.quant.fp8 import use_fp8
+
+        use_fp8(model, config.quantization.weight_block_size)
     model = model.to(dtype).to_empty(device=device)
     model.on_materialized()
     model.requires_grad_(False)

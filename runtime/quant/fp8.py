@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.collectives import all_reduce
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+GROUP = 128  # the block the kernels handle (and the published checkpoints use)
 SCALE_SUFFIX = "_scale_inv"  # "X.weight" → "X.weight_scale_inv"
 SAFETENSORS_FP8 = "F8_E4M3"  # safetensors' dtype string for float8_e4m3fn
 SAFETENSORS_SCALE = "F32"
@@ -127,34 +130,88 @@ def block_slice(idx: tuple[slice, ...], full: tuple[int, ...], block: tuple[int,
     return tuple(out)
 
 
+def keep_dtypes(fn):
+    """For ``_apply`` overrides: ``fn`` but every tensor keeps its dtype (``model.to(bf16)`` must not turn FP8
+    weights or their fp32 scales into bf16)."""
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        return out if out.dtype == t.dtype else out.to(t.dtype)
+
+    return keep
+
+
 class Fp8Linear(nn.Module):
     """A bias-free linear holding its FP8 weight and block scales as the checkpoint does (``weight``,
-    ``weight_scale_inv``). ``forward`` goes through :func:`runtime.kernels.fp8.fp8_linear` (FP8 GEMM,
-    weight-only kernel or the dequantizing reference, chosen by hardware)."""
+    ``weight_scale_inv``). ``forward`` runs the kernel :func:`runtime.execution.fp8_linear_path` picks (FP8
+    GEMM, weight-only, or the dequantizing reference). ``group``: a row-parallel shard's partial products
+    are all-reduced over it (tensor parallelism), as ``RowParallelLinear`` does."""
+
+    group = None
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128)) -> None:
         super().__init__()
+        if tuple(block) != (GROUP, GROUP):
+            raise ValueError(f"FP8 kernels need {GROUP}×{GROUP} weight blocks, got {list(block)}")
         self.in_features, self.out_features, self.block = in_features, out_features, block
         gn, gk = scale_shape((out_features, in_features), block)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
         self.weight_scale_inv = nn.Parameter(torch.empty(gn, gk, dtype=torch.float32), requires_grad=False)
 
     def _apply(self, fn, recurse: bool = True) -> Fp8Linear:
-        # ``model.to(bf16)`` must not turn the FP8 weight or its fp32 scales into bf16
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            dtype = t.dtype
-            out = fn(t)
-            return out if out.dtype == dtype else out.to(dtype)
-
-        return super()._apply(keep, recurse)
+        return super()._apply(keep_dtypes(fn), recurse)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale_inv, self.block, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from runtime.kernels.fp8 import fp8_linear
+        y = fp8_linear(x, self.weight, self.weight_scale_inv)
+        return y if self.group is None else all_reduce(y, self.group)
 
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block)
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] @ dequant(w, scale).T`` through the kernel the hardware calls for."""
+    from runtime.execution import Fp8Path, fp8_linear_path
+    from runtime.kernels import fp8 as kernels
+
+    x2 = x.reshape(-1, x.shape[-1])
+    path = fp8_linear_path(x2)
+    if path is Fp8Path.FP8_GEMM:
+        y = kernels.fp8_gemm(x2, w, scale)
+    elif path is Fp8Path.WEIGHT_ONLY:
+        y = kernels.w8_linear(x2, w, scale)
+    else:
+        y = kernels.w8_linear_reference(x2, w, scale)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+# kv_b_proj stays in the model dtype (dequantized at load): absorbed decode multiplies per-head slices of it
+# into the query and the output (W_UK, W_UV), as DeepSeek's own inference code does
+DEQUANTIZED_IN_FP8_MODELS = ("kv_b_proj",)
+
+
+def use_fp8(model: nn.Module, block: tuple[int, int]) -> nn.Module:
+    """In place, on the meta device, after sharding: every quantized projection (:func:`is_quantized`) becomes
+    an :class:`Fp8Linear` of the same (local) shape, a row-parallel one keeping its all-reduce group, and
+    every MoE keeps its experts' stacks in FP8 (``MoE.use_fp8``)."""
+    from runtime.moe import MoE
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MoE):
+            module.use_fp8(block)
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if (
+                isinstance(child, nn.Linear)
+                and child.bias is None
+                and child_name not in DEQUANTIZED_IN_FP8_MODELS
+                and is_quantized(full + ".weight")
+            ):
+                with torch.device(child.weight.device):
+                    fp8 = Fp8Linear(child.in_features, child.out_features, block)
+                fp8.group = getattr(child, "group", None)
+                setattr(module, child_name, fp8)
+    return model
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={list(self.block)}"

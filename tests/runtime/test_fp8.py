@@ -49,6 +49,7 @@ ALIGNED = {
 
 def dequantize_folder(src: Path, dst: Path) -> Path:
     """The FP8 checkpoint ``src`` as a plain fp32 one: each e4m3 weight times its block scales."""
+    dst = Path(dst)
     shutil.copytree(src, dst)
     index_file = dst / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
@@ -267,11 +268,19 @@ def test_unknown_quantization_config(v3_fp8: Path, field: str, value, pattern: s
         load_model(v3_fp8)
 
 
-def test_tp_split_off_the_scale_blocks_is_an_error(fp8_pairs) -> None:
-    """The default tiny dims split at --tp 2 into 64-row shards: no rank can own whole 128-row blocks."""
+def test_tp_split_off_the_scale_blocks_is_an_error(fp8_pairs, tmp_path: Path) -> None:
+    """The default tiny dims split at --tp 2 into 64-row shards: no rank can own whole 128-row blocks, whether
+    the weights are dequantized at load or kept in FP8; kept FP8 experts also need a block-aligned gate / up
+    split."""
     ps = ParallelState(ParallelLayout(2, 1, 2), rank=1)
-    with pytest.raises(CheckpointError, match=r"does not fall on 128-wide FP8 scale blocks; choose --tp"):
+    pattern = r"does not fall on 128-wide FP8 scale blocks; choose --tp"
+    with pytest.raises(CheckpointError, match=pattern):
         load_model(fp8_pairs["v2"][0], parallel=ps)
+    off = make_tiny(tmp_path / "off", arch="v2", seed=1, fp8=True, **{**ALIGNED, "qk_nope_head_dim": 32})
+    with pytest.raises(CheckpointError, match=r"q_proj.weight: the tensor-parallel shard \[192:384\] of dim 0"):
+        load_model(off, parallel=ps, fp8="keep")
+    with pytest.raises(ValueError, match="moe_intermediate_size 32 is not a multiple of the FP8 block 128"):
+        load_model(fp8_pairs["v2"][0], fp8="keep")
 
 
 # ---- quantize, shards, serve ----------------------------------------------------------------------------
@@ -303,20 +312,55 @@ def test_quantize_cli_writes_what_make_tiny_fp8_writes(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already has a quantization_config" in again.stderr
 
 
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """arch → (block-aligned FP8 checkpoint, its dequantized twin): every --tp 2 shard of a split dim is a
+    whole number of 128-wide blocks, and the experts' gate / up split falls on a block boundary."""
+    root = tmp_path_factory.mktemp("fp8_aligned")
+    out = {}
+    for arch, seed in (("v2", 21), ("v3", 23)):
+        q = make_tiny(root / f"{arch}_fp8", arch=arch, seed=seed, fp8=True, **ALIGNED)
+        out[arch] = (q, dequantize_folder(q, root / f"{arch}_deq"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["v2", "v3"])
+def test_fp8_resident_model_equals_the_dequantized_twin(aligned, arch: str) -> None:
+    """``fp8="keep"`` (the GPU's way): projections are Fp8Linear, expert stacks FP8 with their scales, and the
+    checkpoint's names still map one-to-one. On the CPU each runs its dequantizing reference, so prefill and
+    decode equal the twin's with the fused decode kernel's dispatch and the default one."""
+    from runtime.execution import ExecutionOptions, MoEImpl
+    from runtime.quant.fp8 import Fp8Linear
+
+    q, deq = aligned[arch]
+    got, ref = load_model(q, fp8="keep"), load_model(deq)
+    attn, moe = got.model.layers[1].self_attn, got.model.layers[1].mlp
+    assert isinstance(attn.o_proj, Fp8Linear) and not isinstance(attn.kv_b_proj, Fp8Linear)
+    assert moe.w13.dtype == torch.float8_e4m3fn and moe.w13_scale.dtype == torch.float32
+    assert "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv" in got.state_dict()
+    for impl in (MoEImpl.AUTO, MoEImpl.FUSED):
+        got.configure(ExecutionOptions(moe_impl=impl))
+        ref.configure(ExecutionOptions(moe_impl=impl))
+        for a, b in zip(prefill_then_decode(got, [7, 4], 3), prefill_then_decode(ref, [7, 4], 3), strict=True):
+            assert rel(a, b) <= 1e-5, impl
+
+
 @pytest.mark.slow
-def test_tp_ep_shards_equal_one_process(tmp_path: Path) -> None:
-    """Block-aligned tiny FP8 checkpoints (each --tp 2 shard a whole number of 128-wide blocks) under --tp 2,
-    --ep 2 and both: each rank reads its rows / columns of the FP8 weight and the matching scale blocks."""
+def test_tp_ep_shards_equal_one_process(aligned, tmp_path: Path) -> None:
+    """Under --tp 2, --ep 2 and both, each rank reads its rows / columns of the FP8 weights and the matching
+    scale blocks: dequantized at load (the CPU's way), and kept in FP8 (the GPU's way, references on CPU)."""
     from tests.runtime.test_parallel import assert_same, compute, run_spmd
 
-    names, refs = {}, {}
-    for arch, seed in (("v2", 21), ("v3", 23)):
-        q = make_tiny(tmp_path / f"{arch}_fp8", arch=arch, seed=seed, fp8=True, **ALIGNED)
-        names[arch] = q
-        refs[arch] = compute(load_model(dequantize_folder(q, tmp_path / f"{arch}_deq")))
-    results = run_spmd(names, 2, [(2, 1), (1, 2), (2, 2)], tmp_path)
+    names = {arch: q for arch, (q, _) in aligned.items()}
+    refs = {arch: compute(load_model(deq)) for arch, (_, deq) in aligned.items()}
+    (tmp_path / "dequantize").mkdir()
+    (tmp_path / "keep").mkdir()
+    results = run_spmd(names, 2, [(2, 1), (1, 2), (2, 2)], tmp_path / "dequantize")
     for (name, tp, ep), got in results.items():
         assert_same(got, refs[name], f"fp8 {name} --tp {tp} --ep {ep}")
+    results = run_spmd(names, 2, [(2, 1), (2, 2)], tmp_path / "keep", fp8="keep")
+    for (name, tp, ep), got in results.items():
+        assert_same(got, refs[name], f"fp8 kept {name} --tp {tp} --ep {ep}")
 
 
 @pytest.mark.slow
