@@ -20,8 +20,10 @@ from torch import nn
 from runtime.config import ConfigError, ModelConfig
 from runtime.interfaces import PiecewiseCausalLM
 from runtime.model import DeepseekForCausalLM
+from runtime.moe import MoE
 from runtime.parallel.dist import ParallelState
 from runtime.parallel.shard import shard_model
+from runtime.quant.fp8 import DEQUANTIZED_IN_FP8_MODELS, Fp8Linear, is_quantized
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,30 @@ def build_model(
     if fp8:
         if config.quantization is None:
             raise ValueError("fp8 weights need a quantization_config in config.json")
-        from runtime.quant.fp8 import use_fp8
-
         use_fp8(model, config.quantization.weight_block_size)
     model = model.to(dtype).to_empty(device=device)
     model.on_materialized()
     model.requires_grad_(False)
     return model.eval()
+
+
+def use_fp8(model: nn.Module, block: tuple[int, int]) -> nn.Module:
+    """In place, on the meta device, after sharding: every quantized projection (:func:`is_quantized`) becomes
+    an :class:`Fp8Linear` of the same (local) shape, a row-parallel one keeping its all-reduce group, and
+    every MoE keeps its experts' stacks in FP8 (``MoE.use_fp8``)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MoE):
+            module.use_fp8(block)
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if (
+                isinstance(child, nn.Linear)
+                and child.bias is None
+                and child_name not in DEQUANTIZED_IN_FP8_MODELS
+                and is_quantized(full + ".weight")
+            ):
+                with torch.device(child.weight.device):
+                    fp8 = Fp8Linear(child.in_features, child.out_features, block)
+                fp8.group = getattr(child, "group", None)
+                setattr(module, child_name, fp8)
+    return model

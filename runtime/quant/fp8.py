@@ -168,6 +168,9 @@ class Fp8Linear(nn.Module):
         y = fp8_linear(x, self.weight, self.weight_scale_inv)
         return y if self.group is None else all_reduce(y, self.group)
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={list(self.block)}"
+
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [..., K] @ dequant(w, scale).T`` through the kernel the hardware calls for."""
@@ -188,30 +191,3 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
 # kv_b_proj stays in the model dtype (dequantized at load): absorbed decode multiplies per-head slices of it
 # into the query and the output (W_UK, W_UV), as DeepSeek's own inference code does
 DEQUANTIZED_IN_FP8_MODELS = ("kv_b_proj",)
-
-
-def use_fp8(model: nn.Module, block: tuple[int, int]) -> nn.Module:
-    """In place, on the meta device, after sharding: every quantized projection (:func:`is_quantized`) becomes
-    an :class:`Fp8Linear` of the same (local) shape, a row-parallel one keeping its all-reduce group, and
-    every MoE keeps its experts' stacks in FP8 (``MoE.use_fp8``)."""
-    from runtime.moe import MoE
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MoE):
-            module.use_fp8(block)
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if (
-                isinstance(child, nn.Linear)
-                and child.bias is None
-                and child_name not in DEQUANTIZED_IN_FP8_MODELS
-                and is_quantized(full + ".weight")
-            ):
-                with torch.device(child.weight.device):
-                    fp8 = Fp8Linear(child.in_features, child.out_features, block)
-                fp8.group = getattr(child, "group", None)
-                setattr(module, child_name, fp8)
-    return model
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={list(self.block)}"
