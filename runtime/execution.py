@@ -212,6 +212,20 @@ def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
     return Fp8Path.WEIGHT_ONLY
 
 
+# FP8 experts: up to this many tokens (every decode batch the engine captures) the routed experts run as the
+# FP8 decode kernel, which reads FP8 weights and needs no host sync; above it (prefill) one FP8 GEMM per active
+# expert. The sorted-dispatch paths would have to dequantize the whole expert stack for the step.
+FP8_FUSED_MAX_TOKENS = 256
+
+
+def moe_dispatch_fp8(dispatch: MoEImpl, x: torch.Tensor) -> MoEImpl:
+    """The routed experts' path for FP8 expert stacks where Triton runs (elsewhere ``dispatch`` stands: the
+    references dequantize)."""
+    if dispatch is MoEImpl.FUSED or not triton_usable(x):
+        return dispatch
+    return MoEImpl.FUSED if x.shape[0] <= FP8_FUSED_MAX_TOKENS else MoEImpl.LOOP
+
+
 # ---- compiled regions --------------------------------------------------------------------------------
 # Each region takes its module as an argument, so one compiled graph serves every layer (parameters are graph
 # inputs); dynamic=True gives one graph for all token counts > 1 (prefill and every decode batch) plus one

@@ -20,11 +20,12 @@ from torch import nn
 
 from runtime.collectives import all_reduce
 from runtime.config import ModelConfig
-from runtime.execution import MoEImpl, moe_dispatch
+from runtime.execution import MoEImpl, moe_dispatch, moe_dispatch_fp8
 from runtime.kernels.fp8 import moe_decode_fp8
 from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
+from runtime.quant.fp8 import fp8_linear
 
 
 class MLP(nn.Module):
@@ -219,6 +220,8 @@ class MoE(nn.Module):
         choice is one kernel too (:mod:`runtime.kernels.router`); False runs the Gate module."""
         if dispatch is None:
             dispatch = moe_dispatch(MoEImpl.AUTO, x)
+        if self.fp8_block is not None:
+            dispatch = moe_dispatch_fp8(dispatch, x)
         fused = dispatch is MoEImpl.FUSED
         fuse_shared = fused and self._shared_fusable()  # the kernel adds the shared experts itself
         y = self._fused(x, fuse_shared, kernel_routing) if fused else self.routed(x, *self.gate(x), dispatch)
@@ -288,7 +291,8 @@ class MoE(nn.Module):
         self.expert_load += counts.roll(self.expert_offset) if self.expert_offset else counts
         offs = offs_all[: self.n_local]
         xs = x.index_select(0, token_idx)
-        w13, w2 = self._stacks(x.dtype)
+        fp8_loop = self.fp8_block is not None and dispatch is MoEImpl.LOOP
+        w13, w2 = (self.w13, self.w2) if fp8_loop else self._stacks(x.dtype)
         if dispatch is MoEImpl.GATHER:
             local = sorted_ids if self.n_local == self.n_experts else sorted_ids.clamp(max=self.n_local - 1)
             h = torch.bmm(w13.index_select(0, local), xs[:, :, None]).squeeze(-1)
@@ -305,8 +309,12 @@ class MoE(nn.Module):
                 if n == 0:
                     continue
                 seg = xs[start : start + n]
-                g, u = F.linear(seg, w13[e]).split(self.inter, dim=-1)
-                out[start : start + n] = F.linear(F.silu(g) * u, w2[e])
+                if fp8_loop:  # FP8 weights read as they are (runtime.quant.fp8.fp8_linear picks the kernel)
+                    g, u = fp8_linear(seg, w13[e], self.w13_scale[e]).split(self.inter, dim=-1)
+                    out[start : start + n] = fp8_linear(F.silu(g) * u, w2[e], self.w2_scale[e])
+                else:
+                    g, u = F.linear(seg, w13[e]).split(self.inter, dim=-1)
+                    out[start : start + n] = F.linear(F.silu(g) * u, w2[e])
                 start += n
         if self.n_local < self.n_experts:  # rows of other ranks' experts hold no (or stale) values
             out = torch.where((sorted_ids < self.n_local)[:, None], out, 0)

@@ -38,6 +38,14 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _e4m3_to_f32(b):
+        """e4m3fn bytes (uint8) → fp32 by bit placement: sign and the 7 exponent / mantissa bits moved into an
+        fp16's, times 2^8 for the exponent biases' difference (exact, subnormals included). Integer ops only,
+        so the weight-only kernels run where Triton has no fp8 type (Ampere) as well as on Hopper."""
+        h = ((b & 0x80).to(tl.uint16) << 8) | ((b & 0x7F).to(tl.uint16) << 7)
+        return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+    @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx, sq, ss, GROUP_K: tl.constexpr):
         t = tl.program_id(0)
         g = tl.program_id(1)
@@ -65,8 +73,13 @@ if HAS_TRITON:
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :])
-            b = tl.load(b_ptr + offs_n[:, None] * bsn + offs_k[None, :] * bsk, mask=n_mask[:, None] & k_mask[None, :])
+            # masked lanes must read zero: an arbitrary byte may be an e4m3 NaN
+            a = tl.load(
+                a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            b = tl.load(
+                b_ptr + offs_n[:, None] * bsn + offs_k[None, :] * bsk, mask=n_mask[:, None] & k_mask[None, :], other=0.0
+            )
             a_s = tl.load(as_ptr + offs_m * sasm + kb, mask=m_mask, other=0.0)
             b_s = tl.load(bs_ptr + (offs_n // BLOCK_K) * sbsn + kb * sbsk, mask=n_mask, other=0.0)
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
@@ -92,10 +105,10 @@ if HAS_TRITON:
                 a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
             )
             b = tl.load(
-                b_ptr + offs_n[:, None] * bsn + offs_k[None, :] * bsk, mask=n_mask[:, None] & k_mask[None, :], other=0.0
+                b_ptr + offs_n[:, None] * bsn + offs_k[None, :] * bsk, mask=n_mask[:, None] & k_mask[None, :], other=0
             )
             b_s = tl.load(bs_ptr + (offs_n // BLOCK_K) * sbsn + kb * sbsk, mask=n_mask, other=0.0)
-            b = (b.to(tl.float32) * b_s[:, None]).to(a.dtype)
+            b = (_e4m3_to_f32(b) * b_s[:, None]).to(a.dtype)
             if IEEE:
                 acc += tl.dot(a, tl.trans(b), input_precision="ieee")
             else:
@@ -117,9 +130,11 @@ if HAS_TRITON:
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk, mask=n_mask[:, None] & k_mask[None, :])
+            w = tl.load(
+                w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk, mask=n_mask[:, None] & k_mask[None, :], other=0
+            )
             s = tl.load(s_ptr + (offs_n // BLOCK_K) * ssn + kb * ssk, mask=n_mask, other=0.0)
-            w = w.to(tl.float32)
+            w = _e4m3_to_f32(w)
             for t in tl.static_range(BLOCK_T):  # padding tokens (t >= T) read the last real one, never stored
                 xt = tl.load(x_ptr + tl.minimum(t, T - 1) * sxt + offs_k * sxk, mask=k_mask, other=0.0).to(tl.float32)
                 part = tl.sum(w * xt[None, :], axis=1) * s
@@ -128,16 +143,20 @@ if HAS_TRITON:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _scaled_rows(v_row, w_rows, s_rows, offs_n, n_mask, k_end, K, swn, ssn, BLOCK_K: tl.constexpr):
+    def _scaled_rows(
+        v_row, w_rows, s_rows, offs_n, n_mask, k_end, K, swn, ssn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
         """Σ_k w[n, k]·v[k] over FP8 rows, each 128-wide K step's partial times its block scale."""
-        acc = tl.zeros(offs_n.shape, dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             v = tl.load(v_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :])
+            w = tl.load(
+                w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0
+            )
             s = tl.load(s_rows + (offs_n // BLOCK_K) * ssn + k0 // BLOCK_K, mask=n_mask, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * v[None, :], axis=1) * s
+            acc += tl.sum(_e4m3_to_f32(w) * v[None, :], axis=1) * s
         return acc
 
     @triton.jit
@@ -156,8 +175,8 @@ if HAS_TRITON:
         e = tl.where(valid, e, 0)
         k_end = tl.where(valid, H, 0)
         w, s = w_ptr + e * swe, s_ptr + e * sse
-        g = _scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, swn, ssn, BLOCK_K)
-        u = _scaled_rows(x_ptr + t * sx, w, s, offs_n + inter, n_mask, k_end, H, swn, ssn, BLOCK_K)
+        g = _scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K)
+        u = _scaled_rows(x_ptr + t * sx, w, s, offs_n + inter, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K)
         h = g / (1.0 + tl.exp(-g)) * u
         tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
@@ -179,7 +198,7 @@ if HAS_TRITON:
         wt = tl.load(wts_ptr + p).to(tl.float32)
         part = _scaled_rows(
             h_ptr + p * sh, w_ptr + e * swe, s_ptr + e * sse, offs_n, n_mask, tl.where(valid, inter, 0), inter,
-            swn, ssn, BLOCK_K,
+            swn, ssn, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         tl.store(out_ptr + t * sot + j * sos + offs_n, wt * part, mask=n_mask)
 
@@ -274,17 +293,18 @@ def w8_linear_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=N
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if not (M and N):
         return y
+    wb = w.view(torch.uint8)  # the kernels decode e4m3 bytes themselves (any GPU generation)
     if M <= GEMV_MAX_TOKENS:
         bn = GEMV_BLOCK_N if config is None else config[1]
         _w8_gemv_kernel[(triton.cdiv(N, bn),)](
-            x, w, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+            x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
             y.stride(0), y.stride(1), BLOCK_T=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=GROUP,
             num_warps=4 if config is None else config[2], num_stages=2 if config is None else config[3],
         )  # fmt: skip
         return y
     bm, bn, warps, stages = config or W8_GEMM_CONFIG
     _w8_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x, w, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+        x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, IEEE=x.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -324,13 +344,13 @@ def moe_decode_fp8_triton(x, ids, weights, w13, s13, w2, s2, expert_offset: int,
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
     _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](
-        x, ids, w13, s13, h, H, inter, k, expert_offset, n_local,
+        x, ids, w13.view(torch.uint8), s13, h, H, inter, k, expert_offset, n_local,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
         BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
     )  # fmt: skip
     out = torch.empty(T, k, H, dtype=torch.float32, device=x.device)
     _moe_down_fp8_kernel[(T, triton.cdiv(H, MOE_BLOCK_N), k)](
-        h, ids, weights, w2, s2, out, H, inter, k, expert_offset, n_local,
+        h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, expert_offset, n_local,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
         BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
     )  # fmt: skip
