@@ -337,9 +337,8 @@ def v2_lite(args, bw: float) -> dict:
             weights = sum(nbytes(t) for t in bench.model.state_dict().values())
             roof = max(flops / peak, weights / bw)
             out[f"prefill_{PB}x{PL}_{name}"] = {"ms": s * 1e3, "roofline_ms": roof * 1e3, "tflops": flops / s / 1e12}
-            log(
-                f"prefill {PB}x{PL} {name}: {s * 1e3:.1f} ms ({flops / s / 1e12:.0f} TFLOP/s), roofline {roof * 1e3:.1f}"
-            )
+            tf = flops / s / 1e12
+            log(f"prefill {PB}x{PL} {name}: {s * 1e3:.1f} ms ({tf:.0f} TFLOP/s), roofline {roof * 1e3:.1f} ms")
         except Exception as exc:
             traceback.print_exc()
             out[f"prefill_{PB}x{PL}_{name}"] = {"error": str(exc)[:300]}
@@ -495,9 +494,8 @@ def main() -> int:
     if args.smoke:
         args.steps = min(args.steps, 3)
         mg.PROMPT = 16
-    log(
-        f"device {args.device}: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}"
-    )
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    log(f"device {args.device}: {name}, torch {torch.__version__}")
     bw = mg.copy_bandwidth() if args.device == "cuda" else 50e9
     RESULTS["copy_bandwidth_tb_s"] = bw / 1e12
     if "kernels" not in args.skip:
