@@ -253,6 +253,13 @@ def load_model(
     keep = config.quantization is not None and (
         fp8 == "keep" or (fp8 == "auto" and torch.device(device).type == "cuda")
     )
+    if keep and fp8 == "auto" and config.moe_intermediate_size % config.quantization.weight_block_size[0]:
+        log.warning(
+            "moe_intermediate_size %d is not a multiple of the FP8 block %d: loading the FP8 weights dequantized",
+            config.moe_intermediate_size,
+            config.quantization.weight_block_size[0],
+        )
+        keep = False
     inv = _inventory(path)
     sharded = parallel is not None and parallel.world_size > 1
     full = build_model(config, dtype=dtype, device="meta", fp8=keep) if sharded else None

@@ -385,3 +385,20 @@ def test_serve_fp8_completions_equal_the_dequantized_model(fp8_pairs, tmp_path: 
                 texts[name].append(r.json()["choices"][0]["text"])
     assert texts["fp8"] == texts["deq"]
     assert any(texts["fp8"])
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_on_the_cpu() -> None:
+    """benchmarks/fp8_gpu.py gets one shot on a GPU: its tiny ``--smoke`` mode runs every model section here
+    (FP8 vs dequantized bf16 agreement, decode, prefill, the V3 slice and its projection) without an error."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/fp8_gpu.py", "--smoke", "--device", "cpu", "--skip", "kernels"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "sections that failed" not in res.stdout, res.stdout
+    assert "'greedy_token_agreement': 1.0" in res.stdout  # CPU: both run the same dequantized function
+    assert "V3 x16 H100 projection B=2" in res.stdout
