@@ -1,5 +1,7 @@
 """GPU benchmark: block-scaled FP8 weights (DeepSeek-V3's format) against bf16, in one run on one card.
 
+0. The linears alone: the weight-only kernel at decode sizes and the FP8 GEMM at 4096 tokens (and torch's
+   blockwise ``F.scaled_mm`` where this torch has it) against bf16 on the dequantized weight, with rooflines.
 1. DeepSeek-V2-Lite shape, random weights, quantized to FP8 (128×128 blocks); the bf16 model holds the same
    weights dequantized, so both compute the same function up to the FP8 kernels' activation handling:
    * logits relative error (prefill 2×128) and greedy agreement over 64 decode steps (8 prompts);
@@ -431,6 +433,64 @@ def project_v3(model, per: dict, batches: list[int], bw: float, ctx: int) -> dic
 SMOKE_V2 = {**mg.V2_LITE, **SMOKE}
 
 
+def scaled_mm_blockwise(q: torch.Tensor, qs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, out_dtype):
+    """torch's own blockwise-scaled FP8 GEMM (``F.scaled_mm``, 1×128 activations × 128×128 weights; cuBLAS on
+    sm90, CUDA ≥ 12.9), the alternative to the Triton ``fp8_gemm``: 1×128 scales outer-dim-major."""
+    import torch.nn.functional as F
+
+    st = F.ScalingType
+    return F.scaled_mm(
+        q, w.t(), qs.t().contiguous().t(), st.BlockWise1x128 if hasattr(st, "BlockWise1x128") else st.Blockwise_1x128,
+        ws.t(), st.BlockWise128x128 if hasattr(st, "BlockWise128x128") else st.Blockwise_128x128,
+        output_dtype=out_dtype,
+    )  # fmt: skip
+
+
+def gemm_micro(args, bw: float) -> dict:
+    """The linears alone, FP8 kernels against bf16 on the dequantized weight: prefill-sized products (Triton
+    FP8 GEMM with its activation quantization, torch's blockwise scaled_mm if this torch has it) and decode
+    sizes (weight-only kernel), each against its roofline."""
+    from runtime.kernels import fp8 as k8
+
+    dev = args.device
+    shapes = {"v2lite_mlp_up": (10944, 2048), "v3_o_proj": (7168, 16384), "v3_q_b": (24576, 1536)}
+    if args.smoke:
+        shapes = {"smoke": (384, 256)}
+    out: dict = {}
+    for name, (n, k) in shapes.items():
+        w, ws = quantize(torch.randn(n, k, device=dev) / math.sqrt(k), BLOCK)
+        wd = dequantize(w, ws, BLOCK, torch.bfloat16)
+        for m in [4] if args.smoke else [1, 8, 64, 4096]:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r: dict = {}
+
+            def t(fn):
+                fn()
+                return min(mg.sync_time(fn) for _ in range(10))
+
+            ref = x.float() @ wd.float().T
+            r["bf16_ms"] = t(lambda: x @ wd.T) * 1e3  # noqa: B023
+            r["roofline_fp8_ms"] = max(2 * m * n * k / PEAK_FP8, (n * k + 2 * m * (n + k)) / bw) * 1e3
+            r["roofline_bf16_ms"] = max(2 * m * n * k / PEAK_BF16, (2 * n * k + 2 * m * (n + k)) / bw) * 1e3
+            for kname, fn in (("w8_linear", k8.w8_linear), ("fp8_gemm", k8.fp8_gemm)):
+                try:
+                    r[f"{kname}_ms"] = t(lambda fn=fn: fn(x, w, ws)) * 1e3  # noqa: B023
+                    r[f"{kname}_rel_err"] = mg.rel(fn(x, w, ws), ref)
+                except Exception as exc:
+                    r[f"{kname}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            if m >= 64:
+                try:
+                    q, qs = k8.act_quant(x)
+                    r["scaled_mm_ms"] = t(lambda: scaled_mm_blockwise(q, qs, w, ws, torch.bfloat16)) * 1e3  # noqa: B023
+                    r["scaled_mm_rel_err"] = mg.rel(scaled_mm_blockwise(q, qs, w, ws, torch.bfloat16), ref)
+                    r["act_quant_ms"] = t(lambda: k8.act_quant(x)) * 1e3  # noqa: B023
+                except Exception as exc:
+                    r["scaled_mm_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            out[f"{name}_m{m}"] = r
+            log(name, m, {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in r.items()})
+    return out
+
+
 def kernels_check(args) -> dict:
     """The FP8 kernels against their references on this device (tests/runtime/fp8_kernel_checks.py)."""
     from tests.runtime.fp8_kernel_checks import main as checks
@@ -475,6 +535,23 @@ def print_tables(bw: float) -> None:
         for k, r in proj.items():
             if k.startswith("b"):
                 print(f"  batch {k[1:]}: {r['step_ms']:.1f} ms/step, {r['tok_s']:.0f} tok/s")
+    gm = RESULTS.get("gemm") or {}
+    if gm:
+        print("\n## Linears alone (ms; FP8 roofline = FP8 weight bytes or FP8 FLOPs)")
+        print("| shape, tokens | bf16 | w8_linear | fp8_gemm | scaled_mm (+ act_quant) | roofline fp8 / bf16 |")
+        print("|---|---|---|---|---|---|")
+        for k, r in gm.items():
+            if not isinstance(r, dict) or "bf16_ms" not in r:
+                continue
+
+            def f(key, r=r):
+                return f"{r[key]:.3f}" if key in r else "-"
+
+            sm = f("scaled_mm_ms") + (f" (+{r['act_quant_ms']:.3f})" if "act_quant_ms" in r else "")
+            print(
+                f"| {k} | {f('bf16_ms')} | {f('w8_linear_ms')} | {f('fp8_gemm_ms')} | {sm} | "
+                f"{f('roofline_fp8_ms')} / {f('roofline_bf16_ms')} |"
+            )
     errors = {k: v["error"] for k, v in RESULTS.items() if isinstance(v, dict) and "error" in v}
     if errors:
         print("\nsections that failed:", json.dumps(errors, indent=1))
@@ -487,7 +564,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement / agreement run")
     ap.add_argument("--no-compile", action="store_true", help="eager layers (no torch.compile'd regions)")
     ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "v2", "v3"], help="sections to leave out")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["kernels", "gemm", "v2", "v3"], help="sections to leave out"
+    )
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args()
     mg.DEV = args.device
@@ -500,6 +579,8 @@ def main() -> int:
     RESULTS["copy_bandwidth_tb_s"] = bw / 1e12
     if "kernels" not in args.skip:
         section("kernels", kernels_check, args)
+    if "gemm" not in args.skip:
+        section("gemm", gemm_micro, args, bw)
     if "v2" not in args.skip:
         section("v2_lite", v2_lite, args, bw)
     if "v3" not in args.skip:
