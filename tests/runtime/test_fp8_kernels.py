@@ -30,3 +30,28 @@ def test_fp8_kernels_under_the_interpreter() -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fp8 kernels ok" in r.stdout
+
+
+def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
+    """runtime.execution's rules: no Triton → the dequantizing reference; FP8 tensor cores (sm89 / sm90) →
+    FP8 GEMM from FP8_GEMM_MIN_TOKENS tokens, weight-only below; no FP8 tensor cores (sm80) → weight-only.
+    FP8 experts: the decode kernel up to FP8_FUSED_MAX_TOKENS, a per-expert FP8 loop above; the given path
+    where Triton does not run."""
+    import torch
+
+    from runtime import execution as ex
+
+    n = ex.FP8_GEMM_MIN_TOKENS
+    assert ex.fp8_linear_path(torch.zeros(n, 8)) is ex.Fp8Path.DEQUANT  # CPU, not interpreted
+    assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(2, 8)) is ex.MoEImpl.GROUPED
+    monkeypatch.setattr(ex, "triton_usable", lambda t: True)
+    for sm90, tokens, want in (
+        (True, n, ex.Fp8Path.FP8_GEMM),
+        (True, n - 1, ex.Fp8Path.WEIGHT_ONLY),
+        (False, 4 * n, ex.Fp8Path.WEIGHT_ONLY),
+    ):
+        monkeypatch.setattr(ex, "fp8_gemm_supported", lambda device, sm90=sm90: sm90)
+        assert ex.fp8_linear_path(torch.zeros(tokens, 8)) is want, (sm90, tokens)
+    m = ex.FP8_FUSED_MAX_TOKENS
+    assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m, 8)) is ex.MoEImpl.FUSED
+    assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m + 1, 8)) is ex.MoEImpl.LOOP
