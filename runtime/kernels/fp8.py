@@ -220,6 +220,7 @@ def act_quant_reference(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tens
 def act_quant(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     if not triton_usable(x):
         return act_quant_reference(x, group)
+    x = x if x.stride(-1) == 1 else x.contiguous()  # the kernel walks a row with unit stride
     T, K = x.shape
     n = -(-K // group)
     q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
