@@ -25,7 +25,7 @@ from runtime.kernels.fp8 import moe_decode_fp8
 from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
-from runtime.quant.fp8 import fp8_linear
+from runtime.quant.fp8 import FP8_DTYPE, dequantize, fp8_linear, keep_dtypes, scale_shape
 
 
 class MLP(nn.Module):
@@ -168,8 +168,6 @@ class MoE(nn.Module):
         """Keep the experts' stacks in FP8 with their block scales (``[n_local, ceil(rows/128), ceil(cols/128)]``,
         fp32), each expert's ``weight`` / ``weight_scale_inv`` views into them: the checkpoint's names and
         in-place loading stay as they are. The gate / up split must fall on a block boundary."""
-        from runtime.quant.fp8 import FP8_DTYPE, scale_shape
-
         if self.inter % block[0]:
             raise ValueError(
                 f"moe_intermediate_size {self.inter} is not a multiple of the FP8 block {block[0]}: the stacked"
@@ -195,8 +193,6 @@ class MoE(nn.Module):
         order = list(self._modules)
         experts = self._modules.pop("experts")
         if self.fp8_block is not None:  # FP8 stacks and their fp32 scales keep their dtypes
-            from runtime.quant.fp8 import keep_dtypes
-
             fn = keep_dtypes(fn)
         try:
             super()._apply(fn, recurse)
@@ -267,8 +263,6 @@ class MoE(nn.Module):
         step (a transient the size of this rank's experts in bf16; the fused decode kernel reads FP8)."""
         if self.fp8_block is None:
             return self.w13, self.w2
-        from runtime.quant.fp8 import dequantize
-
         return (
             dequantize(self.w13, self.w13_scale, self.fp8_block, dtype),
             dequantize(self.w2, self.w2_scale, self.fp8_block, dtype),

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.collectives import all_reduce
+from runtime.execution import Fp8Path, fp8_linear_path
+from runtime.kernels import fp8 as kernels
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -174,9 +176,6 @@ class Fp8Linear(nn.Module):
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [..., K] @ dequant(w, scale).T`` through the kernel the hardware calls for."""
-    from runtime.execution import Fp8Path, fp8_linear_path
-    from runtime.kernels import fp8 as kernels
-
     x2 = x.reshape(-1, x.shape[-1])
     path = fp8_linear_path(x2)
     if path is Fp8Path.FP8_GEMM:
