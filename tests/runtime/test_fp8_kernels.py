@@ -1,6 +1,7 @@
 """The FP8 kernels (runtime.kernels.fp8) against their references, run by the Triton interpreter on the CPU
 (``TRITON_INTERPRET=1`` is set before triton is imported, in a subprocess as tests/runtime/test_kernels.py
-does), and on a GPU when there is one. Shapes have partial last blocks (K, N not multiples of 128)."""
+does); the same checks run on a GPU as ``python -m tests.runtime.fp8_kernel_checks cuda``. Shapes have partial
+last blocks (K, N not multiples of 128)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_fp8_kernels_under_the_interpreter() -> None:
     """act_quant byte-exact; FP8 GEMM, weight-only GEMV / GEMM and the FP8 MoE decode kernels within 1e-5 of
     their references (fp32), EP offsets included (see tests/runtime/fp8_kernel_checks.py)."""
@@ -55,3 +59,44 @@ def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     m = ex.FP8_FUSED_MAX_TOKENS
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m, 8)) is ex.MoEImpl.FUSED
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m + 1, 8)) is ex.MoEImpl.LOOP
+
+
+MODEL_INTERPRETED = """
+import torch
+from runtime.execution import AttentionDecode, ExecutionOptions
+from runtime.loader import load_model
+from runtime.tiny import make_tiny
+from tests.runtime.decoding import prefill_then_decode, rel
+from tests.runtime.test_fp8 import ALIGNED, dequantize_folder
+import sys
+root = sys.argv[1]
+over = {**ALIGNED, "num_hidden_layers": 1, "first_k_dense_replace": 0}
+q = make_tiny(root + "/fp8", arch="v3", seed=5, fp8=True, **over)
+got, ref = load_model(q, fp8="keep"), load_model(dequantize_folder(q, root + "/deq"))
+for m in (got, ref):
+    m.configure(ExecutionOptions(attention_decode=AttentionDecode.GATHER))
+errs = [rel(a, b) for a, b in zip(prefill_then_decode(got, [4], 1), prefill_then_decode(ref, [4], 1), strict=True)]
+assert max(errs) < 1e-5, errs
+print("fp8 model ok", errs)
+"""
+
+
+@pytest.mark.slow
+def test_fp8_resident_model_through_the_interpreted_kernels(tmp_path) -> None:
+    """The FP8-resident model with its kernels in place (weight-only linears, the FP8 MoE decode kernel,
+    interpreted): one V3 MoE layer, prefill and a decode step equal the dequantized twin's."""
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", MODEL_INTERPRETED, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fp8 model ok" in r.stdout
