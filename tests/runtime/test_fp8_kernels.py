@@ -100,3 +100,24 @@ def test_fp8_resident_model_through_the_interpreted_kernels(tmp_path) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fp8 model ok" in r.stdout
+
+
+def test_fp8_custom_ops_trace() -> None:
+    """torch.compile sees the FP8 kernels as custom ops: their fake (shape) functions agree with the real ones
+    (``torch.library.opcheck``; the CPU runs the references)."""
+    import torch
+
+    from runtime.kernels import fp8 as k8
+    from runtime.quant.fp8 import quantize
+
+    # the schema check multiplies inputs, which the CPU has no fp8 kernel for: fake tensors and AOT dispatch
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.manual_seed(0)
+    w, s = quantize(torch.randn(200, 136))
+    x = torch.randn(3, 136)
+    torch.library.opcheck(k8.w8_linear, (x, w, s), test_utils=utils)
+    torch.library.opcheck(k8.fp8_gemm, (x, w, s), test_utils=utils)
+    w13, s13 = quantize(torch.randn(4, 256, 136))
+    w2, s2 = quantize(torch.randn(4, 136, 128))
+    ids, wts = torch.tensor([[0, 3], [1, 2], [3, 1]]), torch.rand(3, 2)
+    torch.library.opcheck(k8.moe_decode_fp8, (x, ids, wts, w13, s13, w2, s2, 0, 4), test_utils=utils)
