@@ -6,7 +6,8 @@ stacked non-persistent buffers ``w13`` ``[E, 2·I, H]`` (gate rows then up rows)
 and per-expert ``Parameter`` objects that are views into them. ``state_dict()`` therefore shows exactly
 the checkpoint names, loading a tensor into an expert parameter fills the stack, and no copy exists.
 ``_apply`` is overridden so ``.to()`` / ``.to_empty()`` move the stacks and re-create the views instead
-of duplicating each expert.
+of duplicating each expert. FP8 checkpoints kept in FP8 (:meth:`MoE.use_fp8`) add stacked block scales
+``w13_scale`` / ``w2_scale`` with per-expert ``weight_scale_inv`` views, the same way.
 """
 
 from __future__ import annotations
