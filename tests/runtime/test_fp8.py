@@ -293,10 +293,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_quantize_cli_writes_what_make_tiny_fp8_writes(tmp_path: Path) -> None:
-    """``moe-runtime quantize`` of a plain tiny checkpoint = ``make-tiny --fp8`` of the same seed, tensor
-    for tensor (scales included); quantizing an FP8 folder again is refused with exit 2."""
+    """``moe-runtime quantize`` of a plain tiny checkpoint = ``moe-runtime make-tiny --fp8`` of the same seed,
+    tensor for tensor (scales included); quantizing an FP8 folder again is refused with exit 2."""
     plain = make_tiny(tmp_path / "plain", arch="v3", seed=5)
-    direct = make_tiny(tmp_path / "direct", arch="v3", seed=5, fp8=True)
+    direct = tmp_path / "direct"
+    made = _cli("make-tiny", str(direct), "--arch", "v3", "--seed", "5", "--fp8")
+    assert made.returncode == 0 and "fp8 checkpoint" in made.stdout, made.stderr
     res = _cli("quantize", str(plain), str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
