@@ -32,6 +32,9 @@ GEMM_CONFIG = (64, 128, 4, 3)
 W8_GEMM_CONFIG = (64, 128, 4, 3)
 GEMV_BLOCK_N = 16
 MOE_BLOCK_N = 8
+# up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
+# (each expert's weights read about once per step however many of the batch's tokens chose it)
+MOE_BY_PAIR_MAX_TOKENS = 16
 
 if HAS_TRITON:
     import triton
@@ -202,6 +205,44 @@ if HAS_TRITON:
         )  # fmt: skip
         tl.store(out_ptr + t * sot + j * sos + offs_n, wt * part, mask=n_mask)
 
+    @triton.jit
+    def _moe_up_fp8_by_expert_kernel(
+        x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k, n_pairs, expert_offset,
+        sx, swe, swn, sse, ssn, sh,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (local expert, block of intermediate rows), over every pair routed to it: the
+        expert's rows come from DRAM once and from cache for its other pairs."""
+        e = tl.program_id(0)
+        nb = tl.program_id(1)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < inter
+        w, s = w_ptr + e * swe, s_ptr + e * sse
+        for p in range(0, n_pairs):
+            if tl.load(ids_ptr + p) - expert_offset == e:
+                x_row = x_ptr + (p // top_k) * sx
+                g = _scaled_rows(x_row, w, s, offs_n, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K)
+                u = _scaled_rows(x_row, w, s, offs_n + inter, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K)
+                h = g / (1.0 + tl.exp(-g)) * u
+                tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _moe_down_fp8_by_expert_kernel(
+        h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k, n_pairs, expert_offset,
+        sh, swe, swn, sse, ssn, sot, sos,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        e = tl.program_id(0)
+        nb = tl.program_id(1)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < H
+        w, s = w_ptr + e * swe, s_ptr + e * sse
+        for p in range(0, n_pairs):
+            if tl.load(ids_ptr + p) - expert_offset == e:
+                wt = tl.load(wts_ptr + p).to(tl.float32)
+                part = _scaled_rows(h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K)
+                tl.store(out_ptr + (p // top_k) * sot + (p % top_k) * sos + offs_n, wt * part, mask=n_mask)
+
 
 # ---- activation quantization --------------------------------------------------------------------------
 
@@ -328,6 +369,25 @@ def _(x, w, s):
 # ---- the experts at decode -----------------------------------------------------------------------------
 
 
+def _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
+    T, H = x.shape
+    k = ids.shape[1]
+    inter = w2.shape[-1]
+    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
+    _moe_up_fp8_by_expert_kernel[(n_local, triton.cdiv(inter, MOE_BLOCK_N))](
+        x, ids, w13.view(torch.uint8), s13, h, H, inter, k, T * k, expert_offset,
+        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
+    )  # fmt: skip
+    out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
+    _moe_down_fp8_by_expert_kernel[(n_local, triton.cdiv(H, MOE_BLOCK_N))](
+        h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, T * k, expert_offset,
+        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
+    )  # fmt: skip
+    return out
+
+
 def moe_decode_fp8_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
     """Each (token, expert) pair against its gathered, dequantized expert weights (runtime.kernels.moe_decode)."""
     e = (ids.reshape(-1) - expert_offset).clamp(0, n_local - 1).unique()
@@ -338,11 +398,18 @@ def moe_decode_fp8_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: i
     return moe_decode_reference(x, ids, weights, full13, full2, None, expert_offset, n_local)
 
 
-def moe_decode_fp8_triton(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
+def moe_decode_fp8_triton(
+    x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, by_expert: bool | None = None
+) -> torch.Tensor:
+    """Two launches. Up to MOE_BY_PAIR_MAX_TOKENS tokens one program per (pair, row block), each reading its
+    expert's rows; above, one program per (expert, row block) over the pairs routed to it, so a batch reads
+    each chosen expert from DRAM about once (``by_expert`` forces either)."""
     T, H = x.shape
     k = ids.shape[1]
     inter = w2.shape[-1]
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    if by_expert if by_expert is not None else T > MOE_BY_PAIR_MAX_TOKENS:
+        return _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
     h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
     _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](
         x, ids, w13.view(torch.uint8), s13, h, H, inter, k, expert_offset, n_local,

@@ -63,12 +63,13 @@ def main(device: str) -> None:
     wts = torch.rand(T, topk, device=device)
     for off, nl in ((0, E), (4, 4)):
         args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
-        got = k8.moe_decode_fp8_triton(x, *args)
         ref = k8.moe_decode_fp8_reference(x.float(), *args)
-        check(f"moe_decode_fp8 offset {off}", got, ref)
-        if off:  # pairs routed to the other rank's experts add exactly zero
-            mask = ((ids - off < 0) | (ids - off >= nl))[..., None].expand_as(got)
-            assert (got[mask] == 0).all(), "EP zero"
+        for by_expert in (False, True):  # per (token, expert) pair, and per expert over its pairs
+            got = k8.moe_decode_fp8_triton(x, *args, by_expert=by_expert)
+            check(f"moe_decode_fp8 offset {off} by_expert {by_expert}", got, ref)
+            if off:  # pairs routed to the other rank's experts add exactly zero
+                mask = ((ids - off < 0) | (ids - off >= nl))[..., None].expand_as(got)
+                assert (got[mask] == 0).all(), "EP zero"
     print("fp8 kernels ok; worst relative errors:", {k: f"{v:.1e}" for k, v in worst.items()})
 
 
