@@ -128,10 +128,15 @@ def section(name: str, fn, *args):
         traceback.print_exc()
         RESULTS[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         return None
-    finally:
+    finally:  # the compiled regions hold the modules they traced: drop them, or the next section's model won't fit
+        from runtime.execution import REGIONS
+
+        REGIONS.clear()
+        torch._dynamo.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            log(f"GPU memory after {name}: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated")
 
 
 # ---- models ----------------------------------------------------------------------------------------------
