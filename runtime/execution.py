@@ -199,7 +199,15 @@ FP8_GEMM_MIN_TOKENS = 64
 
 def fp8_gemm_supported(device: torch.device) -> bool:
     """FP8 tensor cores: Ada (sm89) and Hopper (sm90) or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _fp8_tensor_cores(
+        torch.cuda.current_device() if device.index is None else device.index
+    )
+
+
+@torch.compiler.assume_constant_result
+def _fp8_tensor_cores(index: int) -> bool:
+    # a constant to torch.compile: FP8 linears are called inside compiled regions, and the device never changes
+    return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
