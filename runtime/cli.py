@@ -16,6 +16,7 @@ def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", help="output folder (created if missing)")
     p.add_argument("--arch", choices=["v2", "v3"], default="v2", help="DeepSeek-V2 or -V3 layout")
     p.add_argument("--seed", type=int, default=0, help="random seed for the weights")
+    p.add_argument("--fp8", action="store_true", help="DeepSeek-V3's block-scaled FP8 layout (e4m3, 128×128 scales)")
     p.set_defaults(handler=_make_tiny)
 
 
@@ -23,8 +24,34 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from runtime.tiny import make_tiny
 
     t0 = time.perf_counter()
-    out = make_tiny(args.out_dir, arch=args.arch, seed=args.seed)
-    print(f"wrote tiny {args.arch} checkpoint to {out} in {time.perf_counter() - t0:.1f} s")
+    out = make_tiny(args.out_dir, arch=args.arch, seed=args.seed, fp8=args.fp8)
+    kind = " fp8" if args.fp8 else ""
+    print(f"wrote tiny {args.arch}{kind} checkpoint to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="bf16/fp32 checkpoint → DeepSeek-V3's block-scaled FP8 layout (e4m3, 128×128 scales)"
+    )
+    p.add_argument("in_dir", metavar="IN", help="Hugging Face checkpoint folder (bf16 or fp32)")
+    p.add_argument("out_dir", metavar="OUT", help="output folder (created if missing)")
+    p.set_defaults(handler=_quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from runtime.quant.convert import QuantizeError, quantize_checkpoint
+
+    t0 = time.perf_counter()
+    try:
+        counts = quantize_checkpoint(args.in_dir, args.out_dir)
+    except (QuantizeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out_dir}: {counts['quantized']} FP8 weights with block scales, {counts['kept']} tensors kept"
+        f" in bf16/fp32, in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -383,7 +410,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 # name → function adding the subparser; append to extend the CLI.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_serve, _add_plan]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_quantize, _add_serve, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,11 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "yarn")
 HIDDEN_ACTS = ("silu",)
+# the published DeepSeek-V3/R1 weight format: e4m3 weights with one fp32 scale per 128×128 block
+QUANT_METHODS = ("fp8",)
+FP8_FORMATS = ("e4m3",)
+FP8_ACTIVATION_SCHEMES = ("dynamic",)
+FP8_BLOCK_SIZES = ((128, 128),)
 
 # Per model_type defaults, copied from transformers 5.x config classes (first block) and DeepSeek's
 # original configuration_deepseek.py (fields transformers does not model).
@@ -115,6 +120,45 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """config.json's ``quantization_config`` (block-scaled FP8): ``W ≈ W_fp8 × scale`` per
+    ``block[0] × block[1]`` block of a linear weight, the scale stored as ``<name>.weight_scale_inv``."""
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] = (128, 128)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "fmt": self.fmt,
+            "activation_scheme": self.activation_scheme,
+            "weight_block_size": list(self.weight_block_size),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> QuantConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError("quantization_config", raw, "an object with quant_method 'fp8'")
+        method = raw.get("quant_method")
+        if method not in QUANT_METHODS:
+            raise ConfigError("quantization_config.quant_method", method, ", ".join(QUANT_METHODS))
+        fmt = raw.get("fmt", "e4m3")
+        if fmt not in FP8_FORMATS:
+            raise ConfigError("quantization_config.fmt", fmt, ", ".join(FP8_FORMATS))
+        scheme = raw.get("activation_scheme", "dynamic")
+        if scheme not in FP8_ACTIVATION_SCHEMES:
+            raise ConfigError("quantization_config.activation_scheme", scheme, ", ".join(FP8_ACTIVATION_SCHEMES))
+        block = raw.get("weight_block_size")
+        if not isinstance(block, list | tuple) or tuple(block) not in FP8_BLOCK_SIZES:
+            raise ConfigError(
+                "quantization_config.weight_block_size", block, " or ".join(str(list(b)) for b in FP8_BLOCK_SIZES)
+            )
+        return cls(method, fmt, scheme, (int(block[0]), int(block[1])))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the runtime needs to build a DeepSeek-V2/V3 model, read and validated from config.json."""
 
@@ -152,6 +196,7 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     hidden_act: str = "silu"
     architectures: tuple[str, ...] = ()  # model class names, as config.json lists them (runtime.registry)
+    quantization: QuantConfig | None = None  # block-scaled FP8 weights (runtime.quant.fp8); None: plain
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -295,6 +340,9 @@ class ModelConfig:
             eos_token_id=eos_list,
             num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers", 0) or 0),
             architectures=tuple(archs),
+            quantization=None
+            if raw.get("quantization_config") is None
+            else QuantConfig.from_dict(raw["quantization_config"]),
         )
 
 

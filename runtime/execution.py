@@ -183,6 +183,57 @@ def moe_dispatch(impl: MoEImpl, x: torch.Tensor, compiled: bool = False) -> MoEI
     return MoEImpl.GATHER if compiled else MoEImpl.LOOP
 
 
+class Fp8Path(Enum):
+    """How an FP8 linear (runtime.quant.fp8.Fp8Linear) runs for a step."""
+
+    FP8_GEMM = "fp8_gemm"  # FP8 tensor cores, activations quantized per 1×128 group (sm89 / sm90 prefill)
+    WEIGHT_ONLY = "weight_only"  # FP8 weight dequantized in the kernel, bf16 math (decode; Ampere)
+    DEQUANT = "dequant"  # the reference: dequantize, then F.linear (no Triton)
+
+
+# From this many tokens an FP8-capable GPU runs FP8 linears on its FP8 tensor cores: below it the step is
+# bound by reading the weights, which the weight-only kernel does at the same byte count without quantizing
+# the activations (benchmarks/fp8_gpu.py measures both).
+FP8_GEMM_MIN_TOKENS = 64
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: Ada (sm89) and Hopper (sm90) or newer."""
+    return device.type == "cuda" and _fp8_tensor_cores(
+        torch.cuda.current_device() if device.index is None else device.index
+    )
+
+
+@torch.compiler.assume_constant_result
+def _fp8_tensor_cores(index: int) -> bool:
+    # a constant to torch.compile: FP8 linears are called inside compiled regions, and the device never changes
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
+    """The FP8 linear kernel for activations ``x`` [T, K]: by hardware (sm90 → FP8 GEMM for prefill-sized
+    steps, weight-only below; sm80 → weight-only; no Triton → dequantize)."""
+    if not triton_usable(x):
+        return Fp8Path.DEQUANT
+    if x.shape[0] >= FP8_GEMM_MIN_TOKENS and fp8_gemm_supported(x.device):
+        return Fp8Path.FP8_GEMM
+    return Fp8Path.WEIGHT_ONLY
+
+
+# FP8 experts: up to this many tokens (every decode batch the engine captures) the routed experts run as the
+# FP8 decode kernel, which reads FP8 weights and needs no host sync; above it (prefill) one FP8 GEMM per active
+# expert. The sorted-dispatch paths would have to dequantize the whole expert stack for the step.
+FP8_FUSED_MAX_TOKENS = 256
+
+
+def moe_dispatch_fp8(dispatch: MoEImpl, x: torch.Tensor) -> MoEImpl:
+    """The routed experts' path for FP8 expert stacks where Triton runs (elsewhere ``dispatch`` stands: the
+    references dequantize)."""
+    if dispatch is MoEImpl.FUSED or not triton_usable(x):
+        return dispatch
+    return MoEImpl.FUSED if x.shape[0] <= FP8_FUSED_MAX_TOKENS else MoEImpl.LOOP
+
+
 # ---- compiled regions --------------------------------------------------------------------------------
 # Each region takes its module as an argument, so one compiled graph serves every layer (parameters are graph
 # inputs); dynamic=True gives one graph for all token counts > 1 (prefill and every decode batch) plus one

@@ -10,6 +10,7 @@ any tensor is copied: every missing, unexpected and mis-shaped tensor is reporte
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from runtime.config import ModelConfig
 from runtime.interfaces import PiecewiseCausalLM
 from runtime.parallel.dist import ParallelState
 from runtime.parallel.shard import checkpoint_slice
+from runtime.quant import fp8 as fp8_format
 from runtime.registry import WeightNames, architecture, build_model
 
 DTYPES = {
@@ -34,6 +36,8 @@ DTYPES = {
 
 
 SHOWN_TENSORS = 5  # tensors listed per kind of mismatch; the rest are counted
+log = logging.getLogger(__name__)
+FP8_MODES = ("auto", "keep", "dequantize")
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +79,7 @@ def _shard_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
 class _Inventory:
     where: dict[str, str] = field(default_factory=dict)  # tensor name → shard file
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors dtype strings ("BF16", "F8_E4M3", ...)
 
 
 def _inventory(path: Path) -> _Inventory:
@@ -93,7 +98,9 @@ def _inventory(path: Path) -> _Inventory:
             with safe_open(str(fp), framework="pt") as sf:
                 for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     inv.where[name] = f
-                    inv.shapes[name] = tuple(sf.get_slice(name).get_shape())
+                    sl = sf.get_slice(name)
+                    inv.shapes[name] = tuple(sl.get_shape())
+                    inv.dtypes[name] = sl.get_dtype()
         except Exception as exc:  # safetensors raises SafetensorError / OSError for corrupt files
             problems.append(f"{f}: unreadable or truncated safetensors file ({exc})")
             unreadable.add(f)
@@ -155,13 +162,72 @@ def _parameters(model: PiecewiseCausalLM, config: ModelConfig) -> dict[str, torc
 
 
 def _checkpoint_names(inv: _Inventory, names: WeightNames, config: ModelConfig) -> dict[str, str]:
-    """Parameter name → the checkpoint tensor that fills it (tensors the model does not run are left out)."""
-    out = {}
+    """Parameter name → the checkpoint tensor that fills it (tensors the model does not run are left out,
+    with one log line saying which)."""
+    out, skipped = {}, []
     for name in inv.shapes:
         param = names.parameter(name, config)
         if param is not None:
             out[param] = name
+        else:
+            skipped.append(name)
+    if skipped:
+        log.info(
+            "skipping %d checkpoint tensor(s) the model does not run (%s), e.g. %s",
+            len(skipped),
+            names.skipped_reason(config),
+            skipped[0],
+        )
     return out
+
+
+def _fp8_scales(inv: _Inventory, source: dict[str, str], config: ModelConfig, model_params: set[str]) -> dict[str, str]:
+    """Check the block-scaled FP8 layout and take out of ``source`` the scales the model has no parameter for
+    (its weight is dequantized at load). Returns weight parameter → the ``weight_scale_inv`` tensor to
+    dequantize it with; scales the model holds (FP8 modules) stay in ``source``, loaded as they are.
+
+    Every problem is reported in one CheckpointError naming the tensor and what was expected: a quantized
+    weight that is not e4m3, a missing, mis-shaped or non-fp32 scale, a scale with no weight, an FP8 tensor
+    where the format keeps bf16, or FP8 tensors in a checkpoint whose config.json declares no
+    ``quantization_config``."""
+    q = config.quantization
+    problems: list[str] = []
+    scales: dict[str, str] = {}
+    for param, name in list(source.items()):
+        if fp8_format.is_scale(name):
+            if param not in model_params:
+                del source[param]
+            weight = fp8_format.weight_of_scale(name)
+            if q is None:
+                problems.append(f"{name}: an FP8 block scale, but config.json has no quantization_config")
+            elif not fp8_format.is_quantized(weight) or weight not in inv.shapes:
+                problems.append(f"{name}: a block scale with no FP8 weight {weight} to scale")
+    for param, name in source.items():
+        dtype = inv.dtypes[name]
+        if q is None or not fp8_format.is_quantized(name):
+            if dtype == fp8_format.SAFETENSORS_FP8:
+                why = "no quantization_config in config.json" if q is None else "the FP8 format keeps it bf16"
+                problems.append(f"{name}: dtype {dtype}, expected a bf16/fp16/fp32 tensor ({why})")
+            continue
+        if dtype != fp8_format.SAFETENSORS_FP8:
+            problems.append(
+                f"{name}: dtype {dtype}, expected {fp8_format.SAFETENSORS_FP8} (float8_e4m3fn, quant_method fp8)"
+            )
+        sname = fp8_format.scale_name(name)
+        want = fp8_format.scale_shape(inv.shapes[name], q.weight_block_size)
+        grid = f"{list(want)} fp32 ({list(inv.shapes[name])} in {list(q.weight_block_size)} blocks)"
+        if sname not in inv.shapes:
+            problems.append(f"{sname}: missing; expected the block scales of {name}: {grid}")
+            continue
+        if tuple(inv.shapes[sname]) != want:
+            problems.append(f"{sname}: shape {list(inv.shapes[sname])}, expected {grid}")
+        if inv.dtypes[sname] != fp8_format.SAFETENSORS_SCALE:
+            problems.append(f"{sname}: dtype {inv.dtypes[sname]}, expected {fp8_format.SAFETENSORS_SCALE}")
+        if fp8_format.scale_name(param) not in model_params:
+            scales[param] = sname
+    if problems:
+        raise CheckpointError("FP8 checkpoint does not match its format:\n  " + "\n  ".join(sorted(problems)))
+    return scales
 
 
 def load_model(
@@ -169,8 +235,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     parallel: ParallelState | None = None,
+    fp8: str = "auto",
 ) -> PiecewiseCausalLM:
     """Build the model for ``path``'s config.json and fill it from the safetensors shards.
+
+    An FP8 checkpoint (``quantization_config``, runtime.quant.fp8) is either dequantized at load into
+    ``dtype`` (``fp8="dequantize"``; the CPU's way, exact) or kept in FP8 (``"keep"``: FP8 modules run the FP8
+    kernels; ``kv_b_proj`` is still dequantized). ``"auto"``: keep on CUDA, dequantize elsewhere.
 
     With ``parallel``, the rank builds only its shard and reads only that from the memory-mapped files:
     its own experts' tensors, and for tensor-parallel weights the rows / columns it owns
@@ -181,14 +252,34 @@ def load_model(
     config = load_config(path)
     arch = architecture(config)
     dtype = parse_dtype(dtype)
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 {fp8!r}; allowed: {', '.join(FP8_MODES)}")
+    keep = config.quantization is not None and (
+        fp8 == "keep" or (fp8 == "auto" and torch.device(device).type == "cuda")
+    )
+    if keep and fp8 == "auto" and config.moe_intermediate_size % config.quantization.weight_block_size[0]:
+        log.warning(
+            "moe_intermediate_size %d is not a multiple of the FP8 block %d: loading the FP8 weights dequantized",
+            config.moe_intermediate_size,
+            config.quantization.weight_block_size[0],
+        )
+        keep = False
     inv = _inventory(path)
     sharded = parallel is not None and parallel.world_size > 1
-    full = build_model(config, dtype=dtype, device="meta") if sharded else None
-    model = build_model(config, dtype=dtype, device=device, parallel=parallel)
+    full = build_model(config, dtype=dtype, device="meta", fp8=keep) if sharded else None
+    model = build_model(config, dtype=dtype, device=device, parallel=parallel, fp8=keep)
     source = _checkpoint_names(inv, arch.weight_names, config)
+    scales = _fp8_scales(inv, source, config, set(_parameters(full or model, config)))
     expected = {k: tuple(v.shape) for k, v in _parameters(full or model, config).items()}
     check_names(expected, {param: inv.shapes[name] for param, name in source.items()})
     params = _parameters(model, config)
+    if sharded and keep:  # every FP8 shard must own whole scale blocks: checked before anything is read
+        for param, dst in params.items():
+            if dst.dtype == fp8_format.FP8_DTYPE:
+                name = source[param]
+                idx = checkpoint_slice(inv.shapes[name], tuple(dst.shape), parallel)
+                if idx is not None:
+                    _check_blocks(idx, inv.shapes[name], config, name)
     by_file: dict[str, list[str]] = {}
     for param in params:
         by_file.setdefault(inv.where[source[param]], []).append(param)
@@ -199,8 +290,34 @@ def load_model(
                     dst, name = params[param], source[param]
                     idx = checkpoint_slice(inv.shapes[name], tuple(dst.shape), parallel) if sharded else None
                     src = sf.get_tensor(name) if idx is None else sf.get_slice(name)[idx]
+                    if param in scales:
+                        src = _dequantized(path, inv, name, scales[param], src, idx, config)
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
     return model
+
+
+def _check_blocks(idx, full: tuple[int, ...], config: ModelConfig, name: str) -> None:
+    try:
+        fp8_format.block_slice(idx, full, config.quantization.weight_block_size, name)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def _dequantized(path: Path, inv: _Inventory, name: str, sname: str, q, idx, config: ModelConfig) -> torch.Tensor:
+    """The fp32 weight of FP8 tensor ``name`` (already read: ``q``, this rank's slice ``idx`` of it), from the
+    matching block rows / columns of its scales (a shard must fall on block boundaries)."""
+    from safetensors import safe_open
+
+    block = config.quantization.weight_block_size
+    with safe_open(str(path / inv.where[sname]), framework="pt") as sf:
+        if idx is None:
+            scale = sf.get_tensor(sname)
+        else:
+            try:
+                scale = sf.get_slice(sname)[fp8_format.block_slice(idx, inv.shapes[name], block, name)]
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from exc
+    return fp8_format.dequantize(q, scale, block)
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ stacked non-persistent buffers ``w13`` ``[E, 2·I, H]`` (gate rows then up rows)
 and per-expert ``Parameter`` objects that are views into them. ``state_dict()`` therefore shows exactly
 the checkpoint names, loading a tensor into an expert parameter fills the stack, and no copy exists.
 ``_apply`` is overridden so ``.to()`` / ``.to_empty()`` move the stacks and re-create the views instead
-of duplicating each expert.
+of duplicating each expert. FP8 checkpoints kept in FP8 (:meth:`MoE.use_fp8`) add stacked block scales
+``w13_scale`` / ``w2_scale`` with per-expert ``weight_scale_inv`` views, the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from torch import nn
 
 from runtime.collectives import all_reduce
 from runtime.config import ModelConfig
-from runtime.execution import MoEImpl, moe_dispatch
+from runtime.execution import MoEImpl, moe_dispatch, moe_dispatch_fp8
+from runtime.kernels.fp8 import moe_decode_fp8
 from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
+from runtime.quant.fp8 import FP8_DTYPE, dequantize, fp8_linear, keep_dtypes, scale_shape
 
 
 class MLP(nn.Module):
@@ -104,19 +107,23 @@ def keep_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Proj(nn.Module):
-    """Holds one expert projection's ``weight`` (a view into the stacked buffer)."""
+    """Holds one expert projection's ``weight`` (a view into the stacked buffer) and, for FP8 experts, its
+    ``weight_scale_inv`` (a view into the stacked scales)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        if scale is not None:
+            self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
 
 
 class _ExpertView(nn.Module):
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, inter: int) -> None:
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, inter: int, scales: tuple | None = None) -> None:
         super().__init__()
-        self.gate_proj = _Proj(w13[:inter])
-        self.up_proj = _Proj(w13[inter:])
-        self.down_proj = _Proj(w2)
+        s13, s2, rows = scales if scales is not None else (None, None, 0)
+        self.gate_proj = _Proj(w13[:inter], None if s13 is None else s13[:rows])
+        self.up_proj = _Proj(w13[inter:], None if s13 is None else s13[rows:])
+        self.down_proj = _Proj(w2, s2)
 
 
 class MoE(nn.Module):
@@ -133,6 +140,9 @@ class MoE(nn.Module):
         self.n_local, self.expert_offset = E, 0
         self.ep_group = None  # process group summing the routed partials (runtime.parallel)
         self.shared_partial = False  # shared experts' output is a TP partial summed with the routed one
+        self.fp8_block: tuple[int, int] | None = None  # FP8 expert stacks (use_fp8)
+        self.register_buffer("w13_scale", None, persistent=False)
+        self.register_buffer("w2_scale", None, persistent=False)
         self.gate = Gate(config)
         self.register_buffer("w13", torch.empty(E, 2 * inter, H), persistent=False)
         self.register_buffer("w2", torch.empty(E, H, inter), persistent=False)
@@ -144,10 +154,33 @@ class MoE(nn.Module):
 
     def _tie_expert_views(self) -> None:
         # keyed by global expert id, so a rank holding experts 8..15 still shows ``experts.8.*`` names
+        def scales(e: int) -> tuple | None:
+            if self.fp8_block is None:
+                return None
+            return self.w13_scale[e], self.w2_scale[e], self.inter // self.fp8_block[0]
+
         views = {
-            str(self.expert_offset + e): _ExpertView(self.w13[e], self.w2[e], self.inter) for e in range(self.n_local)
+            str(self.expert_offset + e): _ExpertView(self.w13[e], self.w2[e], self.inter, scales(e))
+            for e in range(self.n_local)
         }
         self._modules["experts"] = nn.ModuleDict(views)
+
+    def use_fp8(self, block: tuple[int, int]) -> None:
+        """Keep the experts' stacks in FP8 with their block scales (``[n_local, ceil(rows/128), ceil(cols/128)]``,
+        fp32), each expert's ``weight`` / ``weight_scale_inv`` views into them: the checkpoint's names and
+        in-place loading stay as they are. The gate / up split must fall on a block boundary."""
+        if self.inter % block[0]:
+            raise ValueError(
+                f"moe_intermediate_size {self.inter} is not a multiple of the FP8 block {block[0]}: the stacked"
+                " gate / up scales cannot be split; load this checkpoint dequantized"
+            )
+        self.fp8_block = tuple(block)
+        n, dev = self.n_local, self.w13.device
+        self.w13 = torch.empty(self.w13.shape, dtype=FP8_DTYPE, device=dev)
+        self.w2 = torch.empty(self.w2.shape, dtype=FP8_DTYPE, device=dev)
+        self.w13_scale = torch.empty(n, *scale_shape(self.w13.shape, block), device=dev)
+        self.w2_scale = torch.empty(n, *scale_shape(self.w2.shape, block), device=dev)
+        self._tie_expert_views()
 
     def shard_experts(self, rank: int, n: int) -> None:
         """Keep only this EP rank's ``E/n`` experts (on the meta device, before materializing)."""
@@ -160,6 +193,8 @@ class MoE(nn.Module):
         # Move only the stacks (and gate / shared experts); then rebuild the per-expert views.
         order = list(self._modules)
         experts = self._modules.pop("experts")
+        if self.fp8_block is not None:  # FP8 stacks and their fp32 scales keep their dtypes
+            fn = keep_dtypes(fn)
         try:
             super()._apply(fn, recurse)
         finally:
@@ -182,6 +217,8 @@ class MoE(nn.Module):
         choice is one kernel too (:mod:`runtime.kernels.router`); False runs the Gate module."""
         if dispatch is None:
             dispatch = moe_dispatch(MoEImpl.AUTO, x)
+        if self.fp8_block is not None:
+            dispatch = moe_dispatch_fp8(dispatch, x)
         fused = dispatch is MoEImpl.FUSED
         fuse_shared = fused and self._shared_fusable()  # the kernel adds the shared experts itself
         y = self._fused(x, fuse_shared, kernel_routing) if fused else self.routed(x, *self.gate(x), dispatch)
@@ -196,7 +233,12 @@ class MoE(nn.Module):
         """The shared experts can join the fused kernel when their output is added where the routed output
         is: unsharded (no EP all-reduce in between) or a TP partial summed by the same all-reduce."""
         s = self.shared_experts
-        return s is not None and type(s.down_proj) is nn.Linear and (self.ep_group is None or self.shared_partial)
+        return (
+            s is not None
+            and self.fp8_block is None  # the FP8 kernel runs the routed experts only
+            and type(s.down_proj) is nn.Linear
+            and (self.ep_group is None or self.shared_partial)
+        )
 
     def _fused(self, x: torch.Tensor, with_shared: bool, kernel_routing: bool) -> torch.Tensor:
         """Routed experts (and, ``with_shared``, the shared ones) through the decode kernel; no all-reduce.
@@ -209,8 +251,23 @@ class MoE(nn.Module):
             ids, weights = self.gate(x)
             flat = ids.reshape(-1)
             self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
-        y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
+        if self.fp8_block is not None:
+            y = moe_decode_fp8(
+                x, ids, weights, self.w13, self.w13_scale, self.w2, self.w2_scale, self.expert_offset, self.n_local
+            )
+        else:
+            y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
         return y.sum(dim=1).to(x.dtype)
+
+    def _stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' stacks in ``dtype`` for the sorted-dispatch paths: FP8 stacks are dequantized for the
+        step (a transient the size of this rank's experts in bf16; the fused decode kernel reads FP8)."""
+        if self.fp8_block is None:
+            return self.w13, self.w2
+        return (
+            dequantize(self.w13, self.w13_scale, self.fp8_block, dtype),
+            dequantize(self.w2, self.w2_scale, self.fp8_block, dtype),
+        )
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dispatch: MoEImpl) -> torch.Tensor:
         """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
@@ -229,15 +286,17 @@ class MoE(nn.Module):
         self.expert_load += counts.roll(self.expert_offset) if self.expert_offset else counts
         offs = offs_all[: self.n_local]
         xs = x.index_select(0, token_idx)
+        fp8_loop = self.fp8_block is not None and dispatch is MoEImpl.LOOP
+        w13, w2 = (self.w13, self.w2) if fp8_loop else self._stacks(x.dtype)
         if dispatch is MoEImpl.GATHER:
             local = sorted_ids if self.n_local == self.n_experts else sorted_ids.clamp(max=self.n_local - 1)
-            h = torch.bmm(self.w13.index_select(0, local), xs[:, :, None]).squeeze(-1)
+            h = torch.bmm(w13.index_select(0, local), xs[:, :, None]).squeeze(-1)
             g, u = h.split(self.inter, dim=-1)
-            out = torch.bmm(self.w2.index_select(0, local), (F.silu(g) * u)[:, :, None]).squeeze(-1)
+            out = torch.bmm(w2.index_select(0, local), (F.silu(g) * u)[:, :, None]).squeeze(-1)
         elif dispatch is MoEImpl.GROUPED:
-            h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
+            h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
             g, u = h.split(self.inter, dim=-1)
-            out = torch._grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
+            out = torch._grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
         else:
             out = torch.empty_like(xs)
             start = 0
@@ -245,8 +304,12 @@ class MoE(nn.Module):
                 if n == 0:
                     continue
                 seg = xs[start : start + n]
-                g, u = F.linear(seg, self.w13[e]).split(self.inter, dim=-1)
-                out[start : start + n] = F.linear(F.silu(g) * u, self.w2[e])
+                if fp8_loop:  # FP8 weights read as they are (runtime.quant.fp8.fp8_linear picks the kernel)
+                    g, u = fp8_linear(seg, w13[e], self.w13_scale[e]).split(self.inter, dim=-1)
+                    out[start : start + n] = fp8_linear(F.silu(g) * u, w2[e], self.w2_scale[e])
+                else:
+                    g, u = F.linear(seg, w13[e]).split(self.inter, dim=-1)
+                    out[start : start + n] = F.linear(F.silu(g) * u, w2[e])
                 start += n
         if self.n_local < self.n_experts:  # rows of other ranks' experts hold no (or stale) values
             out = torch.where((sorted_ids < self.n_local)[:, None], out, 0)

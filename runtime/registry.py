@@ -20,8 +20,10 @@ from torch import nn
 from runtime.config import ConfigError, ModelConfig
 from runtime.interfaces import PiecewiseCausalLM
 from runtime.model import DeepseekForCausalLM
+from runtime.moe import MoE
 from runtime.parallel.dist import ParallelState
 from runtime.parallel.shard import shard_model
+from runtime.quant.fp8 import DEQUANTIZED_IN_FP8_MODELS, Fp8Linear, is_quantized
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class WeightNames:
 
     def parameter(self, name: str, config: ModelConfig) -> str | None:
         return name
+
+    def skipped_reason(self, config: ModelConfig) -> str:
+        """What the tensors :meth:`parameter` leaves out are (for the loader's log line)."""
+        return "not part of the model"
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,12 @@ class DeepseekWeightNames(WeightNames):
             if m and int(m.group(1)) >= config.num_hidden_layers:
                 return None
         return name
+
+    def skipped_reason(self, config: ModelConfig) -> str:
+        first = config.num_hidden_layers
+        last = first + config.num_nextn_predict_layers - 1
+        layers = f"model.layers.{first}" if last == first else f"model.layers.{first}-{last}"
+        return f"multi-token-prediction layer(s) {layers}: not used for decoding"
 
 
 @dataclass(frozen=True)
@@ -93,10 +105,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     parallel: ParallelState | None = None,
+    fp8: bool = False,
 ) -> PiecewiseCausalLM:
     """An uninitialized model on ``device``: built on the meta device then materialized, so no time is spent
     on random init that the checkpoint overwrites (and no CPU detour for GPU models). With ``parallel``
-    (several ranks), layers are cut to this rank's shard while still on meta, so only the shard is allocated."""
+    (several ranks), layers are cut to this rank's shard while still on meta, so only the shard is allocated.
+    ``fp8``: the quantized projections and expert stacks hold the checkpoint's FP8 weights and block scales
+    (runtime.quant.fp8; the config must have a ``quantization_config``)."""
     arch = architecture(config)
     with torch.device("meta"), _skip_init():
         model = arch.model_class(config)
@@ -104,7 +119,33 @@ def build_model(
         if arch.shard is None:
             raise ValueError(f"{type(model).__name__} cannot be sharded (tensor / expert parallelism)")
         arch.shard(model, parallel)
+    if fp8:
+        if config.quantization is None:
+            raise ValueError("fp8 weights need a quantization_config in config.json")
+        use_fp8(model, config.quantization.weight_block_size)
     model = model.to(dtype).to_empty(device=device)
     model.on_materialized()
     model.requires_grad_(False)
     return model.eval()
+
+
+def use_fp8(model: nn.Module, block: tuple[int, int]) -> nn.Module:
+    """In place, on the meta device, after sharding: every quantized projection (:func:`is_quantized`) becomes
+    an :class:`Fp8Linear` of the same (local) shape, a row-parallel one keeping its all-reduce group, and
+    every MoE keeps its experts' stacks in FP8 (``MoE.use_fp8``)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MoE):
+            module.use_fp8(block)
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if (
+                isinstance(child, nn.Linear)
+                and child.bias is None
+                and child_name not in DEQUANTIZED_IN_FP8_MODELS
+                and is_quantized(full + ".weight")
+            ):
+                with torch.device(child.weight.device):
+                    fp8 = Fp8Linear(child.in_features, child.out_features, block)
+                fp8.group = getattr(child, "group", None)
+                setattr(module, child_name, fp8)
+    return model

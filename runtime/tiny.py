@@ -193,14 +193,24 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def make_tiny(out_dir: str | Path, arch: str = "v2", seed: int = 0, **overrides: Any) -> Path:
-    """Write a complete tiny checkpoint folder; ``overrides`` change config.json fields."""
+def make_tiny(out_dir: str | Path, arch: str = "v2", seed: int = 0, fp8: bool = False, **overrides: Any) -> Path:
+    """Write a complete tiny checkpoint folder; ``overrides`` change config.json fields. ``fp8``: the
+    DeepSeek-V3 FP8 layout (runtime.quant.fp8): the same random weights block-quantized (the tiny dims are
+    not multiples of 128, so the last scale blocks are partial), the rest bf16."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = tiny_config(arch, **overrides)
     config = ModelConfig.from_dict(raw)
+    tensors = random_state_dict(config, seed)
+    if fp8:
+        from runtime.config import QuantConfig
+        from runtime.quant.fp8 import quantize_state_dict
+
+        q = QuantConfig()
+        raw = {**raw, "quantization_config": q.to_json(), "torch_dtype": "bfloat16"}
+        tensors = quantize_state_dict(tensors, q.weight_block_size)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
-    save_sharded(random_state_dict(config, seed), out, num_shards=2)
+    save_sharded(tensors, out, num_shards=2)
 
     tok = train_tokenizer(raw["vocab_size"])
     if tok.get_vocab_size() > raw["vocab_size"]:

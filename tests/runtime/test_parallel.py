@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[0, 5, 9, 33, 7, 100, 42, 8, 3], [0, 77, 12, 250, 6]]
 NEW_TOKENS = 6
 KERNELS_ENV = "MOEFLEET_TEST_DECODE_KERNELS"
+FP8_ENV = "MOEFLEET_TEST_FP8"  # load_model's fp8 mode for FP8 checkpoints (tests/runtime/test_fp8.py)
 
 
 # ---- what every rank (or the single process) computes ---------------------------------------------
@@ -58,7 +59,7 @@ def spmd_main(ckpts: dict[str, str], layouts: list[tuple[int, int]], out_dir: st
     for tp, ep in layouts:
         ps = make_groups(ParallelLayout(tp, ep, world).validate(), rank, 0, 60.0)
         for name, ckpt in ckpts.items():
-            model = load_model(ckpt, parallel=ps)
+            model = load_model(ckpt, parallel=ps, fp8=os.environ.get(FP8_ENV) or "auto")
             if os.environ.get(KERNELS_ENV):  # the decode kernels' dispatch (their references on CPU)
                 from runtime.execution import AttentionDecode, ExecutionOptions, MoEImpl
 
@@ -71,7 +72,12 @@ def spmd_main(ckpts: dict[str, str], layouts: list[tuple[int, int]], out_dir: st
 
 
 def run_spmd(
-    ckpts: dict[str, Path], world: int, layouts: list[tuple[int, int]], out: Path, kernels: bool = False
+    ckpts: dict[str, Path],
+    world: int,
+    layouts: list[tuple[int, int]],
+    out: Path,
+    kernels: bool = False,
+    fp8: str = "",
 ) -> dict:
     """{(checkpoint name, tp, ep): rank 0's results}; every rank is a process started as torchrun would."""
     port = free_port()
@@ -80,6 +86,7 @@ def run_spmd(
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         env[KERNELS_ENV] = "1" if kernels else ""
+        env[FP8_ENV] = fp8
         paths = json.dumps({k: str(v) for k, v in ckpts.items()})
         cmd = [sys.executable, __file__, "--spmd", paths, json.dumps(layouts), str(out)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

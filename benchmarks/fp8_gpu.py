@@ -1,0 +1,600 @@
+"""GPU benchmark: block-scaled FP8 weights (DeepSeek-V3's format) against bf16, in one run on one card.
+
+0. The linears alone: the weight-only kernel at decode sizes and the FP8 GEMM at 4096 tokens (and torch's
+   blockwise ``F.scaled_mm`` where this torch has it) against bf16 on the dequantized weight, with rooflines.
+1. DeepSeek-V2-Lite shape, random weights, quantized to FP8 (128×128 blocks); the bf16 model holds the same
+   weights dequantized, so both compute the same function up to the FP8 kernels' activation handling:
+   * logits relative error (prefill 2×128) and greedy agreement over 64 decode steps (8 prompts);
+   * decode tok/s at batch 1 / 8 / 64 through CUDA graphs as the engine runs them (prompt 128, 64 new
+     tokens, the host reading every step's tokens), each against its HBM roofline: the bytes one step must
+     read (FP8 weights count 1 byte, their scales 4 bytes per 16K weights; the distinct experts the batch
+     picks; the KV cache) over the measured copy bandwidth;
+   * prefill 8×512 against its roofline, the larger of bytes / bandwidth and FLOPs / datasheet peak (bf16
+     989 TFLOP/s, FP8 1979 TFLOP/s on H100 SXM).
+2. A DeepSeek-V3 slice: 4 MoE decoder layers at V3's dims in FP8 (random FP8 weights written directly, 45 GB),
+   per-layer decode time at batch 1 / 32 / 128 (two graph-captured models, 4 and 2 layers: the difference
+   over 2 is one layer) against the per-layer roofline, and a projection of V3 decode throughput on 16 H100s
+   (61 layers, experts spread over 16 GPUs), with its assumptions printed.
+
+Every section runs in its own try/except (the error is printed, the rest goes on); the tables are printed
+last, and ``--json`` keeps the raw numbers. ``--smoke``: tiny shapes, a few steps, on the CPU too
+(tests/runtime/test_fp8.py runs it there).
+
+    python benchmarks/fp8_gpu.py --json fp8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import model_gpu as mg
+
+from runtime.config import ModelConfig, QuantConfig
+from runtime.execution import ExecutionOptions
+from runtime.quant.fp8 import Fp8Linear, dequantize, quantize
+from runtime.registry import build_model
+
+PEAK_BF16 = 989e12  # H100 SXM dense, FLOP/s
+PEAK_FP8 = 1979e12
+BLOCK = (128, 128)
+V3_SLICE = {
+    "model_type": "deepseek_v3",
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "first_k_dense_replace": 0,  # the slice: 4 MoE layers (V3's 58 of 61)
+    "moe_layer_freq": 1,
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": False,
+}
+# the smoke shapes: every quantized dim a multiple of 128 where the FP8 experts need it
+SMOKE = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "kv_lora_rank": 64,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 32,
+    "qk_nope_head_dim": 32,
+    "vocab_size": 512,
+}
+
+
+def log(*a) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
+
+
+T0 = time.perf_counter()
+RESULTS: dict = {}
+
+
+def section(name: str, fn, *args):
+    """Run one section; an exception is printed and recorded, never fatal."""
+    log(f"== {name}")
+    try:
+        out = fn(*args)
+        RESULTS[name] = out
+        return out
+    except Exception as exc:  # the one-shot run must go on
+        traceback.print_exc()
+        RESULTS[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        return None
+    finally:  # the compiled regions hold the modules they traced: drop them, or the next section's model won't fit
+        from runtime.execution import REGIONS
+
+        REGIONS.clear()
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            log(f"GPU memory after {name}: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated")
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def configs(raw: dict) -> tuple[ModelConfig, ModelConfig]:
+    plain = ModelConfig.from_dict(raw)
+    fp8 = ModelConfig.from_dict({**raw, "quantization_config": QuantConfig().to_json()})
+    return plain, fp8
+
+
+def init_random(model, seed: int) -> None:
+    """Weights at scale 1/sqrt(fan_in), norms near 1 (model_gpu's transformers init is not needed here)."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.state_dict(keep_vars=True).items():
+            if ".experts." in name:
+                continue  # the stacks below
+            if "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() >= 2 and p.is_floating_point() and p.dtype != torch.float8_e4m3fn:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+            elif p.is_floating_point() and p.dtype != torch.float8_e4m3fn:
+                p.normal_(0.0, 0.1, generator=g)
+        for _, m in model.moe_layers():
+            if m.w13.dtype == torch.float8_e4m3fn:
+                continue  # written by fill_fp8_random
+            m.w13.normal_(0.0, 1.0 / math.sqrt(m.w13.shape[-1]), generator=g)
+            m.w2.normal_(0.0, 1.0 / math.sqrt(m.w2.shape[-1]), generator=g)
+
+
+def quantize_into(bf16, fp8) -> None:
+    """``fp8`` gets the block-quantized weights of ``bf16``, and ``bf16`` is overwritten with their
+    dequantized values: the two models then hold the same function (FP8 vs 'dequantized bf16')."""
+    with torch.no_grad():
+        for name, mod in fp8.named_modules():
+            if isinstance(mod, Fp8Linear):
+                src = bf16.get_submodule(name).weight
+                q, s = quantize(src, BLOCK)
+                mod.weight.copy_(q)
+                mod.weight_scale_inv.copy_(s)
+                src.copy_(dequantize(q, s, BLOCK, src.dtype))
+        for (_, a), (_, b) in zip(bf16.moe_layers(), fp8.moe_layers(), strict=True):
+            for src, dst, sc in ((a.w13, b.w13, b.w13_scale), (a.w2, b.w2, b.w2_scale)):
+                for e in range(src.shape[0]):  # per expert: a bounded fp32 transient
+                    q, s = quantize(src[e], BLOCK)
+                    dst[e].copy_(q)
+                    sc[e].copy_(s)
+                    src[e].copy_(dequantize(q, s, BLOCK, src.dtype))
+        own = fp8.state_dict(keep_vars=True)
+        for name, t in bf16.state_dict(keep_vars=True).items():  # everything kept in bf16 / fp32
+            if name in own and own[name].dtype != torch.float8_e4m3fn and not name.endswith("_scale_inv"):
+                if "kv_b_proj" in name:  # dequantized in FP8 models: the same values in both
+                    q, s = quantize(t, BLOCK)
+                    t.copy_(dequantize(q, s, BLOCK, t.dtype))
+                own[name].copy_(t)
+
+
+def fill_fp8_random(model, seed: int) -> None:
+    """Random FP8 weights written directly (V3 slice: no bf16 copy would fit): N(0, 1) e4m3 values times
+    block scales 1/sqrt(fan_in), so the products are the usual 1/sqrt(fan_in)-scaled weights."""
+    init_random(model, seed)  # bf16 / fp32 tensors (embeddings, norms, router, kv_b_proj, lm_head)
+    g = torch.Generator(device=model.device).manual_seed(seed + 1)
+    with torch.no_grad():
+
+        def fill(w: torch.Tensor, s: torch.Tensor) -> None:
+            w.copy_(torch.randn(w.shape, generator=g, device=w.device, dtype=torch.bfloat16).to(w.dtype))
+            s.fill_(1.0 / math.sqrt(w.shape[-1]))
+
+        for mod in model.modules():
+            if isinstance(mod, Fp8Linear):
+                fill(mod.weight, mod.weight_scale_inv)
+        for _, m in model.moe_layers():
+            for e in range(m.w13.shape[0]):
+                fill(m.w13[e], m.w13_scale[e])
+                fill(m.w2[e], m.w2_scale[e])
+
+
+# ---- rooflines --------------------------------------------------------------------------------------------
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def expert_bytes(m) -> int:
+    """One expert's weights (and scales), as stored."""
+    n = nbytes(m.w13[0]) + nbytes(m.w2[0])
+    if m.w13_scale is not None:
+        n += nbytes(m.w13_scale[0]) + nbytes(m.w2_scale[0])
+    return n
+
+
+def step_bytes(model, B: int, ctx: int, layers: list[int] | None = None, head: bool = True) -> float:
+    """Bytes one decode step must read: the weights of ``layers`` (all by default) as stored, the distinct
+    experts a batch of B picks (uniform routing), the KV cache, and (``head``) B embedding rows, final norm
+    and LM head."""
+    c = model.config
+    idx = range(model.num_layers) if layers is None else layers
+    total = 0.0
+    for i in idx:
+        layer = model.model.layers[i]
+        moe = getattr(layer.mlp, "w13", None) is not None
+        for name, t in layer.state_dict().items():
+            if ".experts." not in name:
+                total += nbytes(t)
+        if moe:
+            E, k = c.n_routed_experts, c.num_experts_per_tok
+            n_local = layer.mlp.n_local
+            distinct = n_local * (1 - (1 - k / E) ** B)
+            total += distinct * expert_bytes(layer.mlp)
+        total += B * ctx * c.kv_cache_dim * model.dtype.itemsize
+    if head:
+        total += nbytes(model.lm_head.weight) + nbytes(model.model.norm.weight)
+        total += B * c.hidden_size * model.dtype.itemsize
+    return total
+
+
+# ---- measurements -----------------------------------------------------------------------------------------
+
+
+def make_bench(model, args, batches: list[int], max_len: int):
+    bench = mg.OursBench(model, max(batches), max_len, max_len, dev=str(model.device))
+    if model.device.type == "cuda" and not args.no_graphs:
+        bench.capture(batches)
+    return bench
+
+
+def decode_step_s(bench, B: int, steps: int, graphs: bool) -> float:
+    """Seconds per decode step at batch B (prompt PROMPT, ``steps`` greedy steps, host reads every step)."""
+    V = bench.model.config.vocab_size
+    prompts = torch.randint(0, V, (B, mg.PROMPT), device=bench.dev)
+    logits, tables = bench.prefill(prompts)
+    tokens = logits.argmax(-1)
+    bench.decode(tokens, tables, mg.PROMPT, 2, graphs)  # warm-up
+    return mg.sync_time(lambda: bench.decode(tokens, tables, mg.PROMPT, steps, graphs)) / steps
+
+
+def agreement(b_fp8, b_bf16, B: int, steps: int, graphs: bool) -> dict:
+    """Prefill logits error and greedy agreement, FP8 against the dequantized bf16 model."""
+    V = b_fp8.model.config.vocab_size
+    g = torch.Generator(device=b_fp8.dev).manual_seed(1)
+    prompts = torch.randint(0, V, (B, mg.PROMPT), device=b_fp8.dev, generator=g)
+    with torch.inference_mode():
+        lf, tf = b_fp8.prefill(prompts)
+        lb, tb = b_bf16.prefill(prompts)
+        first = lb.argmax(-1)  # both decode from the same first token
+        sf = b_fp8.decode(first, tf, mg.PROMPT, steps, graphs)
+        sb = b_bf16.decode(first, tb, mg.PROMPT, steps, graphs)
+    per_seq = list(zip(*sf, strict=True)), list(zip(*sb, strict=True))
+    same = [sum(a == b for a, b in zip(x, y, strict=True)) for x, y in zip(*per_seq, strict=True)]
+    diverge = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), steps)
+        for x, y in zip(*per_seq, strict=True)
+    ]
+    return {
+        "prefill_logits_rel_err": mg.rel(lf, lb),
+        "prefill_argmax_agree": float((lf.argmax(-1) == lb.argmax(-1)).float().mean()),
+        "greedy_token_agreement": sum(same) / (B * steps),
+        "greedy_first_divergence_step": diverge,
+    }
+
+
+def v2_lite(args, bw: float) -> dict:
+    raw = SMOKE_V2 if args.smoke else mg.V2_LITE
+    plain, qcfg = configs(raw)
+    dev = args.device
+    log("building bf16 and FP8 models")
+    bf16 = build_model(plain, dtype=torch.bfloat16, device=dev)
+    fp8 = build_model(qcfg, dtype=torch.bfloat16, device=dev, fp8=True)
+    init_random(bf16, 0)
+    quantize_into(bf16, fp8)
+    opts = ExecutionOptions(compile=not args.no_compile and dev == "cuda")
+    for m in (bf16, fp8):
+        m.configure(opts)
+    gb = {n: sum(nbytes(t) for t in m.state_dict().values()) / 1e9 for n, m in (("bf16", bf16), ("fp8", fp8))}
+    log(f"weights: bf16 {gb['bf16']:.1f} GB, fp8 {gb['fp8']:.1f} GB")
+    batches = [2] if args.smoke else [1, 8, 64]
+    max_len = mg.PROMPT + args.steps + 16
+    graphs = dev == "cuda" and not args.no_graphs
+    benches = {n: make_bench(m, args, batches, max_len) for n, m in (("bf16", bf16), ("fp8", fp8))}
+    out: dict = {"weights_gb": gb}
+    try:
+        out["accuracy"] = agreement(benches["fp8"], benches["bf16"], 8 if not args.smoke else 2, args.steps, graphs)
+        log("accuracy", out["accuracy"])
+    except Exception as exc:
+        traceback.print_exc()
+        out["accuracy"] = {"error": str(exc)[:300]}
+    for B in batches:
+        for name, bench in benches.items():
+            try:
+                s = decode_step_s(bench, B, args.steps, graphs)
+                roof = step_bytes(bench.model, B, mg.PROMPT + args.steps // 2) / bw
+                out[f"decode_b{B}_{name}"] = {"tok_s": B / s, "step_ms": s * 1e3, "roofline_ms": roof * 1e3}
+                log(f"decode B={B} {name}: {B / s:.0f} tok/s, {s * 1e3:.2f} ms/step, roofline {roof * 1e3:.2f} ms")
+            except Exception as exc:
+                traceback.print_exc()
+                out[f"decode_b{B}_{name}"] = {"error": str(exc)[:300]}
+    PB, PL = (2, 32) if args.smoke else (8, 512)
+    for name, bench in benches.items():
+        try:
+            s = bench.prefill_s(PB, PL)
+            flops = mg.prefill_flops(bench.model.config, PB, PL)
+            peak = PEAK_FP8 if name == "fp8" else PEAK_BF16
+            weights = sum(nbytes(t) for t in bench.model.state_dict().values())
+            roof = max(flops / peak, weights / bw)
+            out[f"prefill_{PB}x{PL}_{name}"] = {"ms": s * 1e3, "roofline_ms": roof * 1e3, "tflops": flops / s / 1e12}
+            tf = flops / s / 1e12
+            log(f"prefill {PB}x{PL} {name}: {s * 1e3:.1f} ms ({tf:.0f} TFLOP/s), roofline {roof * 1e3:.1f} ms")
+        except Exception as exc:
+            traceback.print_exc()
+            out[f"prefill_{PB}x{PL}_{name}"] = {"error": str(exc)[:300]}
+    del benches, bf16, fp8
+    return out
+
+
+def v3_slice(args, bw: float) -> dict:
+    raw = {**V3_SLICE, **SMOKE, "num_hidden_layers": 4, "n_group": 4, "topk_group": 2} if args.smoke else V3_SLICE
+    _, qcfg = configs(raw)
+    dev = args.device
+    log("building the V3 slice (FP8)")
+    model = build_model(qcfg, dtype=torch.bfloat16, device=dev, fp8=True)
+    fill_fp8_random(model, 3)
+    model.configure(ExecutionOptions(compile=not args.no_compile and dev == "cuda"))
+    gb = sum(nbytes(t) for t in model.state_dict().values()) / 1e9
+    log(f"V3 slice weights: {gb:.1f} GB")
+    batches = [2] if args.smoke else [1, 32, 128]
+    graphs = dev == "cuda" and not args.no_graphs
+    max_len = mg.PROMPT + args.steps + 16
+    steps = max(4, args.steps // 4)
+    per = {}
+    layers = model.model.layers
+    times = {}
+    for n in (4, 2):
+        model.model.layers = layers[:n]
+        bench = make_bench(model, args, batches, max_len)
+        for B in batches:
+            try:
+                times[(n, B)] = decode_step_s(bench, B, steps, graphs)
+            except Exception as exc:
+                traceback.print_exc()
+                times[(n, B)] = float("nan")
+                per[f"b{B}_error"] = str(exc)[:300]
+        del bench
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    model.model.layers = layers
+    ctx = mg.PROMPT + steps // 2
+    for B in batches:
+        layer_s = (times[(4, B)] - times[(2, B)]) / 2
+        roof = step_bytes(model, B, ctx, layers=[0], head=False) / bw
+        per[f"b{B}"] = {
+            "step_ms_4_layers": times[(4, B)] * 1e3,
+            "layer_ms": layer_s * 1e3,
+            "layer_roofline_ms": roof * 1e3,
+            "roofline_fraction": roof / layer_s if layer_s > 0 else float("nan"),
+        }
+        log(f"V3 layer B={B}: {layer_s * 1e3:.3f} ms/layer, roofline {roof * 1e3:.3f} ms")
+    per["projection"] = project_v3(model, per, batches, bw, ctx)
+    return per
+
+
+def project_v3(model, per: dict, batches: list[int], bw: float, ctx: int) -> dict:
+    """V3 decode on 16 H100s, experts spread 16 per GPU (EP 16), attention replicated (every GPU runs
+    every token's attention, as runtime.parallel's EP layout does), one all-reduce of the MoE output per
+    layer. A layer's time = its bytes on one GPU (replicated weights + the local experts the batch picks +
+    the KV cache) at the bandwidth fraction the slice reached at that batch, plus the all-reduce."""
+    c = model.config
+    layer = model.model.layers[0]
+    E, k, gpus, layers = c.n_routed_experts, c.num_experts_per_tok, 16, 61
+    replicated = sum(nbytes(t) for n, t in layer.state_dict().items() if ".experts." not in n)
+    eb = expert_bytes(layer.mlp)
+    link_bw, link_lat = 50e9, 30e-6  # per GPU across 2 nodes (EFA 3.2 Tb/s per 8-GPU node), s per all-reduce
+    head = (nbytes(model.lm_head.weight)) / bw
+    out = {
+        "assumptions": (
+            f"{layers} layers all priced as MoE layers (V3 has 3 dense: slightly pessimistic); EP {gpus}: "
+            f"{E // gpus} experts per GPU, uniform routing; attention and shared expert replicated; one "
+            f"all-reduce of [B, {c.hidden_size}] bf16 per layer at {link_bw / 1e9:.0f} GB/s per GPU + "
+            f"{link_lat * 1e6:.0f} us; bandwidth fraction per batch as measured on the slice; context {ctx}; "
+            "every GPU decodes the whole batch (no data-parallel attention)"
+        )
+    }
+    for B in batches:
+        frac = per.get(f"b{B}", {}).get("roofline_fraction", float("nan"))
+        if not frac or math.isnan(frac):
+            continue
+        local = (E // gpus) * (1 - (1 - k / E) ** B)
+        by = replicated + local * eb + B * ctx * c.kv_cache_dim * 2
+        t_layer = by / (bw * min(frac, 1.0))
+        t_ar = link_lat + 2 * B * c.hidden_size * 2 * (gpus - 1) / gpus / link_bw
+        step = layers * (t_layer + t_ar) + head
+        out[f"b{B}"] = {"layer_ms": t_layer * 1e3, "allreduce_ms": t_ar * 1e3, "step_ms": step * 1e3, "tok_s": B / step}
+        log(f"V3 x16 H100 projection B={B}: {step * 1e3:.1f} ms/step, {B / step:.0f} tok/s")
+    return out
+
+
+SMOKE_V2 = {**mg.V2_LITE, **SMOKE}
+
+
+def scaled_mm_blockwise(q: torch.Tensor, qs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, out_dtype):
+    """torch's own blockwise-scaled FP8 GEMM (``F.scaled_mm``, 1×128 activations × 128×128 weights; cuBLAS on
+    sm90, CUDA ≥ 12.9), the alternative to the Triton ``fp8_gemm``: 1×128 scales outer-dim-major."""
+    import torch.nn.functional as F
+
+    st = F.ScalingType
+    return F.scaled_mm(
+        q, w.t(), qs.t().contiguous().t(), st.BlockWise1x128 if hasattr(st, "BlockWise1x128") else st.Blockwise_1x128,
+        ws.t(), st.BlockWise128x128 if hasattr(st, "BlockWise128x128") else st.Blockwise_128x128,
+        output_dtype=out_dtype,
+    )  # fmt: skip
+
+
+def gemm_micro(args, bw: float) -> dict:
+    """The linears alone, FP8 kernels against bf16 on the dequantized weight: prefill-sized products (Triton
+    FP8 GEMM with its activation quantization, torch's blockwise scaled_mm if this torch has it) and decode
+    sizes (weight-only kernel), each against its roofline."""
+    from runtime.kernels import fp8 as k8
+
+    dev = args.device
+    shapes = {"v2lite_mlp_up": (10944, 2048), "v3_o_proj": (7168, 16384), "v3_q_b": (24576, 1536)}
+    if args.smoke:
+        shapes = {"smoke": (384, 256)}
+    out: dict = {}
+    for name, (n, k) in shapes.items():
+        w, ws = quantize(torch.randn(n, k, device=dev) / math.sqrt(k), BLOCK)
+        wd = dequantize(w, ws, BLOCK, torch.bfloat16)
+        for m in [4] if args.smoke else [1, 8, 64, 4096]:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r: dict = {}
+
+            def t(fn):
+                fn()
+                return min(mg.sync_time(fn) for _ in range(10))
+
+            ref = x.float() @ wd.float().T
+            r["bf16_ms"] = t(lambda: x @ wd.T) * 1e3  # noqa: B023
+            r["roofline_fp8_ms"] = max(2 * m * n * k / PEAK_FP8, (n * k + 2 * m * (n + k)) / bw) * 1e3
+            r["roofline_bf16_ms"] = max(2 * m * n * k / PEAK_BF16, (2 * n * k + 2 * m * (n + k)) / bw) * 1e3
+            for kname, fn in (("w8_linear", k8.w8_linear), ("fp8_gemm", k8.fp8_gemm)):
+                try:
+                    r[f"{kname}_ms"] = t(lambda fn=fn: fn(x, w, ws)) * 1e3  # noqa: B023
+                    r[f"{kname}_rel_err"] = mg.rel(fn(x, w, ws), ref)
+                except Exception as exc:
+                    r[f"{kname}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            if m >= 64:
+                try:
+                    q, qs = k8.act_quant(x)
+                    r["scaled_mm_ms"] = t(lambda: scaled_mm_blockwise(q, qs, w, ws, torch.bfloat16)) * 1e3  # noqa: B023
+                    r["scaled_mm_rel_err"] = mg.rel(scaled_mm_blockwise(q, qs, w, ws, torch.bfloat16), ref)
+                    r["act_quant_ms"] = t(lambda: k8.act_quant(x)) * 1e3  # noqa: B023
+                except Exception as exc:
+                    r["scaled_mm_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            out[f"{name}_m{m}"] = r
+            log(name, m, {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in r.items()})
+    return out
+
+
+def kernels_check(args) -> dict:
+    """The FP8 kernels against their references on this device (tests/runtime/fp8_kernel_checks.py)."""
+    from tests.runtime.fp8_kernel_checks import main as checks
+
+    checks(args.device)
+    return {"ok": True}
+
+
+def print_tables(bw: float) -> None:
+    print("\n## FP8 vs bf16, DeepSeek-V2-Lite shape" + (f" (copy bandwidth {bw / 1e12:.2f} TB/s)" if bw else ""))
+    v2 = RESULTS.get("v2_lite") or {}
+    print("| measure | bf16 (dequantized weights) | FP8 | FP8 / bf16 |")
+    print("|---|---|---|---|")
+    for key in sorted(k for k in v2 if k.startswith("decode_b")):
+        if not key.endswith("_bf16"):
+            continue
+        b, f = v2[key], v2.get(key.replace("_bf16", "_fp8"), {})
+        if "tok_s" in b and "tok_s" in f:
+            print(
+                f"| {key[7:-5]} decode tok/s (roofline ms) | {b['tok_s']:.0f} ({b['roofline_ms']:.2f}: "
+                f"{b['roofline_ms'] / b['step_ms']:.0%}) | {f['tok_s']:.0f} ({f['roofline_ms']:.2f}: "
+                f"{f['roofline_ms'] / f['step_ms']:.0%}) | {f['tok_s'] / b['tok_s']:.2f}x |"
+            )
+    for key in (k for k in v2 if k.startswith("prefill_") and k.endswith("_bf16")):
+        b, f = v2[key], v2.get(key.replace("_bf16", "_fp8"), {})
+        if "ms" in b and "ms" in f:
+            print(
+                f"| {key[8:-5]} prefill ms (roofline) | {b['ms']:.1f} ({b['roofline_ms']:.1f}) | {f['ms']:.1f} "
+                f"({f['roofline_ms']:.1f}) | {b['ms'] / f['ms']:.2f}x |"
+            )
+    print("accuracy:", json.dumps(v2.get("accuracy"), default=str))
+    v3 = RESULTS.get("v3_slice") or {}
+    print("\n## DeepSeek-V3 slice, FP8, one MoE layer per decode step")
+    print("| batch | ms / layer | roofline ms | fraction |")
+    print("|---|---|---|---|")
+    for k, r in v3.items():
+        if k.startswith("b") and isinstance(r, dict) and "layer_ms" in r:
+            print(f"| {k[1:]} | {r['layer_ms']:.3f} | {r['layer_roofline_ms']:.3f} | {r['roofline_fraction']:.0%} |")
+    proj = v3.get("projection") or {}
+    if proj:
+        print("\nprojection, V3 decode on 16 H100s:", proj.get("assumptions"))
+        for k, r in proj.items():
+            if k.startswith("b"):
+                print(f"  batch {k[1:]}: {r['step_ms']:.1f} ms/step, {r['tok_s']:.0f} tok/s")
+    gm = RESULTS.get("gemm") or {}
+    if gm:
+        print("\n## Linears alone (ms; FP8 roofline = FP8 weight bytes or FP8 FLOPs)")
+        print("| shape, tokens | bf16 | w8_linear | fp8_gemm | scaled_mm (+ act_quant) | roofline fp8 / bf16 |")
+        print("|---|---|---|---|---|---|")
+        for k, r in gm.items():
+            if not isinstance(r, dict) or "bf16_ms" not in r:
+                continue
+
+            def f(key, r=r):
+                return f"{r[key]:.3f}" if key in r else "-"
+
+            sm = f("scaled_mm_ms") + (f" (+{r['act_quant_ms']:.3f})" if "act_quant_ms" in r else "")
+            print(
+                f"| {k} | {f('bf16_ms')} | {f('w8_linear_ms')} | {f('fp8_gemm_ms')} | {sm} | "
+                f"{f('roofline_fp8_ms')} / {f('roofline_bf16_ms')} |"
+            )
+    errors = {k: v["error"] for k, v in RESULTS.items() if isinstance(v, dict) and "error" in v}
+    if errors:
+        print("\nsections that failed:", json.dumps(errors, indent=1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, few steps (also on the CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement / agreement run")
+    ap.add_argument("--no-compile", action="store_true", help="eager layers (no torch.compile'd regions)")
+    ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["kernels", "gemm", "v2", "v3"], help="sections to leave out"
+    )
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    args = ap.parse_args()
+    mg.DEV = args.device
+    if args.smoke:
+        args.steps = min(args.steps, 3)
+        mg.PROMPT = 16
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    log(f"device {args.device}: {name}, torch {torch.__version__}")
+    bw = mg.copy_bandwidth() if args.device == "cuda" else 50e9
+    RESULTS["copy_bandwidth_tb_s"] = bw / 1e12
+    if "kernels" not in args.skip:
+        section("kernels", kernels_check, args)
+    if "gemm" not in args.skip:
+        section("gemm", gemm_micro, args, bw)
+    if "v2" not in args.skip:
+        section("v2_lite", v2_lite, args, bw)
+    if "v3" not in args.skip:
+        section("v3_slice", v3_slice, args, bw)
+    print_tables(bw)
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
