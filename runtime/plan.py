@@ -69,25 +69,10 @@ class Quantization:
     block: tuple[int, int] = (128, 128)
 
     @classmethod
-    def from_config(cls, raw: dict[str, Any]) -> Quantization | None:
-        q = raw.get("quantization_config")
-        if q is None:
-            return None
-        if not isinstance(q, dict):
-            raise PlanError("quantization_config", q, "null or an object")
-        if q.get("quant_method") != "fp8":
-            raise PlanError("quantization_config.quant_method", q.get("quant_method"), "fp8")
-        fmt = q.get("fmt", "e4m3")
-        if fmt not in FP8_FORMATS:
-            raise PlanError("quantization_config.fmt", fmt, ", ".join(FP8_FORMATS))
-        block = q.get("weight_block_size")
-        if (
-            not isinstance(block, list | tuple)
-            or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
-        ):
-            raise PlanError("quantization_config.weight_block_size", block, "two positive integers, e.g. [128, 128]")
-        return cls("fp8", fmt, (block[0], block[1]))
+    def of(cls, config: ModelConfig) -> Quantization | None:
+        """From the config the runtime parsed (runtime.config validates ``quantization_config``)."""
+        q = config.quantization
+        return None if q is None else cls(q.quant_method, q.fmt, q.weight_block_size)
 
 
 def load_config(path: str | Path) -> tuple[ModelConfig, Quantization | None]:
@@ -103,7 +88,8 @@ def load_config(path: str | Path) -> tuple[ModelConfig, Quantization | None]:
         raise PlanError("--model", str(file), f"valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise PlanError("--model", str(file), "a JSON object")
-    return ModelConfig.from_dict(raw), Quantization.from_config(raw)
+    config = ModelConfig.from_dict(raw)
+    return config, Quantization.of(config)
 
 
 # ---- parameters and weight bytes -------------------------------------------------------------------------

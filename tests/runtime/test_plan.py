@@ -15,8 +15,9 @@ import pytest
 
 from infra.catalog.sizes import SIZES, Size, SizeName, WeightFormat
 from runtime.cli import main
+from runtime.config import ConfigError
 from runtime.engine.config import EngineConfig
-from runtime.plan import GIB, Plan, PlanError, load_config, parameter_count, plan, weight_bytes
+from runtime.plan import GIB, Plan, load_config, parameter_count, plan, weight_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
 
@@ -207,7 +208,9 @@ def test_unknown_quantization_is_refused_naming_the_field(tmp_path):
     raw["quantization_config"]["quant_method"] = "awq"
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
-    with pytest.raises(PlanError, match=r"quantization_config.quant_method awq: fp8"):
+    with pytest.raises(
+        ConfigError, match=r"'quantization_config.quant_method' has unsupported value 'awq'; allowed: fp8"
+    ):
         load_config(path)
 
 
