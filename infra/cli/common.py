@@ -122,8 +122,8 @@ def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    # Into a pipe rich would wrap at 80 columns; tables stay readable in CI logs at 200.
-    return Console(file=stream, width=None if stream.isatty() else 200, highlight=False)
+    # Into a pipe rich would wrap at 80 columns; at 240 the widest table (envs) keeps every cell on one line.
+    return Console(file=stream, width=None if stream.isatty() else 240, highlight=False)
 
 
 def aws_call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -76,6 +76,8 @@ def test_envs_lists_every_environment_with_its_instance_types() -> None:
     for env in load_environments(DEFAULT_ENVIRONMENTS_FILE).values():
         assert env.name in out and env.gpu_instance_type in out and env.size_spec.system_instance_type in out
     assert "p5.48xlarge (8× H100 80 GB)" in out and "0/0/2" in out and "16" in out
+    for env in load_environments(DEFAULT_ENVIRONMENTS_FILE).values():
+        assert f"{env.model.name}@{env.model.revision}" in out
 
 
 def test_cost_estimate_adds_up_from_the_sizes_catalog() -> None:

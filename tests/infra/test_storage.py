@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.catalog import node_autoscaling
 from infra.catalog.environments import load_environments
 from infra.catalog.names import MODELS_PREFIX, RUNTIME_NAMESPACE, RUNTIME_SERVICE_ACCOUNT
 from infra.catalog.sizes import SIZES, HotTierKind
@@ -152,7 +153,8 @@ def test_runtime_role_reads_models_only(stacks: dict[str, dict], env_name: str) 
 @pytest.mark.parametrize("env_name", TESTED)
 def test_policies_use_wildcards_only_where_the_api_requires(stacks: dict[str, dict], env_name: str) -> None:
     """`*` actions never; `*` resources only for the calls documented as not supporting resource ARNs."""
-    allowed_star_resource = {"fsx:DescribeFileSystems"}
+    # the FSx CSI driver's describe call, and the node autoscaler's Describe/Get calls (none take a resource ARN)
+    allowed_star_resource = {"fsx:DescribeFileSystems", *node_autoscaling.DESCRIBE_ACTIONS}
     for rtype in ("aws_iam_role_policy", "aws_iam_policy"):
         for name, body in resources(stacks[env_name], rtype).items():
             for statement in statements(body["policy"]):
