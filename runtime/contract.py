@@ -61,6 +61,9 @@ ENV_ACCURACY_WINDOW = "MOE_ACCURACY_WINDOW"  # labelled predictions in the rolli
 ENV_LOG_LEVEL = "MOE_LOG_LEVEL"
 ENV_WORLD_SIZE = "WORLD_SIZE"  # torchrun / LeaderWorkerSet convention
 ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
+ENV_API_KEYS = "MOE_API_KEYS"  # comma-separated bearer keys the API accepts (several: rotation)
+ENV_MAX_REQUEST_BYTES = "MOE_MAX_REQUEST_BYTES"  # request body size limit (413 above it)
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 # ---- multi-GPU / multi-node (docs/parallel.md) --------------------------------------------------
 
