@@ -45,6 +45,9 @@ API_PATHS = (
     FEEDBACK_PATH,
 )
 ALL_PATHS = (*API_PATHS, HEALTH_PATH, READY_PATH, METRICS_PATH)
+#: Answered without an API key: kubelet probes and Prometheus scrapes carry no credentials, and these
+#: answers hold no request content. Every other path needs one once keys are configured.
+OPEN_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
 
 # ---- environment variables ----------------------------------------------------------------------
 
@@ -98,7 +101,7 @@ LABEL_REASON = "reason"  # rejection / error reason
 LABEL_LAYER = "layer"  # MoE layer index
 LABEL_GPU = "gpu"  # NVML device index
 
-REJECT_REASONS = ("queue_full", "shutting_down", "context_length", "invalid_request")
+REJECT_REASONS = ("queue_full", "shutting_down", "context_length", "invalid_request", "unauthorized", "too_large")
 FINISH_REASONS = ("stop", "length", "abort")
 
 # ---- metrics ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime import contract as c
 from runtime.metrics import ServiceMetrics
 from runtime.server.risk import FeedbackTracker
 
@@ -45,6 +46,8 @@ class Settings:
     warmup: bool = True
     retry_after_s: int = 1
     parallel: object | None = None  # runtime.parallel.dist.ParallelState of the leader (multi-GPU)
+    api_keys: tuple[str, ...] = ()  # bearer keys the API accepts; empty: open (a warning is logged)
+    max_request_bytes: int = c.DEFAULT_MAX_REQUEST_BYTES  # request bodies above this get 413
 
     @property
     def model_name(self) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -130,9 +131,10 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
             outputs = read_stack_outputs(tf.workdir)
 
         model_dir = _weights(workdir, url, outputs, model)
-        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model)
-        results = _traffic(runtime_url, prom_url, model)
-        _summary(outputs, url, runtime_url, prom_url, results, workdir)
+        api_key = secrets.token_urlsafe(32)
+        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model, api_key)
+        results = _traffic(runtime_url, prom_url, model, api_key)
+        _summary(outputs, url, runtime_url, prom_url, results, workdir, api_key)
 
         if not once:
             print("\nEverything is up. Press Ctrl-C to destroy the stack and stop everything.", flush=True)
@@ -177,12 +179,12 @@ def _weights(workdir: Path, endpoint: str, outputs: StackOutputs, model: ModelRe
 
 
 def _services(
-    teardown: contextlib.ExitStack, workdir: Path, model_dir: Path, ports: Ports, model: ModelRef
+    teardown: contextlib.ExitStack, workdir: Path, model_dir: Path, ports: Ports, model: ModelRef, api_key: str
 ) -> tuple[str, str]:
     from infra.observability.alerts import alert_rules, rules_yaml
     from infra.observability.prometheus_config import write_local
 
-    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name)
+    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name, api_key)
     with step(f"start the runtime on 127.0.0.1:{ports.runtime} (CPU)"):
         runtime.start()
         teardown.callback(_announce, "runtime stopped", runtime.stop)
@@ -204,17 +206,17 @@ def _services(
     return f"http://127.0.0.1:{ports.runtime}", f"http://127.0.0.1:{ports.prometheus}"
 
 
-def _traffic(runtime_url: str, prom_url: str, model: ModelRef) -> dict[str, Any]:
+def _traffic(runtime_url: str, prom_url: str, model: ModelRef, api_key: str) -> dict[str, Any]:
     from . import traffic
 
     results: dict[str, Any] = {}
     with step("send 16 streamed chat completions (4 at a time)"):
-        chats = traffic.chat_load(runtime_url, model.name, requests=16, concurrency=4)
+        chats = traffic.chat_load(runtime_url, api_key, model.name, requests=16, concurrency=4)
         if not all(c.chunks for c in chats):
             raise RuntimeError("a streamed completion returned no tokens")
         results["chats"] = chats
     with step("score 20 transactions on the risk endpoint and send their ground truth"):
-        results["risk"] = traffic.risk_with_feedback(runtime_url, 20)
+        results["risk"] = traffic.risk_with_feedback(runtime_url, api_key, 20)
     with step("ask Prometheus what it scraped and how the alerts stand"):
         latency = contract.E2E_LATENCY.name
         served = traffic.prom_wait_for(
@@ -234,7 +236,13 @@ def _traffic(runtime_url: str, prom_url: str, model: ModelRef) -> dict[str, Any]
 
 
 def _summary(
-    outputs: StackOutputs, aws_url: str, runtime_url: str, prom_url: str, results: dict[str, Any], workdir: Path
+    outputs: StackOutputs,
+    aws_url: str,
+    runtime_url: str,
+    prom_url: str,
+    results: dict[str, Any],
+    workdir: Path,
+    api_key: str,
 ) -> None:
     from .traffic import percentile
 
@@ -246,6 +254,7 @@ def _summary(
         {
             "emulated AWS": aws_url,
             "runtime (OpenAI API)": f"{runtime_url}/v1  — try {runtime_url}/docs",
+            "runtime API key": f"{api_key}  — send 'Authorization: Bearer <key>' (generated for this run)",
             "runtime metrics": runtime_url + contract.METRICS_PATH,
             "Prometheus": f"{prom_url}  — alerts at {prom_url}/alerts",
             "state and logs": str(workdir),

@@ -77,8 +77,9 @@ class ManagedProcess:
             self.proc.wait()
 
 
-def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str) -> ManagedProcess:
-    """`moe-runtime serve` on loopback, CPU, with an accuracy baseline so the drift alert has a reference."""
+def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str, api_key: str) -> ManagedProcess:
+    """`moe-runtime serve` on loopback, CPU, with an accuracy baseline so the drift alert has a reference, and
+    an API key as in a cluster (from the environment, as the pod gets it from its Secret)."""
     return ManagedProcess(
         "the runtime",
         [
@@ -100,6 +101,7 @@ def runtime_process(model_dir: Path, port: int, log_path: Path, model_name: str)
             "0.9",
         ],
         log_path,
+        env={contract.ENV_API_KEYS: api_key},
     )
 
 
