@@ -116,7 +116,7 @@ class ServiceState:
                 from runtime.parallel.lockstep import Leader, startup_barrier
 
                 startup_barrier(s.parallel)
-                model = self.leader = Leader(model, s.parallel, on_failure=self.fail)
+                model = self.leader = Leader(model, s.parallel, on_failure=self.fail, on_unready=self.mark_unready)
             tok = load_tokenizer(s.model_path)
             cfg = s.engine_config()
             # a leader's graphs are captured on every rank at once, and replayed from host inputs only
@@ -150,13 +150,17 @@ class ServiceState:
             if self.on_fatal is not None:
                 self.on_fatal()
 
-    def fail(self, message: str) -> None:
-        """The service can no longer serve (a rank of a multi-GPU replica is gone): unready, then exit 1."""
-        self.fatal = self.fatal or message
+    def mark_unready(self) -> None:
+        """Readiness off and admission closed at once (the failure's diagnosis may take a moment more)."""
         self.ready = False
         self.metrics.ready.set(0)
         if self.engine is not None:
             self.engine.close_admission()
+
+    def fail(self, message: str) -> None:
+        """The service can no longer serve (a rank of a multi-GPU replica is gone): unready, then exit 1."""
+        self.fatal = self.fatal or message
+        self.mark_unready()
         if self.on_fatal is not None:
             self.on_fatal()
 
