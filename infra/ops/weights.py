@@ -658,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILED
     except Exception as err:  # botocore errors: one line, not a traceback
         if type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
-            print(f"weights {args.command}: AWS error: {err}", file=sys.stderr)
+            from infra.ops.aws import credential_problem
+
+            print(f"weights {args.command}: {credential_problem(err) or f'AWS error: {err}'}", file=sys.stderr)
             return ExitCode.FAILED
         raise
     return ExitCode.OK
