@@ -61,6 +61,19 @@ aws_endpoint = "http://127.0.0.1:4566"
 tags = { owner = "tests" }
 state = { kind = "local" }
 alarm_email = "oncall@example.com"
+
+# tests/infra/test_infra_faults.py: interrupted apply, concurrent deploys, destroy inventory.
+[environments.faults-emu]
+size = "devtest"
+region = "us-east-1"
+azs = ["us-east-1a", "us-east-1b", "us-east-1c"]
+vpc_cidr = "10.81.0.0/16"
+kubernetes_version = "1.33"
+api_access_cidrs = ["127.0.0.1/32"]
+public_api_endpoint = true
+aws_endpoint = "http://127.0.0.1:4566"
+tags = { owner = "tests" }
+state = { kind = "local" }
 """
 
 STANDARD_ENVIRONMENTS = ("local", "dev", "staging", "prod")
