@@ -99,7 +99,8 @@ def _routes(inv: Inventory) -> list[str]:
         f"{t['RouteTableId']}:{r.get('DestinationCidrBlock')}"
         for t in inv.route_tables()
         for r in t["Routes"]
-        if r.get("GatewayId") != "local"
+        # the VPC's own route, and the S3 gateway endpoint's routes (they belong to aws_vpc_endpoint)
+        if r.get("GatewayId") != "local" and not str(r.get("GatewayId", "")).startswith("vpce-")
     ]
 
 
