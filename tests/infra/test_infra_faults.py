@@ -1,5 +1,6 @@
 """Infrastructure faults with the real terraform binary against the embedded AWS, on one environment
-(`faults-emu`, tests/conftest.py) that shares one apply across the module's tests, in order:
+(`faults-emu`, tests/conftest.py). The sequence (tests/infra/fault_sequence.py) runs in the background from
+the start of the session; these tests assert on what it observed:
 
 1. an apply interrupted with SIGINT half-way, then applied again: it converges with exactly the stack's
    resources (no duplicates: every type is counted live through boto3 against the stack);
@@ -10,34 +11,23 @@
 
 from __future__ import annotations
 
-import collections
-import signal
-import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
-from infra.terraform.runner import StateLockedError, Terraform
+from tests.infra.fault_sequence import ENV
 from tests.infra.helpers import resource_types
-from tests.infra.inventory import LISTERS, inventory
+from tests.infra.inventory import LISTERS
 
 pytestmark = [pytest.mark.terraform, pytest.mark.slow]
-ENV = "faults-emu"
-CLUSTER = f"moefleet-{ENV}"
 
 
-def _counts(stack: dict) -> dict[str, int]:
-    return {t: len(rs) for t, rs in stack["resource"].items()}
-
-
-@pytest.fixture(scope="module")
-def tf(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Terraform]:
-    tf = Terraform.from_stack(synth_dir / ENV, tmp_path_factory.mktemp("faults") / ENV)
-    tf.init()
-    yield tf
-    tf.run("destroy", "-auto-approve", "-input=false", check=False)  # whatever the tests left
+def _stage(infra_faults: Future[dict[str, Any]], name: str) -> dict[str, Any]:
+    record = infra_faults.result()
+    assert f"error:{name}" not in record, record[f"error:{name}"]
+    assert name in record, f"stage {name} did not run: {sorted(record)}"
+    return record[name]
 
 
 def test_every_resource_type_can_be_listed_live(stacks: dict[str, dict]) -> None:
@@ -45,68 +35,30 @@ def test_every_resource_type_can_be_listed_live(stacks: dict[str, dict]) -> None
     assert not missing, f"add a lister to tests/infra/inventory.py for: {sorted(missing)}"
 
 
-def _popen(tf: Terraform, log: Path, *args: str) -> subprocess.Popen:
-    """terraform in the background, its output in a file (a pipe nobody reads would fill and block it)."""
-    with log.open("w") as fh:
-        return subprocess.Popen(
-            ["terraform", *args, "-no-color"], cwd=tf.workdir, env=tf.env, stdout=fh, stderr=subprocess.STDOUT
-        )
+def test_interrupted_apply_converges_without_duplicates(infra_faults, stacks: dict[str, dict]) -> None:
+    got = _stage(infra_faults, "interrupted")
+    want = {t: len(rs) for t, rs in stacks[ENV]["resource"].items()}
+    assert got["returncode"] != 0, "the interrupted apply must not report success"
+    assert "Interrupt received" in got["log"], got["log"]
+    assert 0 < got["partial"] < sum(want.values()), "interrupted half-way: some, not all, resources in the state"
+    wrong = {t: (got["live"][t], n) for t, n in want.items() if got["live"][t] != n}
+    assert not wrong, f"live count != stack count per type, (live, stack): {wrong}"
+    assert got["replan"] == 0, "converged: a replan shows no changes"
 
 
-def test_interrupted_apply_converges_without_duplicates(tf: Terraform, stacks: dict[str, dict], emulator: str):
-    stack = stacks[ENV]
-    want = _counts(stack)
-    log = tf.workdir.parent / "interrupted-apply.log"
-    apply = _popen(tf, log, "apply", "-auto-approve", "-input=false")
-    deadline = time.monotonic() + 600
-    # half-way: the network exists, the cluster (created after it) does not yet
-    while not inventory(emulator, CLUSTER, {"aws_subnet"})["aws_subnet"]:
-        assert apply.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "apply created no subnet in 10 minutes"
-        time.sleep(0.5)
-    apply.send_signal(signal.SIGINT)
-    apply.wait(timeout=600)
-    out = log.read_text()
-    assert apply.returncode != 0, "the interrupted apply must not report success"
-    assert "Interrupt received" in out or "interrupt" in out.lower(), out[-2000:]
-    partial = collections.Counter(r["type"] for r in tf.state_resources() if r["mode"] == "managed")
-    assert 0 < sum(partial.values()) < sum(want.values()), "interrupted half-way: some, not all, resources"
-
-    tf.apply()  # the next apply converges
-    live = inventory(emulator, CLUSTER, set(want))
-    wrong = {t: (len(live[t]), n) for t, n in want.items() if len(live[t]) != n}
-    assert not wrong, f"live count != stack count per type (duplicates or leftovers): {wrong}"
-    assert tf.plan() == 0, "converged: a replan shows no changes"
+def test_second_deploy_is_refused_by_the_state_lock_and_the_lock_is_released(infra_faults) -> None:
+    got = _stage(infra_faults, "lock")
+    assert got["lock_seen"] and got["first_running"], "the first deploy never held the lock while running"
+    assert got["second"] is not None, "a second apply ran while the first held the lock"
+    assert got["first_running_after"], "the first deploy ended before the second was refused: nothing tested"
+    assert "is locked by" in got["second"] and "@" in got["info"]["Who"], got["second"]
+    assert "(apply," in got["second"] and f"force-unlock {got['info']['ID']}" in got["second"]
+    assert got["first_returncode"] == 0, got["first_log"]
+    assert not got["lock_left"], "the lock outlived the deploy that held it"
+    assert got["replan"] == 0  # plan takes the lock again: it was released
 
 
-def test_second_deploy_is_refused_by_the_state_lock_and_the_lock_is_released(tf: Terraform):
-    log = tf.workdir.parent / "first-deploy.log"
-    first = _popen(tf, log, "apply", "-auto-approve", "-input=false", "-refresh=true")
-    lock_file = tf.workdir / f".terraform.{ENV}.tfstate.lock.info"
-    lock_files = [
-        lock_file,
-        tf.workdir / f"terraform.{ENV}.tfstate.lock.info",
-        tf.workdir / ".terraform.tfstate.lock.info",
-    ]
-    deadline = time.monotonic() + 120
-    while not any(p.exists() for p in lock_files) and first.poll() is None:
-        assert time.monotonic() < deadline, "the first deploy never took the lock"
-        time.sleep(0.05)
-    assert first.poll() is None, "the first deploy ended before a second could start"
-    with pytest.raises(StateLockedError) as refused:
-        tf.apply()
-    message = str(refused.value)
-    assert "is locked by" in message and "@" in refused.value.info["Who"], message
-    assert "apply" in message and "force-unlock" in message
-    first.wait(timeout=600)
-    assert first.returncode == 0, log.read_text()[-2000:]
-    assert not any(p.exists() for p in lock_files), "the lock outlived the deploy that held it"
-    assert tf.plan() == 0  # takes the lock again: released
-
-
-def test_destroy_leaves_no_resource_of_any_type(tf: Terraform, stacks: dict[str, dict], emulator: str):
-    tf.destroy()
-    live = inventory(emulator, CLUSTER, resource_types(stacks[ENV]))
-    left = {t: ids for t, ids in live.items() if ids}
-    assert not left, f"left behind after destroy: {left}"
-    assert not [r for r in tf.state_resources() if r["mode"] == "managed"]
+def test_destroy_leaves_no_resource_of_any_type(infra_faults) -> None:
+    got = _stage(infra_faults, "destroy")
+    assert not got["left"], f"left behind after destroy: {got['left']}"
+    assert got["state"] == 0
