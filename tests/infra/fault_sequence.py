@@ -84,15 +84,25 @@ def destroy(tf: Terraform, emulator: str, stack: dict) -> dict[str, Any]:
 
 
 def adopt_orphans(tf: Terraform, emulator: str) -> list[str]:
-    """Delete subnets of ours that the state does not track (an interrupt that lands while one is being
-    created leaves it behind untracked, and its CIDR then blocks every later apply), so that the rest of
-    the sequence can go on. Returns what was deleted."""
-    tracked = {r["values"]["id"] for r in tf.state_resources() if r["type"] == "aws_subnet"}
+    """Delete subnets and route tables of ours that the state does not track (an interrupt that lands
+    while one is being created leaves it behind untracked: a subnet's CIDR then blocks every later apply,
+    a route table is duplicated and blocks the VPC's deletion), so the rest of the sequence can go on.
+    Returns what was deleted."""
+    tracked = {r["values"]["id"] for r in tf.state_resources() if r["mode"] == "managed"}
     ec2 = aws("ec2", emulator)
-    found = ec2.describe_subnets(Filters=[{"Name": "tag:environment", "Values": [ENV]}])["Subnets"]
-    orphans = [s["SubnetId"] for s in found if s["SubnetId"] not in tracked]
-    for subnet in orphans:
-        ec2.delete_subnet(SubnetId=subnet)
+    tag = [{"Name": "tag:environment", "Values": [ENV]}]
+    orphans = []
+    for table in ec2.describe_route_tables(Filters=tag)["RouteTables"]:
+        if table["RouteTableId"] not in tracked:
+            for assoc in table.get("Associations", []):
+                if not assoc.get("Main"):
+                    ec2.disassociate_route_table(AssociationId=assoc["RouteTableAssociationId"])
+            ec2.delete_route_table(RouteTableId=table["RouteTableId"])
+            orphans.append(table["RouteTableId"])
+    for subnet in ec2.describe_subnets(Filters=tag)["Subnets"]:
+        if subnet["SubnetId"] not in tracked:
+            ec2.delete_subnet(SubnetId=subnet["SubnetId"])
+            orphans.append(subnet["SubnetId"])
     return orphans
 
 
