@@ -70,8 +70,9 @@ class LevelResult:
 
 # ---- a minimal keep-alive HTTP/1.1 client (Content-Length responses only) ------------------------
 class Conn:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -80,7 +81,7 @@ class Conn:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"Content-Length: {len(body)}\r\n{self.extra}\r\n"
         ).encode()
         self.writer.write(head + body)
         await self.writer.drain()
@@ -155,9 +156,9 @@ async def closed_loop(
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], port: int, log: Path):
+def server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None):
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:

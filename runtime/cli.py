@@ -170,6 +170,28 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="seconds before a collective or a silent rank counts as failed (multi-GPU)",
     )
     p.add_argument("--shm-min-bytes", type=int, default=_env_int(c.ENV_SHM_MIN_BYTES) or c.DEFAULT_SHM_MIN_BYTES)
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"bearer key the API accepts (repeatable; prefer --api-key-file or ${c.ENV_API_KEYS}: "
+        "arguments show in the process list)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="file of accepted keys, one per line (repeatable)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=_env_int(c.ENV_MAX_REQUEST_BYTES) or c.DEFAULT_MAX_REQUEST_BYTES,
+        help=f"request bodies above this get 413 (default: ${c.ENV_MAX_REQUEST_BYTES} or "
+        f"{c.DEFAULT_MAX_REQUEST_BYTES})",
+    )
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument(
         "--log-level",
@@ -215,6 +237,16 @@ def _serve(args: argparse.Namespace) -> int:
         except ShmError as exc:
             print(f"error: world size {args.world_size}: {exc}", file=sys.stderr)
             return 2
+    from runtime.server.auth import KeyFileError, collect_keys
+
+    try:
+        api_keys = collect_keys(args.api_key, args.api_key_file)
+    except KeyFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.max_request_bytes < 1:
+        print(f"error: --max-request-bytes {args.max_request_bytes}: must be at least 1", file=sys.stderr)
+        return 2
     from runtime.config import ConfigError, ModelConfig
     from runtime.parallel.layout import LayoutError, ParallelLayout
 
@@ -274,6 +306,8 @@ def _serve(args: argparse.Namespace) -> int:
             risk_store_endpoint=args.risk_store_endpoint,
             risk_store_path=args.risk_store_path,
             warmup=not args.no_warmup,
+            api_keys=api_keys,
+            max_request_bytes=args.max_request_bytes,
         )
         settings.engine_config()  # validate the engine's limits before loading anything
     except ValueError as exc:

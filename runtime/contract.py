@@ -45,6 +45,9 @@ API_PATHS = (
     FEEDBACK_PATH,
 )
 ALL_PATHS = (*API_PATHS, HEALTH_PATH, READY_PATH, METRICS_PATH)
+#: Answered without an API key: kubelet probes and Prometheus scrapes carry no credentials, and these
+#: answers hold no request content. Every other path needs one once keys are configured.
+OPEN_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
 
 # ---- environment variables ----------------------------------------------------------------------
 
@@ -70,6 +73,9 @@ ENV_RISK_STORE_PATH = "MOE_RISK_STORE_PATH"  # SQLite file of prediction records
 ENV_AWS_REGION = "AWS_REGION"
 ENV_WORLD_SIZE = "WORLD_SIZE"  # torchrun / LeaderWorkerSet convention
 ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
+ENV_API_KEYS = "MOE_API_KEYS"  # comma-separated bearer keys the API accepts (several: rotation)
+ENV_MAX_REQUEST_BYTES = "MOE_MAX_REQUEST_BYTES"  # request body size limit (413 above it)
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 # ---- multi-GPU / multi-node (docs/parallel.md) --------------------------------------------------
 
@@ -111,7 +117,7 @@ LABEL_REASON = "reason"  # rejection / error reason
 LABEL_LAYER = "layer"  # MoE layer index
 LABEL_GPU = "gpu"  # NVML device index
 
-REJECT_REASONS = ("queue_full", "shutting_down", "context_length", "invalid_request")
+REJECT_REASONS = ("queue_full", "shutting_down", "context_length", "invalid_request", "unauthorized", "too_large")
 FINISH_REASONS = ("stop", "length", "abort")
 
 # ---- metrics ------------------------------------------------------------------------------------

@@ -61,6 +61,19 @@ aws_endpoint = "http://127.0.0.1:4566"
 tags = { owner = "tests" }
 state = { kind = "local" }
 alarm_email = "oncall@example.com"
+
+# tests/infra/test_infra_faults.py: interrupted apply, concurrent deploys, destroy inventory.
+[environments.faults-emu]
+size = "devtest"
+region = "us-east-1"
+azs = ["us-east-1a", "us-east-1b", "us-east-1c"]
+vpc_cidr = "10.81.0.0/16"
+kubernetes_version = "1.33"
+api_access_cidrs = ["127.0.0.1/32"]
+public_api_endpoint = true
+aws_endpoint = "http://127.0.0.1:4566"
+tags = { owner = "tests" }
+state = { kind = "local" }
 """
 
 STANDARD_ENVIRONMENTS = ("local", "dev", "staging", "prod")
@@ -100,7 +113,14 @@ def stacks(synth_dir: Path) -> dict[str, dict]:
 # nearly all of it waiting on terraform's polling and on child processes. They start as soon as the
 # session does, and the tests that read their results run last, so the rest of the suite runs meanwhile.
 
-BACKGROUND_FIXTURES = ("once_demo", "stay_up_demo", "cdktf_cli_run", "lifecycles", "plan_summary_job")
+BACKGROUND_FIXTURES = (
+    "once_demo",
+    "stay_up_demo",
+    "cdktf_cli_run",
+    "lifecycles",
+    "plan_summary_job",
+    "infra_faults",
+)
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +153,18 @@ def lifecycles(
             )
             for env, check in checks.items()
         }
+
+
+@pytest.fixture(scope="session")
+def infra_faults(
+    synth_dir: Path, stacks: dict[str, dict], emulator: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Future[dict]]:
+    """Interrupted apply, concurrent deploys and destroy on `faults-emu` (tests/infra/fault_sequence.py)."""
+    from tests.infra.fault_sequence import ENV, run_fault_sequence
+
+    workdir = tmp_path_factory.mktemp("faults") / ENV
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(run_fault_sequence, synth_dir / ENV, workdir, stacks[ENV], emulator)
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,10 @@ GPU_TAINT = Taint("nvidia.com/gpu", "true", "NoSchedule")
 
 RUNTIME_NAMESPACE = "moe-fleet"
 RUNTIME_SERVICE_ACCOUNT = contract.APP_NAME
+#: The Secret holding the runtime's API keys (comma-separated, as $MOE_API_KEYS reads them). `moefleet
+#: install` creates it when missing; it is never rendered, so no key lands in Git, a ConfigMap or the image.
+API_KEYS_SECRET = f"{contract.APP_NAME}-api-keys"
+API_KEYS_SECRET_KEY = "api-keys"
 EBS_CSI_SERVICE_ACCOUNT = ("kube-system", "ebs-csi-controller-sa")
 FSX_CSI_SERVICE_ACCOUNT = ("kube-system", "fsx-csi-controller-sa")
 #: The Kubernetes Cluster Autoscaler: its Deployment, service account and status ConfigMap share this name.

@@ -130,7 +130,9 @@ def aws_call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run an AWS-touching function; botocore failures become one-line CLI errors (ExitCode.FAILED)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from infra.ops.aws import credential_problem
+
     try:
         return func(*args, **kwargs)
     except (BotoCoreError, ClientError) as err:
-        raise CliError(f"AWS error: {err}", ExitCode.FAILED) from None
+        raise CliError(credential_problem(err) or f"AWS error: {err}", ExitCode.FAILED) from None

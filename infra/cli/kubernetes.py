@@ -90,6 +90,12 @@ def add_install(sub: Subparsers) -> None:
         action="store_true",
         help="do not check that the model revision is complete in the cold tier before installing",
     )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="the runtime's API key(s), one per line, for the Secret the pods read when it does not exist yet "
+        "(default: a generated key; an existing Secret is never changed)",
+    )
     add_emulator_endpoint_option(parser)
     parser.set_defaults(handler=run_install)
 
@@ -189,9 +195,30 @@ def run_render(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def read_api_keys(path: Path | None) -> str | None:
+    """The operator's keys as the Secret stores them ($MOE_API_KEYS: comma-separated); None: generate one."""
+    if path is None:
+        return None
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+    except OSError as err:
+        why = f"cannot read it ({err.strerror or err})"
+        raise CliError(f"install: --api-key-file {path}: {why}", ExitCode.BAD_INPUT) from None
+    keys = [ln for ln in lines if ln and not ln.startswith("#")]
+    bad = [k for k in keys if "," in k or " " in k]
+    if not keys or bad:
+        raise CliError(
+            f"install: --api-key-file {path}: {'a key holds a comma or space' if bad else 'no key in it'}; "
+            "allowed: one key per line",
+            ExitCode.BAD_INPUT,
+        )
+    return ",".join(keys)
+
+
 def run_install(args: argparse.Namespace) -> int:
     from infra.kube.installer import Installer, InstallError, api_client
 
+    api_key = read_api_keys(args.api_key_file)
     env, outputs, model, objs = _objects(args, allow_representative=False)
     _validate(objs, env.kubernetes_version)
     if args.skip_weights_check:
@@ -204,7 +231,7 @@ def run_install(args: argparse.Namespace) -> int:
         if args.dry_run:
             installer.plan(objs)
             return ExitCode.OK
-        installer.install(objs)
+        installer.install(objs, api_key)
     except InstallError as err:
         raise CliError(f"install: {err}", err.code) from None
     print(f"install: {env.name} is rolled out ({len(objs)} objects)", file=sys.stderr)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from infra.catalog.exit_codes import EXIT_CODE_MEANINGS
+from infra.catalog.exit_codes import EXIT_CODE_MEANINGS, ExitCode
 from infra.cli import kubernetes, operations, plan_summary, review, weights
 from infra.cli.common import CliError, Subparsers
 
@@ -56,6 +56,16 @@ def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
     except CliError as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
+    except Exception as err:  # credentials fail as early as making a client (an unknown AWS_PROFILE)
+        if not type(err).__module__.startswith("botocore"):
+            raise
+        from infra.ops.aws import credential_problem
+
+        problem = credential_problem(err)
+        if problem is None:
+            raise
+        print(problem, file=sys.stderr)
+        return ExitCode.FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,9 @@ stand in for a cluster.
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -286,6 +288,7 @@ class Installer:
             result.append((describe(obj), "change" if paths else "unchanged", paths))
         for name, action, paths in result:
             print(f"{action:9} {name}" + (f"  ({', '.join(paths)})" if paths else ""), file=self.out)
+        self.ensure_secrets(objs, dry_run=True)
         return result
 
     def wait(self, obj: Obj) -> RolloutState:
@@ -304,12 +307,41 @@ class Installer:
                 return RolloutState(False, True, f"not done after {self.timeout_s:.0f} s ({state.summary})")
             self.sleep(self.poll_s)
 
-    def install(self, objs: list[Obj]) -> None:
-        """Apply everything, wait for each workload, roll a failed workload back to its previous template."""
+    def ensure_secrets(self, objs: list[Obj], value: str | None = None, *, dry_run: bool = False) -> list[str]:
+        """Create every Secret the workloads reference that does not exist yet, holding `value` (the
+        operator's key) or a generated one; an existing Secret is left as it is (rotate keys there). The key
+        is never printed: the message says how to read it from the cluster. Returns what was (or, with
+        `dry_run`, would be) created."""
+        created = []
+        for ns, name, key in secret_refs(objs):
+            obj = secret_object(ns, name, key, value or generate_key())
+            if self.get(obj) is not None:
+                print(f"kept      {describe(obj)} (exists; not changed)", file=self.out)
+                continue
+            created.append(describe(obj))
+            if dry_run:
+                print(f"create    {describe(obj)} ({'given' if value else 'generated'} key)", file=self.out)
+                continue
+            self.apply(obj)
+            source = "the given key" if value else "a generated key"
+            print(
+                f"created   {describe(obj)} with {source}; read it with: kubectl get secret {name} -n {ns} "
+                f"-o jsonpath='{{.data.{key}}}' | base64 -d",
+                file=self.out,
+            )
+        return created
+
+    def install(self, objs: list[Obj], api_key: str | None = None) -> None:
+        """Apply everything, wait for each workload, roll a failed workload back to its previous template.
+        The Secrets the pods read are created (from `api_key` or a generated key) before any workload."""
         self.preflight(objs)
         workloads = [obj for obj in objs if obj["kind"] in ROLLOUT_CHECKS]
         previous = {describe(w): (self.get(w) or None) for w in workloads}
+        secrets_done = False
         for obj in objs:
+            if obj["kind"] in ROLLOUT_CHECKS and not secrets_done:
+                self.ensure_secrets(objs, api_key)
+                secrets_done = True
             self.apply(obj)
             print(f"applied   {describe(obj)}", file=self.out)
         for w in workloads:
@@ -327,6 +359,42 @@ class Installer:
             undo = self.wait(w)
             verdict = "previous revision restored" if undo.done else f"rollback did not finish either: {undo.summary}"
             raise InstallError(f"rollout of {describe(w)} failed: {state.summary}; {verdict}")
+
+
+def secret_refs(objs: list[Obj]) -> list[tuple[str, str, str]]:
+    """(namespace, secret, key) of every `secretKeyRef` in the workloads' containers, in order, once each."""
+    refs: dict[tuple[str, str, str], None] = {}
+
+    def walk(node: Any, ns: str) -> None:
+        if isinstance(node, dict):
+            ref = node.get("secretKeyRef")
+            if isinstance(ref, dict):
+                refs[(ns, ref["name"], ref["key"])] = None
+            for value in node.values():
+                walk(value, ns)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, ns)
+
+    for obj in objs:
+        if obj["kind"] in ROLLOUT_CHECKS:
+            walk(obj.get("spec", {}), obj["metadata"].get("namespace", ""))
+    return list(refs)
+
+
+def secret_object(namespace: str, name: str, key: str, value: str) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+        "data": {key: base64.b64encode(value.encode()).decode()},
+    }
+
+
+def generate_key() -> str:
+    """A fresh API key: 32 random bytes, URL-safe (fits a header and $MOE_API_KEYS' comma list)."""
+    return secrets.token_urlsafe(32)
 
 
 def _custom_kinds(objs: list[Obj]) -> dict[str, set[str]]:

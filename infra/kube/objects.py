@@ -23,6 +23,8 @@ from typing import Any
 
 from infra.catalog.environments import RuntimeSettings
 from infra.catalog.names import (
+    API_KEYS_SECRET,
+    API_KEYS_SECRET_KEY,
     GPU_POOL,
     GPU_TAINT,
     NODE_POOL_LABEL,
@@ -409,6 +411,13 @@ def model_sync_container(inp: RenderInput) -> Obj:
     }
 
 
+def api_keys_env() -> Obj:
+    """$MOE_API_KEYS from the Secret `moefleet install` creates; `optional: false`, so a pod never starts
+    without it (an open API is never the silent fallback). Only the HTTP-serving container gets it."""
+    ref = {"name": API_KEYS_SECRET, "key": API_KEYS_SECRET_KEY, "optional": False}
+    return {"name": c.ENV_API_KEYS, "valueFrom": {"secretKeyRef": ref}}
+
+
 def runtime_container(inp: RenderInput, *, serves_http: bool = True) -> Obj:
     ports = [{"name": c.PORT_NAME, "containerPort": c.DEFAULT_PORT, "protocol": "TCP"}]
     if inp.world_size > 1:
@@ -430,6 +439,7 @@ def runtime_container(inp: RenderInput, *, serves_http: bool = True) -> Obj:
     }
     if serves_http:
         container.update(probes(inp))
+        container["env"] = [api_keys_env()]
     return container
 
 

@@ -39,3 +39,52 @@ def error_code(err: Exception) -> str:
     """The AWS error code of a botocore ClientError ('' for anything else)."""
     response = getattr(err, "response", None) or {}
     return str((response.get("Error") or {}).get("Code", ""))
+
+
+#: AWS error codes that mean "your credentials are expired or not accepted", not "the call failed".
+EXPIRED_CODES = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "TokenRefreshRequired",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "InvalidToken",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AuthFailure",
+    }
+)
+#: botocore exceptions raised before any request when no usable credentials are found or refreshed.
+_MISSING = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "ProfileNotFound",
+        "CredentialRetrievalError",
+        "TokenRetrievalError",
+        "SSOTokenLoadError",
+        "UnauthorizedSSOTokenError",
+        "InvalidConfigError",
+    }
+)
+
+
+def credential_problem(err: BaseException) -> str | None:
+    """One line saying which credentials to fix and how, when `err` is a credential failure; else None.
+
+    Names the profile in use ($AWS_PROFILE, or "default") and the variables that override it, so an
+    operator with an expired SSO session or an unset profile knows what to do without reading a traceback."""
+    name = type(err).__name__
+    code = error_code(err)
+    if name not in _MISSING and code not in EXPIRED_CODES:
+        return None
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    using = f"profile {profile!r} (AWS_PROFILE)" if profile else "no AWS_PROFILE set (profile 'default')"
+    state = f"expired or rejected ({code})" if code else f"missing ({name}: {err})"
+    return (
+        f"AWS credentials {state}; {using}. Set AWS_PROFILE to a configured profile (and run "
+        "`aws sso login --profile <name>` if it uses SSO) or set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
+        "and, for temporary credentials, AWS_SESSION_TOKEN"
+    )

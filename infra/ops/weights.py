@@ -446,13 +446,52 @@ def _intact(path: Path, entry: FileEntry) -> bool:
         return False
 
 
-def pull(s3: Any, bucket: str, prefix: str, dest: Path, *, progress: Progress | None = None) -> PullReport:
+def check_local(dest: Path, manifest: Manifest, workers: int = FILE_WORKERS) -> None:
+    """Every file in `dest` has the manifest's size and SHA-256, or VerificationError naming each file that
+    does not with both checksums. A hot tier that matched its manifest when pulled can still change later
+    (a bad disk, an FSx restore, a process writing where it should not); serving from it would give wrong
+    answers with no error anywhere."""
+
+    def check(entry: FileEntry) -> str | None:
+        path = dest / entry.path
+        try:
+            size = path.stat().st_size
+            if size != entry.size:
+                return f"{entry.path}: {size} bytes on the hot tier, manifest says {entry.size}"
+            digest = sha256_file(path)
+        except OSError as err:
+            return f"{entry.path}: cannot read it on the hot tier ({err.strerror or err})"
+        if digest != entry.sha256:
+            return f"{entry.path}: sha256 {digest} on the hot tier, manifest says {entry.sha256}"
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = [p for p in pool.map(check, manifest.files) if p]
+    if problems:
+        raise VerificationError(
+            f"{dest} no longer matches its manifest (changed after it was pulled); refusing to serve it. "
+            f"To fetch the damaged files again, remove {dest / MANIFEST_NAME} and restart the pod "
+            "(intact files are reused)",
+            problems,
+        )
+
+
+def pull(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    dest: Path,
+    *,
+    progress: Progress | None = None,
+    verify_local: bool = True,
+) -> PullReport:
     """Make `dest` hold the revision at s3://bucket/prefix, atomically.
 
     Files are assembled in `.<dest>.partial` beside `dest` (same file system, so the final rename is
     atomic; an interrupted pull resumes from it), each checked against the manifest, files already in
     `dest` with the right checksum are linked rather than downloaded, the manifest is written last, then
-    the folder replaces `dest`. A `dest` whose manifest already matches is left alone.
+    the folder replaces `dest`. A `dest` whose manifest already matches is left alone, after its files
+    are checked against it (`verify_local`: every file hashed, see `check_local`).
     """
     progress = progress or NullProgress()
     started = time.monotonic()
@@ -467,6 +506,8 @@ def pull(s3: Any, bucket: str, prefix: str, dest: Path, *, progress: Progress | 
     report = PullReport(dest, manifest)
     current = local_manifest(dest)
     if current is not None and current.same_content(manifest):
+        if verify_local:
+            check_local(dest, manifest)
         report.up_to_date, report.reused = True, [e.path for e in manifest.files]
         report.seconds = time.monotonic() - started
         return report
@@ -573,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", parents=[common], help="sync a revision into a local folder, atomically")
     p.add_argument("--prefix", required=True, help="the revision's prefix, e.g. models/NAME/REV/")
     p.add_argument("--dest", required=True, type=Path, help="local folder (hot tier)")
+    p.add_argument(
+        "--no-verify-local",
+        action="store_true",
+        help="trust an up-to-date folder's files without hashing them (faster start, no corruption check)",
+    )
     v = sub.add_parser("verify", parents=[common], help="recompute every object's SHA-256 against the manifest")
     v.add_argument("--prefix", required=True, help="the revision's prefix, e.g. models/NAME/REV/")
     u = sub.add_parser("upload", parents=[common], help="upload a checkpoint folder (manifest last)")
@@ -590,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s3 = _client(args)
         if args.command == "pull":
-            report = pull(s3, args.bucket, args.prefix, args.dest, progress=progress)
+            report = pull(
+                s3, args.bucket, args.prefix, args.dest, progress=progress, verify_local=not args.no_verify_local
+            )
             state = "already up to date" if report.up_to_date else f"{len(report.downloaded)} downloaded"
             print(f"pull: {report.dest}: {state}, {len(report.reused)} reused")
         elif args.command == "verify":
@@ -610,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILED
     except Exception as err:  # botocore errors: one line, not a traceback
         if type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
-            print(f"weights {args.command}: AWS error: {err}", file=sys.stderr)
+            from infra.ops.aws import credential_problem
+
+            print(f"weights {args.command}: {credential_problem(err) or f'AWS error: {err}'}", file=sys.stderr)
             return ExitCode.FAILED
         raise
     return ExitCode.OK

@@ -21,6 +21,38 @@ class TerraformError(RuntimeError):
     """terraform exited non-zero; the message carries the command and the tail of its output."""
 
 
+class StateLockedError(TerraformError):
+    """Another run holds this environment's state lock (a deploy, plan or destroy already in progress).
+
+    Terraform refuses to run rather than let two writers race on one state; the lock is a file beside
+    the state for the local backend and a `.tflock` object next to it in S3 (`use_lockfile`). The message
+    names the holder (user@host), its operation, since when, and the lock ID that `force-unlock` needs."""
+
+    def __init__(self, workdir: Path, info: dict[str, str]) -> None:
+        self.info = info
+        who, op, since, lock_id = (info.get(k, "?") for k in ("Who", "Operation", "Created", "ID"))
+        super().__init__(
+            f"the state of {workdir.name} is locked by {who} ({op.removeprefix('OperationType').lower()}, "
+            f"since {since}, lock ID {lock_id}): another deploy is running; wait for it to end. If that process "
+            f"is gone for good: terraform force-unlock {lock_id}"
+        )
+
+
+_LOCK_FIELDS = ("ID", "Path", "Operation", "Who", "Version", "Created")
+
+
+def parse_lock_info(output: str) -> dict[str, str] | None:
+    """The `Lock Info:` block terraform prints when the state is locked, or None."""
+    if "Error acquiring the state lock" not in output:
+        return None
+    info = {}
+    for line in output.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and key in _LOCK_FIELDS and key not in info:
+            info[key] = value.strip()
+    return info
+
+
 def terraform_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment terraform runs with: the project's CLI config (provider mirror) when setup wrote
     one, a plugin cache inside the project, no telemetry. Otherwise the caller's settings stand."""
@@ -89,6 +121,9 @@ class Terraform:
             )
         self.timings[args[0]] = self.timings.get(args[0], 0.0) + time.monotonic() - start
         if check and proc.returncode != 0:
+            lock = parse_lock_info(proc.stdout + "\n" + proc.stderr)
+            if lock is not None:
+                raise StateLockedError(self.workdir, lock)
             tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()
             raise TerraformError(
                 f"terraform {' '.join(args)} failed in {self.workdir} (exit {proc.returncode}):\n{tail}"

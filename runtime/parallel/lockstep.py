@@ -34,6 +34,7 @@ from runtime.cuda_graph import CUDAGraphDecoder
 from runtime.execution import ExecutionOptions
 from runtime.interfaces import PiecewiseCausalLM
 from runtime.kv_cache import AttentionMetadata, PagedKVCache, decode_metadata
+from runtime.parallel import liveness
 from runtime.parallel.dist import ParallelState
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,15 @@ class Leader:
     """Rank 0's stand-in for the model: a :class:`runtime.interfaces.CausalLM` for the whole replica."""
 
     def __init__(
-        self, model: PiecewiseCausalLM, ps: ParallelState, on_failure: Callable[[str], None] | None = None
+        self,
+        model: PiecewiseCausalLM,
+        ps: ParallelState,
+        on_failure: Callable[[str], None] | None = None,
+        on_unready: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.ps = model, ps
         self.on_failure = on_failure
+        self.on_unready = on_unready  # called first on a failure: stop taking traffic before the diagnosis
         self.failed: str | None = None
         self._lock = threading.RLock()
         self._last_sent = time.monotonic()
@@ -195,10 +201,24 @@ class Leader:
 
     def _fail(self, message: str) -> None:
         if self.failed is None:
-            self.failed = message
+            self.failed = message  # first: no further lockstep call starts
+            if self.on_unready is not None:
+                self.on_unready()
+            silent = self._silent_ranks()
+            if silent:
+                who = ", ".join(str(r) for r in silent)
+                message = f"rank {who} stopped responding; {message}"
+                self.failed = message
             log.error("distributed replica failed: %s", message)
             if self.on_failure is not None:
                 self.on_failure(message)
+
+    def _silent_ranks(self) -> list[int]:
+        """The ranks whose beat stopped (runtime.parallel.liveness); [] when the store is unreachable."""
+        store = liveness.default_store()
+        if store is None:
+            return []
+        return liveness.silent_ranks(store, list(range(1, self.ps.world_size)))
 
     def _trip(self, what: str) -> None:
         self._fail(f"{what} did not finish within the timeout")
@@ -284,6 +304,9 @@ class _LeaderGraphs:
 def worker_loop(model: PiecewiseCausalLM, ps: ParallelState) -> int:
     """Run the leader's calls until it says stop (0) or is lost (1)."""
     watchdog = Watchdog(_hard_exit)
+    store = liveness.default_store()
+    if store is not None:
+        liveness.start_beating(store, ps.rank)
     cache, graphs, dev = None, None, model.device
     limit = ps.timeout_s * 1.5
     with torch.inference_mode():
@@ -321,4 +344,6 @@ def worker_loop(model: PiecewiseCausalLM, ps: ParallelState) -> int:
                 log.error(
                     "rank %d: lost the leader or failed a step (%s: %s); exiting", ps.rank, type(exc).__name__, exc
                 )
+                if store is not None:
+                    liveness.leave_note(store, ps.rank, f"{type(exc).__name__}: {exc}")
                 return 1

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from runtime import contract as c
 from runtime.metrics import CONTENT_TYPE_LATEST
 from runtime.server import errors, risk
+from runtime.server.auth import GuardMiddleware, warn_if_open
 from runtime.server.errors import APIError
 from runtime.server.openai_api import engine_refusals, ready_state, router
 from runtime.server.prediction_store import (
@@ -49,6 +50,35 @@ def _store_down(request_id: str) -> APIError:
     )
 
 
+def _doc_paths(app: FastAPI) -> tuple[str, ...]:
+    """The API's description (OpenAPI document, docs pages): no request content, and what a client reads
+    to learn that it needs a key."""
+    paths = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return tuple(p for p in paths if p)
+
+
+def _bearer_openapi(app: FastAPI) -> None:
+    """Declare the bearer scheme on every operation outside ``open_paths`` (docs get an Authorize button)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "one of the keys given to serve (--api-key, --api-key-file or $" + c.ENV_API_KEYS + ")",
+        }
+        for path, ops in schema.get("paths", {}).items():
+            if path not in c.OPEN_PATHS:
+                for op in ops.values():
+                    op["security"] = [{"bearer": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(state: ServiceState, load: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,6 +98,16 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
     )
     app.state.service = state
     errors.install(app, state.metrics)
+    warn_if_open(state.settings.api_keys)
+    if state.settings.api_keys:
+        _bearer_openapi(app)
+    app.add_middleware(
+        GuardMiddleware,
+        keys=state.settings.api_keys,
+        max_request_bytes=state.settings.max_request_bytes,
+        open_paths=(*c.OPEN_PATHS, *_doc_paths(app)),
+        on_reject=lambda reason: state.metrics.rejected.labels(reason).inc(),
+    )
     app.include_router(router)
 
     @app.get(c.HEALTH_PATH, response_model=Health)

@@ -60,6 +60,8 @@ class Settings:
     warmup: bool = True
     retry_after_s: int = 1
     parallel: object | None = None  # runtime.parallel.dist.ParallelState of the leader (multi-GPU)
+    api_keys: tuple[str, ...] = ()  # bearer keys the API accepts; empty: open (a warning is logged)
+    max_request_bytes: int = c.DEFAULT_MAX_REQUEST_BYTES  # request bodies above this get 413
 
     @property
     def model_name(self) -> str:
@@ -133,7 +135,7 @@ class ServiceState:
                 from runtime.parallel.lockstep import Leader, startup_barrier
 
                 startup_barrier(s.parallel)
-                model = self.leader = Leader(model, s.parallel, on_failure=self.fail)
+                model = self.leader = Leader(model, s.parallel, on_failure=self.fail, on_unready=self.mark_unready)
             tok = load_tokenizer(s.tokenizer_path or s.model_path)
             if s.chat_template is not None:
                 tok.chat_template = s.chat_template
@@ -194,13 +196,17 @@ class ServiceState:
         where = s.risk_store_table or s.risk_store_path or ":memory:"
         log.info("risk task %r on; prediction records in %s %s", task.name, store.kind, where)
 
-    def fail(self, message: str) -> None:
-        """The service can no longer serve (a rank of a multi-GPU replica is gone): unready, then exit 1."""
-        self.fatal = self.fatal or message
+    def mark_unready(self) -> None:
+        """Readiness off and admission closed at once (the failure's diagnosis may take a moment more)."""
         self.ready = False
         self.metrics.ready.set(0)
         if self.engine is not None:
             self.engine.close_admission()
+
+    def fail(self, message: str) -> None:
+        """The service can no longer serve (a rank of a multi-GPU replica is gone): unready, then exit 1."""
+        self.fatal = self.fatal or message
+        self.mark_unready()
         if self.on_fatal is not None:
             self.on_fatal()
 

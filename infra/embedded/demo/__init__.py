@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -150,13 +151,14 @@ def run(once: bool, ports: Ports, workdir: Path) -> int:
 
         model_dir = _weights(workdir, url, outputs, model)
         runtime_env = demo_runtime_env(outputs, url, model)
-        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model, runtime_env)
+        api_key = secrets.token_urlsafe(32)
+        runtime_url, prom_url = _services(teardown, workdir, model_dir, ports, model, runtime_env, api_key)
         started = time.time()  # the review's period: from the moment Prometheus watches the runtime
-        results = _traffic(runtime_url, prom_url, model)
+        results = _traffic(runtime_url, prom_url, model, api_key)
         with step("count the prediction records in the stack's DynamoDB table"):
             results["risk_records"] = _labelled_records(outputs, url)
         results["review"] = _review(prom_url, started, workdir)
-        _summary(outputs, url, runtime_url, prom_url, results, workdir)
+        _summary(outputs, url, runtime_url, prom_url, results, workdir, api_key)
 
         if not once:
             print("\nEverything is up. Press Ctrl-C to destroy the stack and stop everything.", flush=True)
@@ -207,12 +209,13 @@ def _services(
     ports: Ports,
     model: ModelRef,
     runtime_env: dict[str, str],
+    api_key: str,
 ) -> tuple[str, str]:
     from infra.observability.alerts import alert_rules, rules_yaml
     from infra.observability.prometheus_config import write_local
     from infra.observability.recording import recording_rules_yaml
 
-    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name, runtime_env)
+    runtime = runtime_process(model_dir, ports.runtime, workdir / "runtime.log", model.name, runtime_env, api_key)
     with step(f"start the runtime on 127.0.0.1:{ports.runtime} (CPU)"):
         runtime.start()
         teardown.callback(_announce, "runtime stopped", runtime.stop)
@@ -239,17 +242,17 @@ def _services(
     return f"http://127.0.0.1:{ports.runtime}", f"http://127.0.0.1:{ports.prometheus}"
 
 
-def _traffic(runtime_url: str, prom_url: str, model: ModelRef) -> dict[str, Any]:
+def _traffic(runtime_url: str, prom_url: str, model: ModelRef, api_key: str) -> dict[str, Any]:
     from . import traffic
 
     results: dict[str, Any] = {}
     with step("send 16 streamed chat completions (4 at a time)"):
-        chats = traffic.chat_load(runtime_url, model.name, requests=16, concurrency=4)
+        chats = traffic.chat_load(runtime_url, api_key, model.name, requests=16, concurrency=4)
         if not all(c.chunks for c in chats):
             raise RuntimeError("a streamed completion returned no tokens")
         results["chats"] = chats
     with step("score 20 transactions on the risk endpoint and send their ground truth (records in DynamoDB)"):
-        results["risk"] = traffic.risk_with_feedback(runtime_url, 20)
+        results["risk"] = traffic.risk_with_feedback(runtime_url, api_key, 20)
     with step("ask Prometheus what it scraped and how the alerts stand"):
         latency = contract.E2E_LATENCY.name
         served = traffic.prom_wait_for(
@@ -312,7 +315,13 @@ def _labelled_records(outputs: StackOutputs, endpoint: str) -> int:
 
 
 def _summary(
-    outputs: StackOutputs, aws_url: str, runtime_url: str, prom_url: str, results: dict[str, Any], workdir: Path
+    outputs: StackOutputs,
+    aws_url: str,
+    runtime_url: str,
+    prom_url: str,
+    results: dict[str, Any],
+    workdir: Path,
+    api_key: str,
 ) -> None:
     from .traffic import percentile
 
@@ -324,6 +333,7 @@ def _summary(
         {
             "emulated AWS": aws_url,
             "runtime (OpenAI API)": f"{runtime_url}/v1  — try {runtime_url}/docs",
+            "runtime API key": f"{api_key}  — send 'Authorization: Bearer <key>' (generated for this run)",
             "runtime metrics": runtime_url + contract.METRICS_PATH,
             "Prometheus": f"{prom_url}  — alerts at {prom_url}/alerts",
             "state and logs": str(workdir),

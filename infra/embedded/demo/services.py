@@ -78,10 +78,11 @@ class ManagedProcess:
 
 
 def runtime_process(
-    model_dir: Path, port: int, log_path: Path, model_name: str, env: dict[str, str] | None = None
+    model_dir: Path, port: int, log_path: Path, model_name: str, env: dict[str, str] | None = None, api_key: str = ""
 ) -> ManagedProcess:
     """`moe-runtime serve` on loopback, CPU. `env` carries the environment's runtime settings (accuracy
-    baseline, risk task) and the prediction table, by the variable names the pods get them under."""
+    baseline, risk task) and the prediction table, by the variable names the pods get them under; the API
+    key comes from the environment too, as the pod gets it from its Secret."""
     return ManagedProcess(
         "the runtime",
         [
@@ -101,7 +102,7 @@ def runtime_process(
             "cpu",
         ],
         log_path,
-        env=env,
+        env={**(env or {}), **({contract.ENV_API_KEYS: api_key} if api_key else {})},
     )
 
 

@@ -22,10 +22,9 @@ PROMPTS = (
 )
 
 
-def _post(url: str, body: dict[str, Any], timeout: float = 120) -> Any:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+def _post(url: str, body: dict[str, Any], api_key: str, timeout: float = 120) -> Any:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     return urllib.request.urlopen(request, timeout=timeout)
 
 
@@ -38,7 +37,7 @@ class ChatResult:
     total_s: float
 
 
-def chat_streamed(base_url: str, model: str, prompt: str, max_tokens: int = 24) -> ChatResult:
+def chat_streamed(base_url: str, api_key: str, model: str, prompt: str, max_tokens: int = 24) -> ChatResult:
     """One streamed chat completion read as server-sent events, timed like a client sees it."""
     started = time.monotonic()
     first = None
@@ -50,7 +49,7 @@ def chat_streamed(base_url: str, model: str, prompt: str, max_tokens: int = 24) 
         "temperature": 0.7,
         "stream": True,
     }
-    with _post(base_url + contract.CHAT_COMPLETIONS_PATH, body) as response:
+    with _post(base_url + contract.CHAT_COMPLETIONS_PATH, body, api_key) as response:
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data:"):
@@ -66,10 +65,10 @@ def chat_streamed(base_url: str, model: str, prompt: str, max_tokens: int = 24) 
     return ChatResult(prompt, "".join(parts), len(parts), first if first is not None else total, total)
 
 
-def chat_load(base_url: str, model: str, requests: int, concurrency: int) -> list[ChatResult]:
+def chat_load(base_url: str, api_key: str, model: str, requests: int, concurrency: int) -> list[ChatResult]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda p: chat_streamed(base_url, model, p), prompts))
+        return list(pool.map(lambda p: chat_streamed(base_url, api_key, model, p), prompts))
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class RiskRound:
     baseline: float | None
 
 
-def risk_with_feedback(base_url: str, count: int, rng_seed: int = 7) -> RiskRound:
+def risk_with_feedback(base_url: str, api_key: str, count: int, rng_seed: int = 7) -> RiskRound:
     """Score `count` synthetic transactions, then report ground truth for each (the accuracy-drift input)."""
     rng = random.Random(rng_seed)
     flagged = 0
@@ -92,11 +91,13 @@ def risk_with_feedback(base_url: str, count: int, rng_seed: int = 7) -> RiskRoun
             "card_present": rng.random() < 0.6,
             "hour": rng.randrange(24),
         }
-        with _post(base_url + contract.RISK_PATH, {"features": features, "request_id": f"demo-{rng_seed}-{i}"}) as r:
+        ask = {"features": features, "request_id": f"demo-{rng_seed}-{i}"}
+        with _post(base_url + contract.RISK_PATH, ask, api_key) as r:
             prediction = json.load(r)
         flagged += prediction["label"] == "fraud"
         truth = (features["amount"] > 150 and not features["card_present"]) or features["hour"] < 4
-        with _post(base_url + contract.FEEDBACK_PATH, {"request_id": prediction["request_id"], "label": truth}) as r:
+        label = {"request_id": prediction["request_id"], "label": truth}
+        with _post(base_url + contract.FEEDBACK_PATH, label, api_key) as r:
             last = json.load(r)
     return RiskRound(count, flagged, last.get("rolling_accuracy", float("nan")), last.get("baseline"))
 

@@ -360,7 +360,7 @@ def _runtime_env(objs: list[dict]) -> list[dict[str, str]]:
         env: dict[str, str] = {}
         for source in container.get("envFrom", []):
             env.update(config_maps[source["configMapRef"]["name"]])
-        env.update({item["name"]: item["value"] for item in container.get("env", [])})
+        env.update({item["name"]: item["value"] for item in container.get("env", []) if "value" in item})
         envs.append(env)
     return envs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,12 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+    api_keys: tuple[str, ...] = ()  # keys the server accepts (empty: an open server)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers carrying the first accepted key."""
+        return {"Authorization": f"Bearer {self.api_keys[0]}"} if self.api_keys else {}
 
     @property
     def url(self) -> str:
@@ -106,4 +113,18 @@ def server_factory(v2_path: Path, tmp_path_factory: pytest.TempPathFactory):
 def shared_server(server_factory) -> Iterator[Server]:
     """The default server most modules use (baseline accuracy configured for the risk tests)."""
     with server_factory("--accuracy-baseline", "0.9", "--max-queue", "256", "--risk-task", str(FRAUD_TASK)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def keyed_server(server_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that requires an API key: two valid keys, one from $MOE_API_KEYS and one from a key file,
+    as during a rotation."""
+    from runtime import contract as c
+
+    env_key, file_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys"
+    key_file.write_text(f"# rotated in\n{file_key}\n")
+    with server_factory("--api-key-file", str(key_file), env={c.ENV_API_KEYS: env_key}) as srv:
+        srv.api_keys = (env_key, file_key)
         yield srv

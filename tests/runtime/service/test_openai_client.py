@@ -10,8 +10,8 @@ from runtime import contract as c
 
 
 @pytest.fixture(scope="module")
-def client(shared_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=shared_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(keyed_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=keyed_server.url + "/v1", api_key=keyed_server.api_keys[0], max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
