@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.serve_load import Conn, server
+from infra.catalog.names import DEFAULT_RISK_TASK_FILE as DEFAULT_RISK_TASK
 from infra.catalog.thresholds import Thresholds
 from infra.embedded.emulator.process import free_port
 from runtime import contract as c
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> SoakResult:
     port, key = free_port(), secrets.token_urlsafe(24)
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", model, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning", "--threads", str(args.threads)]
+    cmd += ["--risk-task", str(DEFAULT_RISK_TASK)]  # the risk and feedback routes are part of the load
     res = SoakResult(args.minutes, args.clients)
     with server(cmd, port, tmp / "server.log", env={**os.environ, c.ENV_API_KEYS: key}) as proc:
 

@@ -4,6 +4,7 @@ background at the beginning of the session (tests/conftest.py) so their waits ov
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +64,12 @@ class DemoRun:
         Runs in a background thread from the start of the session; the test asserts on what it saw."""
         seen: dict[str, Any] = {"shown": self.wait_for_line("Press Ctrl-C", timeout=1200)}
         seen["listening"] = [port_in_use(p) for p in self.ports]
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[1]}/v1/models", timeout=10) as response:
+        # the summary prints the run's generated API key, as a user would copy it
+        key = re.search(r"runtime API key\s*:?\s+(\S+)", seen["shown"]).group(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports[1]}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
             seen["models"] = [m["id"] for m in json.load(response)["data"]]
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[2]}/api/v1/targets", timeout=10) as response:
             seen["targets"] = [t["health"] for t in json.load(response)["data"]["activeTargets"]]

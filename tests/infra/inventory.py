@@ -148,6 +148,22 @@ def _eks(call: str, key: str):
     return lister
 
 
+def _node_template_tags(inv: Inventory) -> list[str]:
+    """The autoscaler's node-template tags on the Auto Scaling groups of the cluster's node groups (the
+    tags EKS itself puts there are not the stack's)."""
+    eks = inv.c("eks")
+    groups = [
+        g["name"]
+        for c in inv.clusters()
+        for ng in eks.list_nodegroups(clusterName=c)["nodegroups"]
+        for g in eks.describe_nodegroup(clusterName=c, nodegroupName=ng)["nodegroup"]["resources"]["autoScalingGroups"]
+    ]
+    if not groups:
+        return []
+    tags = inv.c("autoscaling").describe_tags(Filters=[{"Name": "auto-scaling-group", "Values": groups}])["Tags"]
+    return [f"{t['ResourceId']}/{t['Key']}" for t in tags if "/node-template/" in t["Key"]]
+
+
 def _log_groups(inv: Inventory) -> list[str]:
     logs = inv.c("logs")
     names = []
@@ -276,6 +292,10 @@ LISTERS: dict[str, Callable[[Inventory], list[str]]] = {
     "aws_ecr_lifecycle_policy": _lifecycle_policies,
     "aws_eks_cluster": lambda inv: inv.clusters(),
     "aws_eks_node_group": _eks("list_nodegroups", "nodegroups"),
+    "aws_autoscaling_group_tag": _node_template_tags,
+    "aws_dynamodb_table": lambda inv: [
+        t for t in inv.c("dynamodb").list_tables()["TableNames"] if t.startswith(inv.cluster + "-")
+    ],
     "aws_eks_addon": _eks("list_addons", "addons"),
     "aws_eks_pod_identity_association": _eks("list_pod_identity_associations", "associations"),
     "aws_prometheus_workspace": lambda inv: inv.workspaces(),

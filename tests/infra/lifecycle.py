@@ -143,7 +143,10 @@ def check_large(emulator: str, outputs: dict, _workdir: Path) -> None:
     )["nodegroup"]
     check_autoscaler_template(emulator, outputs, node_group, gpus=8)
     tags = aws("autoscaling", emulator).describe_tags(
-        Filters=[{"Name": "key", "Values": ["k8s.io/cluster-autoscaler/node-template/resources/vpc.amazonaws.com/efa"]}]
+        Filters=[
+            {"Name": "auto-scaling-group", "Values": [node_group["resources"]["autoScalingGroups"][0]["name"]]},
+            {"Name": "key", "Values": ["k8s.io/cluster-autoscaler/node-template/resources/vpc.amazonaws.com/efa"]},
+        ]
     )["Tags"]
     assert [t["Value"] for t in tags] == ["32"]
 

@@ -139,16 +139,19 @@ def test_node_group_replacement_is_flagged(plans: Plans, capsys: pytest.CaptureF
     assert "instance_types" in gpu.forced_by
     assert any('"g6e.4xlarge"' in d and '"p5.4xlarge"' in d for d in gpu.details)
     assert summary.counts()["aws_eks_node_group"]["replace"] == 1
+    # the node group's Auto Scaling group is new, so its autoscaler tags are replaced with it
+    replaced = sum(c.get("replace", 0) for c in summary.counts().values())
+    assert replaced == 1 + summary.counts()["aws_autoscaling_group_tag"]["replace"] > 1
 
     assert main(["plan-summary", str(plans.replace)]) == ExitCode.OK
     text = capsys.readouterr().out
-    assert f"Environment {ENV}:" in text and "1 to replace" in text
+    assert f"Environment {ENV}:" in text and f"{replaced} to replace" in text
     assert f"!! REPLACE {gpu.address} (forced by instance_types" in text
 
     assert main(["plan-summary", "--format", "markdown", str(plans.replace)]) == ExitCode.OK
     markdown = capsys.readouterr().out
     assert markdown.startswith(MARKDOWN_MARKER + "\n")
-    assert "[!CAUTION]" in markdown and f"### `{ENV}`" in markdown and "**1 replace**" in markdown
+    assert "[!CAUTION]" in markdown and f"### `{ENV}`" in markdown and f"**{replaced} replace**" in markdown
     assert f"| :warning: **replace** | `{gpu.address}` |" in markdown
     assert "| `aws_eks_node_group` |" in markdown
 

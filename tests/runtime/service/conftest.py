@@ -125,6 +125,8 @@ def keyed_server(server_factory, tmp_path_factory: pytest.TempPathFactory) -> It
     env_key, file_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     key_file = tmp_path_factory.mktemp("keys") / "api-keys"
     key_file.write_text(f"# rotated in\n{file_key}\n")
-    with server_factory("--api-key-file", str(key_file), env={c.ENV_API_KEYS: env_key}) as srv:
+    with server_factory(
+        "--api-key-file", str(key_file), "--risk-task", str(FRAUD_TASK), env={c.ENV_API_KEYS: env_key}
+    ) as srv:
         srv.api_keys = (env_key, file_key)
         yield srv
