@@ -69,19 +69,7 @@ def run_readme_path(emulator: str, workdir: Path) -> list[str]:
     ran = []
     with FakeKubeAPI() as api:
         api.crds |= {crd for p in PREREQUISITES for crd in p.crds}
-        kubeconfig = home / "kubeconfig"
-        kubeconfig.write_text(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
-                    "users": [{"name": "u", "user": {"token": "t"}}],
-                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-                    "current-context": "fake",
-                }
-            )
-        )
+        kubeconfig = api.kubeconfig(home)
         env = {
             **os.environ,
             STACKS_DIR_VAR: str(home / "stacks"),

@@ -84,19 +84,7 @@ def test_install_creates_a_generated_key_before_the_workload_and_keeps_it(fake_a
 def test_install_uses_the_operators_key_file_and_dry_run_creates_nothing(fake_api, environments, tmp_path: Path):
     outputs = tmp_path / "outputs.json"
     outputs.write_text(json.dumps({k: {"value": v} for k, v in representative_outputs(environments["dev"]).items()}))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-                "current-context": "fake",
-            }
-        )
-    )
+    kubeconfig = fake_api.kubeconfig(tmp_path)
     keys = tmp_path / "keys"
     keys.write_text("# current and next\nkey-one\nkey-two\n")
     base = ["install", "dev", "--outputs", str(outputs), "--kubeconfig", str(kubeconfig), "--skip-weights-check"]

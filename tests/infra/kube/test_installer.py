@@ -134,19 +134,7 @@ def test_dry_run_reports_changes_and_stores_nothing(fake_api, environments):
 def test_cli_install_through_a_kubeconfig(fake_api, environments, tmp_path: Path, capsys):
     outputs = tmp_path / "outputs.json"
     outputs.write_text(json.dumps({k: {"value": v} for k, v in representative_outputs(environments["dev"]).items()}))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-                "current-context": "fake",
-            }
-        )
-    )
+    kubeconfig = fake_api.kubeconfig(tmp_path)
     args = ["install", "dev", "--outputs", str(outputs), "--kubeconfig", str(kubeconfig), "--skip-weights-check"]
     args += ["--tag", "v7", "--poll", "0"]
     assert main(args) == 0
@@ -162,23 +150,6 @@ def test_cli_install_refuses_representative_outputs(environments, tmp_path, caps
     code = main(["install", "prod", "--stack-dir", str(tmp_path)])
     assert code == 2
     assert "no stack outputs for 'prod'" in capsys.readouterr().err
-
-
-def _kubeconfig(tmp_path: Path, url: str) -> Path:
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-                "current-context": "fake",
-            }
-        )
-    )
-    return path
 
 
 MODEL = 'model = { name = "deepseek-ai/DeepSeek-V2-Lite", revision = "r1" }\n'
@@ -222,7 +193,7 @@ def test_cli_install_refuses_a_revision_that_is_not_in_the_cold_tier(fake_api, e
     )
     where = ["--environments", str(environments), "--emulator-endpoint", emulator]
     install = ["install", "staging", "--dry-run", "--outputs", str(outputs), "--tag", "v1", *where]
-    install += ["--kubeconfig", str(_kubeconfig(tmp_path, fake_api.url))]
+    install += ["--kubeconfig", str(fake_api.kubeconfig(tmp_path))]
 
     assert main(install) == 4
     err = capsys.readouterr().err
