@@ -48,6 +48,9 @@ from runtime.registry import build_model
 
 PEAK_BF16 = 989e12  # H100 SXM dense, FLOP/s
 PEAK_FP8 = 1979e12
+# the H100 80GB HBM3's copy bandwidth as this script measures it (3.00 TB/s on 2026-12-06): the projection
+# prices the large size's GPUs with it whatever card ran the slice (an H200 reads ~1.6x faster)
+H100_COPY_BW = 3.0e12
 BLOCK = (128, 128)
 V3_SLICE = {
     "model_type": "deepseek_v3",
@@ -262,6 +265,7 @@ def make_bench(model, args, batches: list[int], max_len: int):
     bench = mg.OursBench(model, max(batches), max_len, max_len, dev=str(model.device))
     if model.device.type == "cuda" and not args.no_graphs:
         bench.capture(batches)
+        log(f"decode graphs captured for batches {batches}")
     return bench
 
 
@@ -411,13 +415,15 @@ def project_v3(model, per: dict, batches: list[int], bw: float, ctx: int) -> dic
     replicated = sum(nbytes(t) for n, t in layer.state_dict().items() if ".experts." not in n)
     eb = expert_bytes(layer.mlp)
     link_bw, link_lat = 50e9, 30e-6  # per GPU across 2 nodes (EFA 3.2 Tb/s per 8-GPU node), s per all-reduce
+    bw = H100_COPY_BW  # the fraction of the roofline comes from the card that ran; the bandwidth is an H100's
     head = (nbytes(model.lm_head.weight)) / bw
     out = {
         "assumptions": (
             f"{layers} layers all priced as MoE layers (V3 has 3 dense: slightly pessimistic); EP {gpus}: "
             f"{E // gpus} experts per GPU, uniform routing; attention and shared expert replicated; one "
             f"all-reduce of [B, {c.hidden_size}] bf16 per layer at {link_bw / 1e9:.0f} GB/s per GPU + "
-            f"{link_lat * 1e6:.0f} us; bandwidth fraction per batch as measured on the slice; context {ctx}; "
+            f"{link_lat * 1e6:.0f} us; H100 copy bandwidth {bw / 1e12:.2f} TB/s at the fraction of the roofline the "
+            f"slice reached at that batch on this card; context {ctx}; "
             "every GPU decodes the whole batch (no data-parallel attention)"
         )
     }
@@ -496,6 +502,95 @@ def gemm_micro(args, bw: float) -> dict:
     return out
 
 
+def sweep(args, bw: float) -> dict:
+    """Launch configurations of the weight-only GEMV and the FP8 MoE decode kernels at decode sizes, each
+    against bf16 on the same product (the bf16 MoE decode kernel for the experts): picks the defaults in
+    runtime/kernels/fp8.py."""
+    from runtime.kernels import fp8 as k8
+    from runtime.kernels.moe_decode import moe_decode
+
+    dev = args.device
+    t = lambda fn: (fn(), min(mg.sync_time(fn) for _ in range(10)))[1]  # noqa: E731
+    out: dict = {}
+    shapes = {"v2lite_mlp_up": (10944, 2048), "v3_o_proj": (7168, 16384), "v3_q_b": (24576, 1536)}
+    configs = [(bn, bk, w, st) for bn in (8, 16, 32) for bk in (256, 512, 1024) for w, st in ((4, 3), (8, 3))]
+    if args.smoke:
+        shapes, configs = {"smoke": (384, 256)}, configs[:2]
+    for name, (n, k) in shapes.items():
+        w, ws = quantize(torch.randn(n, k, device=dev) / math.sqrt(k), BLOCK)
+        wd = dequantize(w, ws, BLOCK, torch.bfloat16)
+        for m in (1, 8):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r = {"bf16_ms": t(lambda: x @ wd.T) * 1e3, "roofline_fp8_ms": (n * k + 2 * m * (n + k)) / bw * 1e3}  # noqa: B023
+            for cfg in configs:
+                try:
+                    r[str(cfg)] = t(lambda cfg=cfg: k8.w8_linear_triton(x, w, ws, cfg)) * 1e3  # noqa: B023
+                except Exception as exc:
+                    r[str(cfg)] = f"{type(exc).__name__}: {exc}"[:100]
+            timed = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
+            best = min(timed, key=timed.get) if timed else None
+            out[f"gemv_{name}_m{m}"] = {**r, "best": best}
+            dflt = timed.get(str(k8.GEMV_CONFIG))
+            log(
+                f"gemv {name} m={m}: bf16 {r['bf16_ms']:.4f} ms, roofline {r['roofline_fp8_ms']:.4f}, "
+                f"best {best} {timed.get(best, float('nan')):.4f} ms, default {dflt}"
+            )
+    # the routed experts of one decode step (V2-Lite: 64 experts of 1408, top-6)
+    H, inter, E, topk = (256, 128, 8, 2) if args.smoke else (2048, 1408, 64, 6)
+    w13, s13 = quantize(torch.randn(E, 2 * inter, H, device=dev) / math.sqrt(H), BLOCK)
+    w2, s2 = quantize(torch.randn(E, H, inter, device=dev) / math.sqrt(inter), BLOCK)
+    d13, d2 = dequantize(w13, s13, BLOCK, torch.bfloat16), dequantize(w2, s2, BLOCK, torch.bfloat16)
+    saved = k8.MOE_BLOCK_N, k8.MOE_BLOCK_K
+    for T in (1, 8, 64):
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, device=dev)[:topk] for _ in range(T)])
+        wts = torch.rand(T, topk, device=dev)
+        r = {"bf16_kernel_ms": t(lambda: moe_decode(x, ids, wts, d13, d2, None, None, None, 0, E)) * 1e3}  # noqa: B023
+        distinct = ids.unique().numel()
+        r["roofline_fp8_ms"] = distinct * 3 * H * inter / bw * 1e3
+        for bn in (8, 16, 32):
+            for bk in (128, 256, 512):
+                k8.MOE_BLOCK_N, k8.MOE_BLOCK_K = bn, bk
+                try:
+                    r[f"({bn}, {bk})"] = t(lambda: k8.moe_decode_fp8(x, ids, wts, w13, s13, w2, s2, 0, E)) * 1e3  # noqa: B023
+                except Exception as exc:
+                    r[f"({bn}, {bk})"] = f"{type(exc).__name__}: {exc}"[:100]
+        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K = saved
+        timed = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
+        best = min(timed, key=timed.get) if timed else None
+        out[f"moe_T{T}"] = {**r, "best": best}
+        log(
+            f"moe decode T={T}: bf16 kernel {r['bf16_kernel_ms']:.4f} ms, roofline {r['roofline_fp8_ms']:.4f}, "
+            f"best {best} {timed.get(best, float('nan')):.4f} ms"
+        )
+    return out
+
+
+def apply_tuning(found: dict) -> dict:
+    """Set the kernels' launch configurations to a sweep's best (``--tune``, ``--tune-from``): the GEMV config
+    with the least total time over the sweep's batch-1 products, and the MoE decode config best at one token.
+    Returns what was set (recorded in the results)."""
+    import ast
+
+    from runtime.kernels import fp8 as k8
+
+    totals: dict[str, float] = {}
+    for key, r in found.items():
+        if key.startswith("gemv_") and key.endswith("_m1"):
+            for cfg, v in r.items():
+                if cfg.startswith("(") and isinstance(v, float):
+                    totals[cfg] = totals.get(cfg, 0.0) + v
+    applied = {}
+    if totals:
+        k8.GEMV_CONFIG = applied["GEMV_CONFIG"] = ast.literal_eval(min(totals, key=totals.get))
+    best_moe = found.get("moe_T1", {}).get("best")
+    if best_moe:
+        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K = ast.literal_eval(best_moe)
+        applied["MOE_BLOCK_N, MOE_BLOCK_K"] = (k8.MOE_BLOCK_N, k8.MOE_BLOCK_K)
+    log("tuned launch configurations:", applied)
+    return applied
+
+
 def kernels_check(args) -> dict:
     """The FP8 kernels against their references on this device (tests/runtime/fp8_kernel_checks.py)."""
     from tests.runtime.fp8_kernel_checks import main as checks
@@ -570,11 +665,15 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager layers (no torch.compile'd regions)")
     ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     ap.add_argument(
-        "--skip", nargs="*", default=[], choices=["kernels", "gemm", "v2", "v3"], help="sections to leave out"
+        "--skip", nargs="*", default=[], choices=["kernels", "sweep", "gemm", "v2", "v3"], help="sections to leave out"
     )
+    ap.add_argument("--tune", action="store_true", help="the model sections use the sweep's best launch configs")
+    ap.add_argument("--tune-from", type=Path, help="the same, from an earlier run's --json (its sweep section)")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args()
     mg.DEV = args.device
+    # two models (bf16 and FP8: other module types) through the same compiled regions, three batch sizes
+    torch._dynamo.config.recompile_limit = 64
     if args.smoke:
         args.steps = min(args.steps, 3)
         mg.PROMPT = 16
@@ -584,6 +683,15 @@ def main() -> int:
     RESULTS["copy_bandwidth_tb_s"] = bw / 1e12
     if "kernels" not in args.skip:
         section("kernels", kernels_check, args)
+    if "sweep" not in args.skip:
+        section("sweep", sweep, args, bw)
+    if args.tune_from:
+        try:
+            RESULTS["tuned"] = apply_tuning(json.loads(args.tune_from.read_text()).get("sweep", {}))
+        except (OSError, ValueError) as exc:  # the sweep's run died: the defaults stand, and the log says so
+            log(f"no tuning from {args.tune_from}: {exc}")
+    elif args.tune and isinstance(RESULTS.get("sweep"), dict):
+        RESULTS["tuned"] = apply_tuning(RESULTS["sweep"])
     if "gemm" not in args.skip:
         section("gemm", gemm_micro, args, bw)
     if "v2" not in args.skip:

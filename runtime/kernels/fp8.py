@@ -18,6 +18,8 @@ needs no special case.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,11 +32,25 @@ GEMV_MAX_TOKENS = 16  # up to this many tokens the weight-only path is the GEMV-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 GEMM_CONFIG = (64, 128, 4, 3)
 W8_GEMM_CONFIG = (64, 128, 4, 3)
-GEMV_BLOCK_N = 16
+# GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block
+GEMV_CONFIG = (16, 512, 4, 3)
+ACT_QUANT_BLOCK_T = 16
 MOE_BLOCK_N = 8
+MOE_BLOCK_K = 256
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
+
+
+@functools.cache
+def _has_fp8_conversion(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def native_fp8(t: torch.Tensor) -> bool:
+    """Whether the kernels convert e4m3 with the GPU's own instruction (sm89+) rather than bit placement."""
+    return t.device.type == "cuda" and not INTERPRET and _has_fp8_conversion(t.device.index or 0)
+
 
 if HAS_TRITON:
     import triton
@@ -49,17 +65,27 @@ if HAS_TRITON:
         return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx, sq, ss, GROUP_K: tl.constexpr):
-        t = tl.program_id(0)
+    def _decode_e4m3(b, NATIVE: tl.constexpr):
+        """e4m3fn bytes → fp32: the hardware conversion where the GPU has FP8 (sm89+), bit placement elsewhere
+        (Ampere, the interpreter)."""
+        if NATIVE:
+            return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return _e4m3_to_f32(b)
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, K, sx, sq, ss, BLOCK_T: tl.constexpr, GROUP_K: tl.constexpr):
+        """One program per (block of BLOCK_T tokens, 128-wide group): enough work per program that launching
+        a program per group of every token does not dominate (prefill quantizes T × K/128 groups)."""
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         g = tl.program_id(1)
         offs = g * GROUP_K + tl.arange(0, GROUP_K)
-        m = offs < K
-        x = tl.load(x_ptr + t * sx + offs, mask=m, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        m = (offs_t < T)[:, None] & (offs < K)[None, :]
+        x = tl.load(x_ptr + offs_t[:, None] * sx + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
         s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = tl.clamp(x / s, -448.0, 448.0)
-        tl.store(q_ptr + t * sq + offs, q.to(q_ptr.dtype.element_ty), mask=m)
-        tl.store(s_ptr + t * ss + g, s)
+        q = tl.clamp(x / s[:, None], -448.0, 448.0)
+        tl.store(q_ptr + offs_t[:, None] * sq + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(s_ptr + offs_t * ss + g, s, mask=offs_t < T)
 
     @triton.jit
     def _fp8_gemm_kernel(
@@ -94,6 +120,7 @@ if HAS_TRITON:
         a_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
         sam, sak, bsn, bsk, sbsn, sbsk, scm, scn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+        NATIVE: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -111,7 +138,7 @@ if HAS_TRITON:
                 b_ptr + offs_n[:, None] * bsn + offs_k[None, :] * bsk, mask=n_mask[:, None] & k_mask[None, :], other=0
             )
             b_s = tl.load(bs_ptr + (offs_n // BLOCK_K) * sbsn + kb * sbsk, mask=n_mask, other=0.0)
-            b = (_e4m3_to_f32(b) * b_s[:, None]).to(a.dtype)
+            b = (_decode_e4m3(b, NATIVE) * b_s[:, None]).to(a.dtype)
             if IEEE:
                 acc += tl.dot(a, tl.trans(b), input_precision="ieee")
             else:
@@ -123,33 +150,46 @@ if HAS_TRITON:
     def _w8_gemv_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, T, N, K,
         sxt, sxk, swn, swk, ssn, ssk, syt, syn,
-        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
+        """Each K step covers BLOCK_K // 128 scale blocks (wide loads keep enough bytes in flight for the
+        bandwidth); the weight tile is dequantized once per step and serves every token."""
+        GROUPS: tl.constexpr = BLOCK_K // 128
         nb = tl.program_id(0)
         offs_t = tl.arange(0, BLOCK_T)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
+        n_groups = tl.cdiv(K, 128)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             w = tl.load(
                 w_ptr + offs_n[:, None] * swn + offs_k[None, :] * swk, mask=n_mask[:, None] & k_mask[None, :], other=0
             )
-            s = tl.load(s_ptr + (offs_n // BLOCK_K) * ssn + kb * ssk, mask=n_mask, other=0.0)
-            w = _e4m3_to_f32(w)
+            offs_g = k0 // 128 + tl.arange(0, GROUPS)
+            s = tl.load(
+                s_ptr + (offs_n // 128)[:, None] * ssn + offs_g[None, :] * ssk,
+                mask=n_mask[:, None] & (offs_g < n_groups)[None, :], other=0.0,
+            )  # fmt: skip
+            wf = _decode_e4m3(w, NATIVE)
+            wf = tl.reshape(tl.reshape(wf, [BLOCK_N, GROUPS, 128]) * s[:, :, None], [BLOCK_N, BLOCK_K])
             for t in tl.static_range(BLOCK_T):  # padding tokens (t >= T) read the last real one, never stored
                 xt = tl.load(x_ptr + tl.minimum(t, T - 1) * sxt + offs_k * sxk, mask=k_mask, other=0.0).to(tl.float32)
-                part = tl.sum(w * xt[None, :], axis=1) * s
+                part = tl.sum(wf * xt[None, :], axis=1)
                 acc += tl.where(offs_t[:, None] == t, part[None, :], 0.0)
         y = y_ptr + offs_t[:, None] * syt + offs_n[None, :] * syn
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & n_mask[None, :])
 
     @triton.jit
     def _scaled_rows(
-        v_row, w_rows, s_rows, offs_n, n_mask, k_end, K, swn, ssn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
-        """Σ_k w[n, k]·v[k] over FP8 rows, each 128-wide K step's partial times its block scale."""
+        v_row, w_rows, s_rows, offs_n, n_mask, k_end, K, swn, ssn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
+    ):  # fmt: skip
+        """Σ_k w[n, k]·v[k] over FP8 rows; a K step spans BLOCK_K // 128 scale blocks, each block's partial
+        sum times its scale."""
+        GROUPS: tl.constexpr = BLOCK_K // 128
+        n_groups = tl.cdiv(K, 128)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -158,15 +198,20 @@ if HAS_TRITON:
             w = tl.load(
                 w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0
             )
-            s = tl.load(s_rows + (offs_n // BLOCK_K) * ssn + k0 // BLOCK_K, mask=n_mask, other=0.0)
-            acc += tl.sum(_e4m3_to_f32(w) * v[None, :], axis=1) * s
+            offs_g = k0 // 128 + tl.arange(0, GROUPS)
+            s = tl.load(
+                s_rows + (offs_n // 128)[:, None] * ssn + offs_g[None, :],
+                mask=n_mask[:, None] & (offs_g < n_groups)[None, :], other=0.0,
+            )  # fmt: skip
+            part = tl.sum(tl.reshape(_decode_e4m3(w, NATIVE) * v[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
+            acc += tl.sum(part * s, axis=1)
         return acc
 
     @triton.jit
     def _moe_up_fp8_kernel(
         x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k, expert_offset, n_local,
         sx, swe, swn, sse, ssn, sh,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
         p = tl.program_id(0)
         nb = tl.program_id(1)
@@ -178,8 +223,8 @@ if HAS_TRITON:
         e = tl.where(valid, e, 0)
         k_end = tl.where(valid, H, 0)
         w, s = w_ptr + e * swe, s_ptr + e * sse
-        g = _scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K)
-        u = _scaled_rows(x_ptr + t * sx, w, s, offs_n + inter, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K)
+        g = _scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+        u = _scaled_rows(x_ptr + t * sx, w, s, offs_n + inter, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
         h = g / (1.0 + tl.exp(-g)) * u
         tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
@@ -187,7 +232,7 @@ if HAS_TRITON:
     def _moe_down_fp8_kernel(
         h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k, expert_offset, n_local,
         sh, swe, swn, sse, ssn, sot, sos,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
         nb = tl.program_id(1)
@@ -201,7 +246,7 @@ if HAS_TRITON:
         wt = tl.load(wts_ptr + p).to(tl.float32)
         part = _scaled_rows(
             h_ptr + p * sh, w_ptr + e * swe, s_ptr + e * sse, offs_n, n_mask, tl.where(valid, inter, 0), inter,
-            swn, ssn, BLOCK_N, BLOCK_K,
+            swn, ssn, BLOCK_N, BLOCK_K, NATIVE,
         )  # fmt: skip
         tl.store(out_ptr + t * sot + j * sos + offs_n, wt * part, mask=n_mask)
 
@@ -209,7 +254,7 @@ if HAS_TRITON:
     def _moe_up_fp8_by_expert_kernel(
         x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k, n_pairs, expert_offset,
         sx, swe, swn, sse, ssn, sh,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
         """One program per (local expert, block of intermediate rows), over every pair routed to it: the
         expert's rows come from DRAM once and from cache for its other pairs."""
@@ -221,8 +266,8 @@ if HAS_TRITON:
         for p in range(0, n_pairs):
             if tl.load(ids_ptr + p) - expert_offset == e:
                 x_row = x_ptr + (p // top_k) * sx
-                g = _scaled_rows(x_row, w, s, offs_n, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K)
-                u = _scaled_rows(x_row, w, s, offs_n + inter, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K)
+                g = _scaled_rows(x_row, w, s, offs_n, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+                u = _scaled_rows(x_row, w, s, offs_n + inter, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
                 h = g / (1.0 + tl.exp(-g)) * u
                 tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
@@ -230,7 +275,7 @@ if HAS_TRITON:
     def _moe_down_fp8_by_expert_kernel(
         h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k, n_pairs, expert_offset,
         sh, swe, swn, sse, ssn, sot, sos,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0)
         nb = tl.program_id(1)
@@ -240,7 +285,9 @@ if HAS_TRITON:
         for p in range(0, n_pairs):
             if tl.load(ids_ptr + p) - expert_offset == e:
                 wt = tl.load(wts_ptr + p).to(tl.float32)
-                part = _scaled_rows(h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K)
+                part = _scaled_rows(
+                    h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE
+                )
                 tl.store(out_ptr + (p // top_k) * sot + (p % top_k) * sos + offs_n, wt * part, mask=n_mask)
 
 
@@ -267,7 +314,10 @@ def act_quant(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.
     q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(T, n, dtype=torch.float32, device=x.device)
     if T:
-        _act_quant_kernel[(T, n)](x, q, s, K, x.stride(0), q.stride(0), s.stride(0), GROUP_K=group)
+        bt = min(ACT_QUANT_BLOCK_T, triton.next_power_of_2(T))
+        _act_quant_kernel[(triton.cdiv(T, bt), n)](
+            x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), BLOCK_T=bt, GROUP_K=group
+        )
     return q, s
 
 
@@ -309,12 +359,53 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=No
     return y
 
 
+def _blockwise_scaling():
+    """torch's names for DeepSeek's scaling (1×128 activations, 128×128 weights), or None before torch had
+    blockwise-scaled ``F.scaled_mm``."""
+    st = getattr(F, "ScalingType", None)
+    if st is None or not hasattr(F, "scaled_mm"):
+        return None
+    for act, wgt in (("BlockWise1x128", "BlockWise128x128"), ("Blockwise_1x128", "Blockwise_128x128")):
+        if hasattr(st, act) and hasattr(st, wgt):
+            return getattr(st, act), getattr(st, wgt)
+    return None
+
+
+_SCALED_MM_FAILED: list[str] = []  # the first failure's message; then every call takes the Triton GEMM
+
+
+def scaled_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """cuBLAS's blockwise FP8 GEMM (via ``F.scaled_mm``): Hopper, a torch that has it, whole K blocks."""
+    return (
+        not _SCALED_MM_FAILED
+        and not INTERPRET
+        and x.device.type == "cuda"
+        and torch.cuda.get_device_capability(x.device) == (9, 0)
+        and x.shape[-1] % GROUP == 0
+        and _blockwise_scaling() is not None
+    )
+
+
+def fp8_gemm_scaled_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The same product through cuBLAS (faster than the Triton GEMM on an H100: benchmarks/fp8_gpu.py);
+    activation scales go outer-dim-major, as cuBLAS reads them."""
+    act, wgt = _blockwise_scaling()
+    q, qs = act_quant(x)
+    return F.scaled_mm(q, w.t(), qs.t().contiguous().t(), act, s.t(), wgt, output_dtype=x.dtype)
+
+
 @torch.library.custom_op("moefleet::fp8_gemm", mutates_args=())
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``x [T, K] @ dequant(w [N, K], s).T`` on FP8 tensor cores, ``x`` quantized per 1×128 group."""
-    if triton_usable(x):
-        return fp8_gemm_triton(x, w, s)
-    return fp8_gemm_reference(x, w, s).to(x.dtype)
+    """``x [T, K] @ dequant(w [N, K], s).T`` on FP8 tensor cores, ``x`` quantized per 1×128 group: cuBLAS
+    where it has the blockwise GEMM, else the Triton kernel (a cuBLAS refusal falls back once, for good)."""
+    if not triton_usable(x):
+        return fp8_gemm_reference(x, w, s).to(x.dtype)
+    if scaled_mm_usable(x, w):
+        try:
+            return fp8_gemm_scaled_mm(x, w, s)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            _SCALED_MM_FAILED.append(f"{type(exc).__name__}: {exc}"[:300])
+    return fp8_gemm_triton(x, w, s)
 
 
 @fp8_gemm.register_fake
@@ -337,18 +428,18 @@ def w8_linear_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=N
         return y
     wb = w.view(torch.uint8)  # the kernels decode e4m3 bytes themselves (any GPU generation)
     if M <= GEMV_MAX_TOKENS:
-        bn = GEMV_BLOCK_N if config is None else config[1]
+        bn, bk, warps, stages = config or GEMV_CONFIG
         _w8_gemv_kernel[(triton.cdiv(N, bn),)](
             x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-            y.stride(0), y.stride(1), BLOCK_T=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=GROUP,
-            num_warps=4 if config is None else config[2], num_stages=2 if config is None else config[3],
+            y.stride(0), y.stride(1), BLOCK_T=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk,
+            NATIVE=native_fp8(x), num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return y
     bm, bn, warps, stages = config or W8_GEMM_CONFIG
     _w8_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, IEEE=x.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        NATIVE=native_fp8(x), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -377,13 +468,13 @@ def _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset: 
     _moe_up_fp8_by_expert_kernel[(n_local, triton.cdiv(inter, MOE_BLOCK_N))](
         x, ids, w13.view(torch.uint8), s13, h, H, inter, k, T * k, expert_offset,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
     _moe_down_fp8_by_expert_kernel[(n_local, triton.cdiv(H, MOE_BLOCK_N))](
         h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, T * k, expert_offset,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     return out
 
@@ -414,13 +505,13 @@ def moe_decode_fp8_triton(
     _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](
         x, ids, w13.view(torch.uint8), s13, h, H, inter, k, expert_offset, n_local,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     out = torch.empty(T, k, H, dtype=torch.float32, device=x.device)
     _moe_down_fp8_kernel[(T, triton.cdiv(H, MOE_BLOCK_N), k)](
         h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, expert_offset, n_local,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=GROUP, num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     return out
 
