@@ -170,10 +170,11 @@ class Choice:
         if ev.finish_reason:
             self.finish_reason = ev.finish_reason
             end = len(full)
-        else:
-            end = len(full) - self.holdback
+        else:  # an incomplete character is no text yet; the last `holdback` characters may start a stop string
+            end = len(full)
             while end > 0 and full[end - 1] == "\ufffd":
                 end -= 1
+            end -= self.holdback
         if end <= self.sent:
             return ""
         delta = full[self.sent : end]
