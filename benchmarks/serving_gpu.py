@@ -11,7 +11,9 @@ One run, each section on its own (a failing section prints its error and the res
    first time (compiled prefill shapes were warmed at start-up, so no compile at request time) and warm;
 3. streamed requests at 1 / 8 / 64 / 256 / 512 concurrent streams: output tok/s, TTFT P50/P99, inter-token
    P50/P99, and the decode rate (streams / inter-token P50) against the HBM roofline at that batch (every
-   non-expert weight, the distinct experts the batch picks, the KV cache; measured copy bandwidth);
+   non-expert weight, the distinct experts the batch picks, the KV cache; measured copy bandwidth). The
+   streams of a level are spread over client processes (64 streams each, at most 8 and half the CPUs;
+   ``--clients`` overrides) started together, so the client's own JSON parsing does not set the figures;
 4. batch-1 decode with ``--max-num-seqs 64`` against the 512 server's (a second server start): a larger
    batch cap must not slow small batches down;
 5. the engine loop in-process (no HTTP) on the same checkpoint: decode tok/s at batch 1 / 64 / 256.
@@ -28,7 +30,9 @@ import asyncio
 import contextlib
 import json
 import math
+import multiprocessing
 import os
+import queue
 import random
 import signal
 import socket
@@ -160,7 +164,8 @@ def server(model: Path, args: list[str], log_path: Path, timeout: float):
 
 
 async def stream_one(cl: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed completion → send time, arrival time of each content chunk, completion tokens."""
+    """One streamed completion → send time, arrival time of each content chunk, completion tokens. Times are
+    ``time.monotonic()``: one clock for every client process of the host (CLOCK_MONOTONIC on Linux)."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -169,7 +174,7 @@ async def stream_one(cl: httpx.AsyncClient, url: str, prompt: list[int], max_tok
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     arrivals: list[float] = []
     tokens = None
     async with cl.stream("POST", url + c.COMPLETIONS_PATH, json=body) as r:
@@ -182,17 +187,75 @@ async def stream_one(cl: httpx.AsyncClient, url: str, prompt: list[int], max_tok
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
+                arrivals.append(time.monotonic())
     return {"t0": t0, "arrivals": arrivals, "tokens": tokens if tokens is not None else len(arrivals)}
 
 
-def run_level(url: str, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+def run_streams(url: str, prompts: list[list[int]], max_tokens: int, barrier=None) -> list[dict]:
+    """Every prompt as its own stream, all at once from this process (after ``barrier``, when given)."""
+
     async def go() -> list[dict]:
         limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
         async with httpx.AsyncClient(timeout=600, limits=limits) as cl:
+            if barrier is not None:
+                await asyncio.to_thread(barrier.wait, 120)
             return await asyncio.gather(*(stream_one(cl, url, p, max_tokens) for p in prompts))
 
     return asyncio.run(go())
+
+
+def _client_main(url: str, prompts: list[list[int]], max_tokens: int, barrier, results, slot: int) -> None:
+    try:
+        results.put((slot, run_streams(url, prompts, max_tokens, barrier)))
+    except BaseException as exc:
+        barrier.abort()  # the others stop waiting for this one
+        results.put((slot, f"{type(exc).__name__}: {exc}"[:500]))
+
+
+#: streams one client process drives, and the most client processes (also at most half the CPUs): one
+#: Python process parsing every SSE line of hundreds of streams would measure the client, not the server
+STREAMS_PER_CLIENT = 64
+MAX_CLIENTS = 8
+
+
+def client_procs(streams: int, per_client: int = STREAMS_PER_CLIENT, most: int | None = None) -> int:
+    most = most if most is not None else min(MAX_CLIENTS, max(1, (os.cpu_count() or 2) // 2))
+    return max(1, min(most, math.ceil(streams / per_client)))
+
+
+def run_level(url: str, prompts: list[list[int]], max_tokens: int, procs: int = 1) -> list[dict]:
+    """The streams of one level, spread over ``procs`` client processes that start together (a barrier);
+    every record carries its own times on the shared monotonic clock, so ``summarize`` merges them."""
+    if procs <= 1:
+        return run_streams(url, prompts, max_tokens)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [
+        ctx.Process(target=_client_main, args=(url, prompts[j::procs], max_tokens, barrier, results, j), daemon=True)
+        for j in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    got: dict[int, list[dict] | str] = {}
+    try:
+        while len(got) < procs:
+            try:
+                slot, res = results.get(timeout=5)
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"client process exited with {dead[0].exitcode}") from None
+                continue
+            got[slot] = res
+    finally:
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+    failed = [r for r in got.values() if isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"client process failed: {failed[0]}")
+    return [r for j in range(procs) for r in got[j]]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -309,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=None, help="concurrent streams per level")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 128; --quick 64)")
     ap.add_argument("--long-prompt", type=int, default=2048)
+    ap.add_argument("--clients", type=int, default=None, help="client processes per level (default: by streams)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -319,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = tiny_config("v2", max_position_embeddings=4096)
         levels, max_tokens, long_len, big, small = a.levels or [1, 4], a.max_tokens or 8, 300, 8, 4
         serve_extra = ["--device", "cpu", "--threads", "2", "--kv-blocks", "512"]
+        per_client, most_clients = 2, 2  # the multi-process client is exercised too
     else:
         raw = dict(V2_LITE)
         if a.quick:
@@ -326,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         levels = a.levels or ([1, 8, 64] if a.quick else [1, 8, 64, 256, 512])
         max_tokens, long_len, big, small = a.max_tokens or (64 if a.quick else 128), a.long_prompt, 512, 64
         serve_extra = []
+        per_client, most_clients = STREAMS_PER_CLIENT, None
     config = ModelConfig.from_dict(raw)
     vocab = config.vocab_size
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -367,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             for n in levels:
                 try:
                     prompts = [random_prompt(rng, PROMPT_LEN, vocab) for _ in range(n)]
-                    s = summarize(run_level(url, prompts, max_tokens))
+                    procs = a.clients or client_procs(n, per_client, most_clients)
+                    s = summarize(run_level(url, prompts, max_tokens, procs))
                     s["roofline_tok_s"] = roofline(n)
+                    s["client_procs"] = procs
                     res["levels"][n] = s
                     log(f"{n} streams: {json.dumps({k: round(v, 1) for k, v in s.items()})}")
                 except Exception as exc:
@@ -407,12 +475,14 @@ def report(res: dict, big: int, small: int) -> None:
     print(f"\n## Serving on {res['card']} ({res['layers']} layers, random bf16 weights, {PROMPT_LEN}-token prompts, "
           f"{res['max_tokens']} new tokens, greedy, streamed)")  # fmt: skip
     print(
-        "| streams | output tok/s | TTFT P50 ms | TTFT P99 ms | ITL P50 ms | ITL P99 ms | decode tok/s | roofline | % |"
+        "| streams | clients | output tok/s | TTFT P50 ms | TTFT P99 ms | ITL P50 ms | ITL P99 ms | decode tok/s "
+        "| roofline | % |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, s in res["levels"].items():
         print(
-            f"| {n} | {s['output_tok_s']:.0f} | {s['ttft_p50_ms']:.0f} | {s['ttft_p99_ms']:.0f} | "
+            f"| {n} | {s.get('client_procs', 1)} | {s['output_tok_s']:.0f} | "
+            f"{s['ttft_p50_ms']:.0f} | {s['ttft_p99_ms']:.0f} | "
             f"{s['itl_p50_ms']:.1f} | {s['itl_p99_ms']:.1f} | {s['decode_tok_s']:.0f} | {s['roofline_tok_s']:.0f} | "
             f"{100 * s['decode_tok_s'] / s['roofline_tok_s']:.0f}% |"
         )

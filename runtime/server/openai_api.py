@@ -106,20 +106,33 @@ def engine_refusals(st: ServiceState) -> Iterator[None]:
 @dataclass
 class Choice:
     """Incremental detokenization for one sequence: text is only released once it can no longer be
-    cut by a stop string or change with the next token (an incomplete UTF-8 character)."""
+    cut by a stop string or change with the next token (an incomplete UTF-8 character).
+
+    Streaming decodes a short window of recent tokens per event rather than every token so far (which
+    would make a stream's cost grow with the square of its length): ``stable`` is the text of the first
+    ``read`` tokens, settled because it ends on a whole character, and ``pre`` the window
+    ``tokens[prefix:read]`` decoded alone. Decoding ``tokens[prefix:]`` then gives ``pre`` followed by what
+    the tokens after ``read`` add to the full text; the window starts on a token that decodes to text, so a
+    decoder's first-token rules (a stripped leading space, words joined by spaces) apply as they do to the
+    whole sequence. A tokenizer for which the window's text does not start with ``pre`` is decoded in full.
+    """
 
     seq: Sequence
     tokenizer: object
     holdback: int
     tokens: list[int] = field(default_factory=list)
     sent: int = 0
-    text: str = ""
     finish_reason: str | None = None
 
     stop_text: str | None = None
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
     offsets: TextOffsets = field(default_factory=TextOffsets)  # completions: where each token starts
+    stable: str = ""
+    prefix: int = 0
+    read: int = 0
+    pre: str = ""
+    windowed: bool = True  # False once the tokenizer broke the window's assumption: full decodes
 
     def absorb(self, ev) -> None:
         """Non-streaming: keep tokens only; the text is decoded once at the end."""
@@ -132,17 +145,36 @@ class Choice:
     def final_text(self) -> str:
         return self.stop_text if self.stop_text is not None else self.tokenizer.decode(self.tokens)
 
+    def full_text(self) -> str:
+        """``tokenizer.decode(self.tokens)``, from a window of recent tokens."""
+        toks, decode = self.tokens, self.tokenizer.decode
+        if not self.windowed:
+            return decode(toks)
+        window = decode(toks[self.prefix :])
+        if not window.startswith(self.pre):
+            self.windowed = False
+            return decode(toks)
+        full = self.stable + window[len(self.pre) :]
+        if len(toks) > self.read and not full.endswith("\ufffd"):  # settled up to here: move the window on
+            after = decode(toks[self.read :])
+            if after:
+                self.prefix, self.pre = self.read, after
+            else:  # tokens without text (skipped special tokens) cannot start a window
+                self.pre = window
+            self.stable, self.read = full, len(toks)
+        return full
+
     def update(self, ev) -> str:
         self.tokens.extend(ev.token_ids)
-        full = ev.text if ev.text is not None else self.tokenizer.decode(self.tokens)
+        full = ev.text if ev.text is not None else self.full_text()
         if ev.finish_reason:
             self.finish_reason = ev.finish_reason
             end = len(full)
-        else:
-            end = len(full) - self.holdback
+        else:  # an incomplete character is no text yet; the last `holdback` characters may start a stop string
+            end = len(full)
             while end > 0 and full[end - 1] == "\ufffd":
                 end -= 1
-        self.text = full
+            end -= self.holdback
         if end <= self.sent:
             return ""
         delta = full[self.sent : end]
@@ -261,39 +293,56 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+class ChunkHead:
+    """A stream's chunks share every field but ``choices``: rendered once, so a token costs the JSON of
+    its choice alone (the bytes are those of ``sse(base | {"choices": [choice]})``)."""
+
+    def __init__(self, base: dict) -> None:
+        self.base = base
+        self.head = "data: " + json.dumps(base, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":['
+
+    def __call__(self, choice: dict) -> str:
+        return f"{self.head}{json.dumps(choice, ensure_ascii=False, separators=(',', ':'))}]}}\n\n"
+
+
 async def stream(st: ServiceState, queue, choices, prompts, body, chunk) -> AsyncIterator[str]:
-    """SSE: ``chunk(i, delta, finish_reason, first, logprobs)`` renders one choice update (``logprobs``: the
-    event's tokens', when the request asked); ``data: [DONE]`` ends it."""
+    """SSE: ``chunk(i, delta, finish_reason, first, logprobs)`` renders one choice update as an SSE event, or
+    returns None (``logprobs``: the event's tokens', when the request asked); ``i`` None: the usage chunk's
+    base (a dict). ``data: [DONE]`` ends it.
+
+    Each update is still its own ``data:`` event, but the events already queued when the generator wakes
+    up go out as one string: when the loop runs behind the engine, a stream costs one send (one socket
+    write) per wake-up rather than one per token."""
     left = len(choices)
     try:
-        for i in range(len(choices)):
-            first = chunk(i, "", None, True, None)
-            if first is not None:
-                yield sse(first)
+        out = [x for x in (chunk(i, "", None, True, None) for i in range(len(choices))) if x is not None]
+        if out:
+            yield "".join(out)
         while left:
-            i, ev = await queue.get()
-            ch = choices[i]
-            delta = ch.update(ev)
-            if ev.finish_reason == "error":
-                st.metrics.errors.labels("engine").inc()
-                yield sse(
-                    {
-                        "error": {
-                            "message": f"generation failed: {ev.error}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
-                return
-            if delta or ev.finish_reason or ev.logprobs:
-                yield sse(chunk(i, delta, public_reason(ev.finish_reason), False, ev.logprobs))
-            if ev.finish_reason:
-                left -= 1
+            out = []
+            item = await queue.get()
+            while item is not None:
+                i, ev = item
+                ch = choices[i]
+                delta = ch.update(ev)
+                if ev.finish_reason == "error":
+                    st.metrics.errors.labels("engine").inc()
+                    msg = f"generation failed: {ev.error}"
+                    out.append(sse({"error": {"message": msg, "type": "server_error", "param": None, "code": None}}))
+                    yield "".join(out)
+                    return
+                if delta or ev.finish_reason or ev.logprobs:
+                    out.append(chunk(i, delta, public_reason(ev.finish_reason), False, ev.logprobs))
+                if ev.finish_reason:
+                    left -= 1
+                item = queue.get_nowait() if left and not queue.empty() else None
+            if out:
+                yield "".join(out)
+        tail = []
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse(chunk(None, "", None, False, None) | {"choices": [], "usage": usage(prompts, choices)})
-        yield "data: [DONE]\n\n"
+            tail.append(sse(chunk(None, "", None, False, None) | {"choices": [], "usage": usage(prompts, choices)}))
+        tail.append("data: [DONE]\n\n")
+        yield "".join(tail)
     finally:
         abort_unfinished(st, choices)  # client went away (generator closed) or error
 
@@ -342,17 +391,17 @@ async def completions(body: CompletionRequest, request: Request):
     text_of = TokenText(st.tokenizer)
 
     if body.stream:
+        head = ChunkHead({"id": rid, "object": "text_completion", "created": created, "model": model})
 
         def chunk(i, delta, reason, first, lps):
             if first:
                 return None
-            base = {"id": rid, "object": "text_completion", "created": created, "model": model}
             if i is None:
-                return base
+                return head.base
             lp = None
             if lps is not None:
                 lp = completion_logprobs(text_of, lps, choices[i].offsets)
-            return base | {"choices": [{"index": i, "text": delta, "finish_reason": reason, "logprobs": lp}]}
+            return head({"index": i, "text": delta, "finish_reason": reason, "logprobs": lp})
 
         return sse_response(stream(st, queue, choices, prompts, body, chunk))
 
@@ -389,14 +438,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     text_of, want = TokenText(st.tokenizer), requested_logprobs(body) is not None
 
     if body.stream:
+        head = ChunkHead({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model})
 
         def chunk(i, delta, reason, first, lps):
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
             if i is None:
-                return base
+                return head.base
             d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
             lp = {"content": chat_content(text_of, lps)} if lps is not None else None
-            return base | {"choices": [{"index": i, "delta": d, "finish_reason": reason, "logprobs": lp}]}
+            return head({"index": i, "delta": d, "finish_reason": reason, "logprobs": lp})
 
         return sse_response(stream(st, queue, choices, prompts, body, chunk))
 
