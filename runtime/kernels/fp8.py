@@ -35,8 +35,8 @@ W8_GEMM_CONFIG = (64, 128, 4, 3)
 # GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block
 GEMV_CONFIG = (16, 512, 4, 3)
 ACT_QUANT_BLOCK_T = 16
-MOE_BLOCK_N = 8
-MOE_BLOCK_K = 256
+MOE_BLOCK_N = 16
+MOE_BLOCK_K = 512
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
@@ -220,7 +220,7 @@ if HAS_TRITON:
         t = p // top_k
         e = tl.load(ids_ptr + p) - expert_offset
         valid = (e >= 0) & (e < n_local)
-        e = tl.where(valid, e, 0)
+        e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
         k_end = tl.where(valid, H, 0)
         w, s = w_ptr + e * swe, s_ptr + e * sse
         g = _scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
@@ -242,7 +242,7 @@ if HAS_TRITON:
         p = t * top_k + j
         e = tl.load(ids_ptr + p) - expert_offset
         valid = (e >= 0) & (e < n_local)
-        e = tl.where(valid, e, 0)
+        e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
         wt = tl.load(wts_ptr + p).to(tl.float32)
         part = _scaled_rows(
             h_ptr + p * sh, w_ptr + e * swe, s_ptr + e * sse, offs_n, n_mask, tl.where(valid, inter, 0), inter,
@@ -258,7 +258,7 @@ if HAS_TRITON:
     ):  # fmt: skip
         """One program per (local expert, block of intermediate rows), over every pair routed to it: the
         expert's rows come from DRAM once and from cache for its other pairs."""
-        e = tl.program_id(0)
+        e = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < inter
@@ -277,7 +277,7 @@ if HAS_TRITON:
         sh, swe, swn, sse, ssn, sot, sos,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
-        e = tl.program_id(0)
+        e = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < H
@@ -381,7 +381,7 @@ def scaled_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
         and not INTERPRET
         and x.device.type == "cuda"
         and torch.cuda.get_device_capability(x.device) == (9, 0)
-        and x.shape[-1] % GROUP == 0
+        and x.shape[-1] % (4 * GROUP) == 0  # cuBLAS wants K's scale blocks in fours (else a ValueError)
         and _blockwise_scaling() is not None
     )
 
@@ -403,7 +403,7 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     if scaled_mm_usable(x, w):
         try:
             return fp8_gemm_scaled_mm(x, w, s)
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
             _SCALED_MM_FAILED.append(f"{type(exc).__name__}: {exc}"[:300])
     return fp8_gemm_triton(x, w, s)
 

@@ -95,7 +95,7 @@ if HAS_TRITON:
             t = p // top_k
             e = tl.load(ids_ptr + p) - expert_offset
             valid = (e >= 0) & (e < n_local)
-            e = tl.where(valid, e, 0)
+            e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride can pass 2^31
             n_mask = offs_n < inter
             k_end = tl.where(valid & (nb * BLOCK_N < inter), H, 0)
             g_rows = w13_ptr + e * stride_we
@@ -136,7 +136,7 @@ if HAS_TRITON:
             p = t * top_k + j
             e = tl.load(ids_ptr + p) - expert_offset
             valid = (e >= 0) & (e < n_local)
-            e = tl.where(valid, e, 0)
+            e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride can pass 2^31
             w = tl.load(wts_ptr + p).to(tl.float32)
             part = _rows_dot(h_ptr + p * stride_h, w2_ptr + e * stride_we, offs_n, n_mask, tl.where(valid, inter, 0),
                              inter, stride_wn, BLOCK_N, BLOCK_K)  # fmt: skip
