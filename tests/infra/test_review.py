@@ -480,7 +480,7 @@ def test_amp_client_signs_queries_with_sigv4_for_aps(token: str | None) -> None:
     from botocore.credentials import Credentials
 
     server = HTTPServer(("127.0.0.1", 0), _Capture)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     _Capture.seen.clear()
     try:
