@@ -200,7 +200,7 @@ def served(image_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     if resp.status == 200:
                         break
             except OSError:
-                time.sleep(0.5)
+                time.sleep(0.1)
         else:
             pytest.fail(f"not ready after 120 s:\n{log.read_text()[-3000:]}")
         yield url

@@ -265,7 +265,7 @@ class Prometheus:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise AssertionError("prometheus not ready in 120 s:\n" + (self.root / "prometheus.log").read_text()[-3000:])
 
     def stop(self) -> None:
