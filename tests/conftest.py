@@ -107,6 +107,14 @@ def stacks(synth_dir: Path) -> dict[str, dict]:
     return {d.name: json.loads((d / "cdk.tf.json").read_text()) for d in sorted(synth_dir.iterdir())}
 
 
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DeepSeek-V2 checkpoint (seed 1) the runtime tests and the e2e servers share: written once."""
+    from runtime.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-v2") / "tiny", arch="v2", seed=1)
+
+
 # ---- long jobs that mostly wait, started at the beginning of the session ---------------------------
 #
 # Applying and destroying four environments and running the demo twice take ~15 minutes of wall time,

@@ -11,7 +11,6 @@ with a config and rules rendered by infra.observability.prometheus_config / infr
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import math
@@ -29,22 +28,19 @@ from infra.catalog.thresholds import Thresholds
 from infra.observability import alerts, dashboard, prometheus_config, recording
 from infra.observability.alerts import alert_rules
 from runtime import contract as c
-from runtime.tiny import make_tiny
+from tests.e2e.load_client import N_REQUESTS, measured_in_own_process
 from tests.runtime.service.conftest import Server, free_port, run_server
 
 #: The module's server takes ~20-30 s to start on the shared 2-core box; every test here shares it.
 pytestmark = pytest.mark.slow
 
 MISSING = "MoeRuntimeMetricsMissing"
-N_REQUESTS = 120
-CONCURRENCY = 8
 
 
 @pytest.fixture(scope="module")
-def runtime_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def runtime_server(tmp_path_factory: pytest.TempPathFactory, tiny_v2: Path) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("prom-loop")
-    model = make_tiny(root / "tiny", arch="v2", seed=1)
-    with run_server(model, "--max-queue", "256", "--accuracy-baseline", "0.9", log_dir=root) as srv:
+    with run_server(tiny_v2, "--max-queue", "256", "--accuracy-baseline", "0.9", log_dir=root) as srv:
         yield srv
 
 
@@ -73,44 +69,6 @@ def test_dashboard_and_rules_reference_only_exposed_metrics(runtime_server: Serv
 def p99_nearest_rank(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[math.ceil(0.99 * len(ordered)) - 1]
-
-
-def _load_in_process(url: str, model: str) -> list[float]:
-    return asyncio.run(load(url, model))
-
-
-def measured_in_own_process(url: str, model: str) -> list[float]:
-    """The clients' latencies, timed in a process of their own: in the test process the suite's background
-    jobs (terraform lifecycles, demos) share the interpreter lock and would add their waits to the clocks."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_load_in_process, url, model).result(timeout=300)
-
-
-async def load(url: str, model: str) -> list[float]:
-    """``N_REQUESTS`` completions from ``CONCURRENCY`` clients with mixed output lengths; latencies (s)."""
-    sem = asyncio.Semaphore(CONCURRENCY)
-    latencies: list[float] = []
-
-    async def one(cl: httpx.AsyncClient, i: int) -> None:
-        body = {
-            "model": model,
-            "prompt": f"order {i} placed at night",
-            "max_tokens": 2 + (i * 7) % 13,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        async with sem:
-            t0 = time.perf_counter()
-            r = await cl.post(url + c.COMPLETIONS_PATH, json=body)
-            latencies.append(time.perf_counter() - t0)
-        assert r.status_code == 200, r.text
-
-    async with httpx.AsyncClient(timeout=60) as cl:
-        await asyncio.gather(*(one(cl, i) for i in range(N_REQUESTS)))
-    return latencies
 
 
 class Prometheus:
@@ -143,7 +101,7 @@ class Prometheus:
                     return got
             if time.monotonic() > deadline:
                 raise AssertionError(f"prometheus: not {what} within {timeout} s\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.25)
+            time.sleep(0.1)
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)

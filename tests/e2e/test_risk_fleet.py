@@ -13,6 +13,7 @@ import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from infra.catalog.names import DEFAULT_RISK_TASK_FILE
 from infra.observability import alerts, prometheus_config
 from infra.observability.alerts import alert_rules, fleet_accuracy
 from runtime import contract as c
-from runtime.tiny import make_tiny
 from tests.e2e.test_prometheus_loop import Prometheus
 from tests.runtime.service.conftest import Server, free_port, run_server
 
@@ -70,7 +70,7 @@ class RoundRobinProxy:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
     @property
@@ -111,8 +111,10 @@ def replica(model: Path, log_dir: Path, env: dict) -> Iterator[Server]:
         yield srv
 
 
-def test_predict_on_one_replica_label_on_another_through_a_restart(emulator: str, table: str, tmp_path: Path) -> None:
-    model = make_tiny(tmp_path / "tiny", arch="v2", seed=1)
+def test_predict_on_one_replica_label_on_another_through_a_restart(
+    emulator: str, table: str, tiny_v2: Path, tmp_path: Path
+) -> None:
+    model = tiny_v2
     env = {
         c.ENV_RISK_STORE_TABLE: table,
         c.ENV_RISK_STORE_ENDPOINT: emulator,
@@ -124,8 +126,9 @@ def test_predict_on_one_replica_label_on_another_through_a_restart(emulator: str
     with contextlib.ExitStack() as stack:
         first_a = contextlib.ExitStack()
         stack.callback(first_a.close)
-        a = first_a.enter_context(replica(model, tmp_path, env))
-        b = stack.enter_context(replica(model, tmp_path, env))
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the two replicas start side by side
+            started = [pool.submit(s.enter_context, replica(model, tmp_path, env)) for s in (first_a, stack)]
+        a, b = (f.result() for f in started)
         proxy = RoundRobinProxy([a.url, b.url])
         stack.callback(proxy.close)
 

@@ -119,16 +119,21 @@ E2E_LE = ("0.4", "0.5", "0.6", "0.75", "+Inf")
 TTFT_LE = ("0.1", "0.2", "+Inf")
 
 
+#: Days per OpenMetrics document, and per TSDB block: promtool re-reads its whole input for every block it
+#: writes, so one document for 90 days would take quadratic time, and one per day with the default 2 h
+#: blocks writes (and Prometheus then opens) over a thousand blocks.
+DAYS_PER_DOCUMENT = 10
+
+
 def openmetrics_days(ds: Dataset, t0: int, days: int = DAYS) -> Iterator[str]:
-    """One OpenMetrics document per day (promtool re-reads its whole input for every 2 h block, so one
-    document for 90 days would take quadratic time)."""
+    """One OpenMetrics document per ``DAYS_PER_DOCUMENT`` days (each family once, its samples in order)."""
     totals: dict[str, float] = {}
+    families: dict[str, tuple[str, list[str]]] = {}
+
+    def add(family: str, kind: str, line: str) -> None:
+        families.setdefault(family, (kind, []))[1].append(line)
+
     for day in range(days):
-        families: dict[str, tuple[str, list[str]]] = {}
-
-        def add(family: str, kind: str, line: str, families: dict = families) -> None:
-            families.setdefault(family, (kind, []))[1].append(line)
-
         last = day == days - 1
         for i in range(24 * 3600 // COUNTER_STEP + (1 if last else 0)):
             t = t0 + day * 86400 + i * COUNTER_STEP
@@ -188,11 +193,14 @@ def openmetrics_days(ds: Dataset, t0: int, days: int = DAYS) -> Iterator[str]:
                     "gauge",
                     f'ALERTS{{alertname="MoeP99LatencyHigh",alertstate="firing",severity="critical"}} 1 {t}',
                 )
+        if not last and (day + 1) % DAYS_PER_DOCUMENT:
+            continue
         lines = []
         for family, (kind, samples) in families.items():
             name = family.removesuffix("_bucket")
             lines.append(f"# TYPE {name.removesuffix('_total') if kind == 'counter' else name} {kind}")
             lines += sorted(samples, key=lambda line: (line.rsplit(" ", 2)[0], float(line.rsplit(" ", 1)[1])))
+        families.clear()
         yield "\n".join(lines) + "\n# EOF\n"
 
 
@@ -257,7 +265,7 @@ class Prometheus:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise AssertionError("prometheus not ready in 120 s:\n" + (self.root / "prometheus.log").read_text()[-3000:])
 
     def stop(self) -> None:
@@ -281,11 +289,20 @@ def backfill(ds: Dataset, root: Path, t0: int, days: int = DAYS, record_from_day
     root.mkdir(parents=True)
     prom = Prometheus(root)
 
-    def blocks(day: int, document: str) -> None:
-        path = root / f"day-{day:02d}.om"
+    def blocks(part: int, document: str) -> None:
+        path = root / f"part-{part:02d}.om"
         path.write_text(document)
         proc = subprocess.run(
-            [tool("promtool"), "tsdb", "create-blocks-from", "openmetrics", "-q", str(path), str(prom.data)],
+            [
+                tool("promtool"),
+                "tsdb",
+                "create-blocks-from",
+                "openmetrics",
+                "-q",
+                f"--max-block-duration={DAYS_PER_DOCUMENT * 24}h",
+                str(path),
+                str(prom.data),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -293,9 +310,9 @@ def backfill(ds: Dataset, root: Path, t0: int, days: int = DAYS, record_from_day
         assert proc.returncode == 0, proc.stdout + proc.stderr
         path.unlink()
 
-    # Two promtools at a time: each spends most of its time writing its 12 blocks.
+    # Two promtools at a time: each spends much of its time writing its blocks.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for done in [pool.submit(blocks, day, doc) for day, doc in enumerate(openmetrics_days(ds, t0, days))]:
+        for done in [pool.submit(blocks, part, doc) for part, doc in enumerate(openmetrics_days(ds, t0, days))]:
             done.result()
     prom.start()
     if record_from_day is None:
@@ -463,7 +480,7 @@ def test_amp_client_signs_queries_with_sigv4_for_aps(token: str | None) -> None:
     from botocore.credentials import Credentials
 
     server = HTTPServer(("127.0.0.1", 0), _Capture)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     _Capture.seen.clear()
     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,20 @@ from infra.terraform.runner import Terraform
 from tests.infra.lifecycle import LIVE_CHECKS
 
 
+def _init_and_validate(stack_dir: Path, workdir: Path) -> None:
+    tf = Terraform.from_stack(stack_dir, workdir)
+    # S3 backends would need credentials to initialise; validation does not need the backend.
+    tf.run("init", "-backend=false", "-input=false")
+    tf.validate()
+
+
 @pytest.mark.terraform
 def test_validate_every_stack(synth_dir: Path, tmp_path: Path) -> None:
-    for stack_dir in sorted(synth_dir.iterdir()):
-        tf = Terraform.from_stack(stack_dir, tmp_path / stack_dir.name)
-        # S3 backends would need credentials to initialise; validation does not need the backend.
-        tf.run("init", "-backend=false", "-input=false")
-        tf.validate()
+    # Stacks are independent; inits take turns on the plugin cache (runner), validations run side by side.
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        jobs = [pool.submit(_init_and_validate, d, tmp_path / d.name) for d in sorted(synth_dir.iterdir())]
+        for job in jobs:
+            job.result()
 
 
 @pytest.mark.terraform
