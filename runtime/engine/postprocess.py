@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from runtime.detokenize import IncrementalText
 from runtime.engine.model_runner import Sampled, SamplingFailed
 from runtime.engine.sequence import Sequence, TokenEvent, TokenLogprob
 from runtime.engine.stats import EngineStats
@@ -58,7 +59,9 @@ class PostProcessor:
         s.output_ids.append(tok)
         self.stats.token()
         if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(s.output_ids)
+            if s.text is None:
+                s.text = IncrementalText(self.tokenizer)
+            text = s.text.extend([tok])  # == tokenizer.decode(s.output_ids), at a cost that does not grow
             hits = [text.find(x) for x in p.stop if x and x in text]
             if hits:
                 self.finish(s, "stop", events, new=[tok], text=text[: min(hits)], logprobs=lps)

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from runtime.detokenize import IncrementalText
 from runtime.kv_cache import SequenceBlocks
 from runtime.sampling import SamplingParams
 
@@ -79,6 +80,8 @@ class Sequence:
     # (runtime.sampling.token_logprobs row, its k) for each sampled token not yet accepted, oldest first;
     # filled only when ``params.logprobs`` is set
     pending_logprobs: deque = field(default_factory=deque, repr=False)
+    # the generated text, kept up to date for stop strings (only when the request has some)
+    text: IncrementalText | None = field(default=None, repr=False)
 
     @property
     def prompt_len(self) -> int:

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from runtime import contract as c
+from runtime.detokenize import IncrementalText
 from runtime.engine import QueueFullError, RequestTooLargeError, Sequence, ShuttingDownError
 from runtime.engine.sequence import TokenLogprob
 from runtime.sampling import SamplingParams
@@ -105,22 +106,13 @@ def engine_refusals(st: ServiceState) -> Iterator[None]:
 
 @dataclass
 class Choice:
-    """Incremental detokenization for one sequence: text is only released once it can no longer be
-    cut by a stop string or change with the next token (an incomplete UTF-8 character).
-
-    Streaming decodes a short window of recent tokens per event rather than every token so far (which
-    would make a stream's cost grow with the square of its length): ``stable`` is the text of the first
-    ``read`` tokens, settled because it ends on a whole character, and ``pre`` the window
-    ``tokens[prefix:read]`` decoded alone. Decoding ``tokens[prefix:]`` then gives ``pre`` followed by what
-    the tokens after ``read`` add to the full text; the window starts on a token that decodes to text, so a
-    decoder's first-token rules (a stripped leading space, words joined by spaces) apply as they do to the
-    whole sequence. A tokenizer for which the window's text does not start with ``pre`` is decoded in full.
-    """
+    """One sequence's answer as it streams: text is only released once it can no longer be cut by a stop
+    string or change with the next token (an incomplete UTF-8 character). The text comes from
+    :class:`~runtime.detokenize.IncrementalText` (a window of recent tokens per event, not all of them)."""
 
     seq: Sequence
     tokenizer: object
     holdback: int
-    tokens: list[int] = field(default_factory=list)
     sent: int = 0
     finish_reason: str | None = None
 
@@ -128,11 +120,14 @@ class Choice:
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
     offsets: TextOffsets = field(default_factory=TextOffsets)  # completions: where each token starts
-    stable: str = ""
-    prefix: int = 0
-    read: int = 0
-    pre: str = ""
-    windowed: bool = True  # False once the tokenizer broke the window's assumption: full decodes
+    detok: IncrementalText = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.detok = IncrementalText(self.tokenizer)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.detok.tokens
 
     def absorb(self, ev) -> None:
         """Non-streaming: keep tokens only; the text is decoded once at the end."""
@@ -145,28 +140,10 @@ class Choice:
     def final_text(self) -> str:
         return self.stop_text if self.stop_text is not None else self.tokenizer.decode(self.tokens)
 
-    def full_text(self) -> str:
-        """``tokenizer.decode(self.tokens)``, from a window of recent tokens."""
-        toks, decode = self.tokens, self.tokenizer.decode
-        if not self.windowed:
-            return decode(toks)
-        window = decode(toks[self.prefix :])
-        if not window.startswith(self.pre):
-            self.windowed = False
-            return decode(toks)
-        full = self.stable + window[len(self.pre) :]
-        if len(toks) > self.read and not full.endswith("\ufffd"):  # settled up to here: move the window on
-            after = decode(toks[self.read :])
-            if after:
-                self.prefix, self.pre = self.read, after
-            else:  # tokens without text (skipped special tokens) cannot start a window
-                self.pre = window
-            self.stable, self.read = full, len(toks)
-        return full
-
     def update(self, ev) -> str:
-        self.tokens.extend(ev.token_ids)
-        full = ev.text if ev.text is not None else self.full_text()
+        full = self.detok.extend(ev.token_ids)
+        if ev.text is not None:
+            full = ev.text
         if ev.finish_reason:
             self.finish_reason = ev.finish_reason
             end = len(full)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,53 @@ def test_overlapped_decode_gives_the_same_tokens_and_stops(tiny):
     assert len(seq.output_ids) == 1 and engine.runner.inflight is not None
     engine.step()  # the second launched, the first read
     assert seq.output_ids == ref[0][:2] and engine.runner.inflight is not None
+
+
+def test_stop_strings_end_the_text_where_they_start_decoding_a_window_per_token(tiny):
+    """A stop string ends the sequence with the text cut where it starts (the offline Generator's rule), and
+    the engine finds it from a window of recent tokens: no decode call grows with the output's length."""
+    from runtime.engine import Engine, EngineConfig, Sequence
+    from runtime.sampling import SamplingParams
+
+    model, tok = tiny
+
+    class Counting:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def decode(self, ids, skip_special_tokens: bool = True) -> str:
+            self.sizes.append(len(ids))
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    prompt = tok.encode("Hello world, this is a tiny language model.")
+    free = SamplingParams(max_new_tokens=96, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=2))
+    engine.start()
+    try:
+        (ref,), _, _ = run_engine(engine, [prompt], [free])
+    finally:
+        engine.stop()
+    text = tok.decode(ref)
+    stop = text[len(text) * 3 // 4 :][:3]  # three characters from late in the output
+    assert stop and stop in text
+    counting = Counting()
+    engine = Engine(model, counting, EngineConfig(max_num_seqs=2))
+    events = []
+    seq = Sequence("s", prompt, SamplingParams(max_new_tokens=96, ignore_eos=True, stop=[stop]), events.append)
+    engine.start()
+    try:
+        engine.submit([seq])
+        deadline = time.monotonic() + 60
+        while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].text == text[: text.find(stop)]
+    assert len(seq.output_ids) > 24 and max(counting.sizes) <= 12, (len(seq.output_ids), max(counting.sizes))
 
 
 def test_a_distributed_leader_decodes_step_by_step_through_its_host_list_entry(tiny):

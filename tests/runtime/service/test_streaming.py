@@ -127,7 +127,7 @@ def test_incremental_detokenization_equals_the_full_decode_for_multi_byte_text(t
     for holdback in (0, 4):
         out, ch = streamed(tokenizer, ids, holdback)
         assert "".join(out) == tokenizer.decode(ids) == MULTI_BYTE * 3
-        assert ch.windowed
+        assert ch.detok.windowed
         assert all("\ufffd" not in d for d in out), "part of a character was released"
         # every prefix released is a prefix of the full text (nothing is taken back)
         full = MULTI_BYTE * 3
