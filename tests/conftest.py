@@ -112,7 +112,7 @@ def tiny_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny DeepSeek-V2 checkpoint (seed 1) the runtime tests and the e2e servers share: written once."""
     from runtime.tiny import make_tiny
 
-    return make_tiny(tmp_path_factory.mktemp("tiny-v2") / "tiny", arch="v2", seed=1)
+    return make_tiny(tmp_path_factory.mktemp("tiny-v2") / "v2_greedy", arch="v2", seed=1)
 
 
 # ---- long jobs that mostly wait, started at the beginning of the session ---------------------------

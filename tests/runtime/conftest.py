@@ -40,7 +40,7 @@ def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ckpts(ckpt_root: Path, tiny_v2: Path) -> dict[str, Path]:
-    shared = {"v2_greedy": tiny_v2}  # the same arch and seed as tests/conftest.py's (the e2e servers use it)
+    shared = {"v2_greedy": tiny_v2}  # tests/conftest.py writes it (same folder name: it is the served model name)
     return {
         name: shared.get(name) or make_tiny(ckpt_root / name, arch=arch, seed=seed, **over)
         for name, (arch, seed, over) in CHECKPOINTS.items()
