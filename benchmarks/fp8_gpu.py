@@ -400,11 +400,11 @@ def v3_slice(args, bw: float) -> dict:
             "roofline_fraction": roof / layer_s if layer_s > 0 else float("nan"),
         }
         log(f"V3 layer B={B}: {layer_s * 1e3:.3f} ms/layer, roofline {roof * 1e3:.3f} ms")
-    per["projection"] = project_v3(model, per, batches, bw, ctx)
+    per["projection"] = project_v3(model, per, batches, ctx)
     return per
 
 
-def project_v3(model, per: dict, batches: list[int], bw: float, ctx: int) -> dict:
+def project_v3(model, per: dict, batches: list[int], ctx: int) -> dict:
     """V3 decode on 16 H100s, experts spread 16 per GPU (EP 16), attention replicated (every GPU runs
     every token's attention, as runtime.parallel's EP layout does), one all-reduce of the MoE output per
     layer. A layer's time = its bytes on one GPU (replicated weights + the local experts the batch picks +
