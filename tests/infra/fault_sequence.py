@@ -2,7 +2,8 @@
 session (tests/conftest.py `infra_faults`): terraform mostly waits, so the rest of the suite runs
 meanwhile. It records what it observed; tests/infra/test_infra_faults.py asserts on the record.
 
-1. apply, SIGINT once the network exists (before the cluster), then apply again;
+1. apply, SIGINT once the network exists (before the cluster), then apply again (the runner adopts what the
+   interrupt left untracked: infra/terraform/untracked.py);
 2. a second apply while a first one runs (the state lock), then a replan once the first has ended;
 3. destroy, then list every resource type the stack creates through boto3.
 """
@@ -20,7 +21,6 @@ from typing import Any
 from infra.terraform.runner import StateLockedError, Terraform
 from tests.infra.helpers import resource_types
 from tests.infra.inventory import inventory
-from tests.infra.lifecycle import aws
 
 ENV = "faults-emu"
 CLUSTER = f"moefleet-{ENV}"
@@ -83,29 +83,6 @@ def destroy(tf: Terraform, emulator: str, stack: dict) -> dict[str, Any]:
     return {"left": {t: ids for t, ids in live.items() if ids}, "state": sum(_managed(tf).values())}
 
 
-def adopt_orphans(tf: Terraform, emulator: str) -> list[str]:
-    """Delete subnets and route tables of ours that the state does not track (an interrupt that lands
-    while one is being created leaves it behind untracked: a subnet's CIDR then blocks every later apply,
-    a route table is duplicated and blocks the VPC's deletion), so the rest of the sequence can go on.
-    Returns what was deleted."""
-    tracked = {r["values"]["id"] for r in tf.state_resources() if r["mode"] == "managed"}
-    ec2 = aws("ec2", emulator)
-    tag = [{"Name": "tag:environment", "Values": [ENV]}]
-    orphans = []
-    for table in ec2.describe_route_tables(Filters=tag)["RouteTables"]:
-        if table["RouteTableId"] not in tracked:
-            for assoc in table.get("Associations", []):
-                if not assoc.get("Main"):
-                    ec2.disassociate_route_table(AssociationId=assoc["RouteTableAssociationId"])
-            ec2.delete_route_table(RouteTableId=table["RouteTableId"])
-            orphans.append(table["RouteTableId"])
-    for subnet in ec2.describe_subnets(Filters=tag)["Subnets"]:
-        if subnet["SubnetId"] not in tracked:
-            ec2.delete_subnet(SubnetId=subnet["SubnetId"])
-            orphans.append(subnet["SubnetId"])
-    return orphans
-
-
 def run_fault_sequence(stack_dir: Path, workdir: Path, stack: dict, emulator: str) -> dict[str, Any]:
     """Every stage's observations; a stage that raised records its traceback under `error:<stage>` and the
     later stages are skipped (the environment is destroyed whatever happened)."""
@@ -124,14 +101,7 @@ def run_fault_sequence(stack_dir: Path, workdir: Path, stack: dict, emulator: st
                 record[name] = stage()
             except Exception:
                 record[f"error:{name}"] = traceback.format_exc()[-4000:]
-                if name != "interrupted":
-                    break
-            if name == "interrupted":
-                # the known defect (docs/reliability.md): whatever the interrupt orphaned (a failed or a
-                # duplicating re-apply), remove it and converge, so the later rows are still tested
-                record["orphans"] = adopt_orphans(tf, emulator)
-                if record["orphans"]:
-                    tf.apply()
+                break
     finally:
         if "destroy" not in record:
             tf.run("destroy", "-auto-approve", "-input=false", check=False)

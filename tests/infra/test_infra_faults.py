@@ -35,12 +35,6 @@ def test_every_resource_type_can_be_listed_live(stacks: dict[str, dict]) -> None
     assert not missing, f"add a lister to tests/infra/inventory.py for: {sorted(missing)}"
 
 
-@pytest.mark.xfail(
-    reason="known defect (docs/reliability.md): a SIGINT that lands while a resource is being created can "
-    "leave it in AWS but not in the state (seen: a subnet, whose CIDR then blocks later applies, and a "
-    "route table, which the next apply duplicates)",
-    strict=False,
-)
 def test_interrupted_apply_converges_without_duplicates(infra_faults, stacks: dict[str, dict]) -> None:
     got = _stage(infra_faults, "interrupted")
     want = {t: len(rs) for t, rs in stacks[ENV]["resource"].items()}
