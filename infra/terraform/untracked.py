@@ -53,12 +53,14 @@ class Untracked:
 
 
 def state_ids(state: dict[str, Any]) -> dict[str, set[str]]:
-    """IDs per managed resource address of a raw state (`terraform state pull`)."""
+    """IDs per managed resource address of a raw state (`terraform state pull`). An address whose create
+    failed or was interrupted can stay in the state with no instance: it holds no object, so it is left out."""
     out: dict[str, set[str]] = {}
     for res in state.get("resources", []):
         if res.get("mode") == "managed" and not res.get("module"):
-            ids = {str(i.get("attributes", {}).get("id")) for i in res.get("instances", [])}
-            out[f"{res['type']}.{res['name']}"] = ids
+            ids = {str(i["attributes"]["id"]) for i in res.get("instances", []) if i.get("attributes", {}).get("id")}
+            if ids:
+                out[f"{res['type']}.{res['name']}"] = ids
     return out
 
 

@@ -52,7 +52,9 @@ def test_adopts_one_untracked_copy_and_reports_the_ambiguous(emulator: str, ec2)
         }
         state = {
             "resources": [
-                {"mode": "managed", "type": "aws_subnet", "name": "b", "instances": [{"attributes": {"id": held}}]}
+                {"mode": "managed", "type": "aws_subnet", "name": "b", "instances": [{"attributes": {"id": held}}]},
+                # an interrupted create can leave its address in the state with no instance: still untracked
+                {"mode": "managed", "type": "aws_subnet", "name": "a", "instances": []},
             ]
         }
         found = find_untracked(config, state)
