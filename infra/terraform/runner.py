@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.terraform.untracked import Untracked, find_untracked, raw_state
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,6 +39,21 @@ class StateLockedError(TerraformError):
             f"is gone for good: terraform force-unlock {lock_id}"
         )
 
+
+class UntrackedResourcesError(TerraformError):
+    """The account holds copies of the stack's objects that the state does not track and that cannot be
+    adopted safely (infra/terraform/untracked.py): applying would add more, so the apply stops first."""
+
+    def __init__(self, workdir: Path, conflicts: list[str]) -> None:
+        self.conflicts = conflicts
+        super().__init__(
+            f"refusing to apply {workdir.name}: the account holds objects of this stack that its state does not "
+            f"track (left by an interrupted apply?): {'; '.join(conflicts)}"
+        )
+
+
+#: The import blocks the runner writes for one apply (removed after it), beside cdk.tf.json.
+ADOPT_FILE = "adopt-untracked.tf.json"
 
 _LOCK_FIELDS = ("ID", "Path", "Operation", "Who", "Version", "Created")
 
@@ -137,7 +154,24 @@ class Terraform:
         self.run("validate")
 
     def apply(self) -> None:
-        self.run("apply", "-auto-approve", "-input=false")
+        """Apply, first adopting what an interrupted apply created but never recorded (an interrupt cancels
+        the provider's calls in flight; infra/terraform/untracked.py): each such object gets an `import`
+        block for this apply instead of a duplicate; copies that cannot be matched stop the apply, named."""
+        found = self.untracked()
+        if found.conflicts:
+            raise UntrackedResourcesError(self.workdir, found.conflicts)
+        adopt = self.workdir / ADOPT_FILE
+        if found.imports:
+            adopt.write_text(json.dumps(found.import_blocks(), indent=2))
+        try:
+            self.run("apply", "-auto-approve", "-input=false")
+        finally:
+            adopt.unlink(missing_ok=True)
+
+    def untracked(self) -> Untracked:
+        """The stack's live EC2 objects that the state does not hold (see infra/terraform/untracked.py)."""
+        config = json.loads((self.workdir / "cdk.tf.json").read_text())
+        return find_untracked(config, raw_state(self.run("state", "pull").stdout))
 
     def destroy(self) -> None:
         self.run("destroy", "-auto-approve", "-input=false")

@@ -78,11 +78,16 @@ class Inventory:
         return out
 
     def kms_keys(self) -> list[str]:
+        """By the environment tag: a description need not name the cluster as a word (the prediction store's
+        key names its table, `moefleet-<env>-risk-predictions`)."""
         kms, out = self.c("kms"), []
-        for k in kms.list_keys()["Keys"]:
-            meta = kms.describe_key(KeyId=k["KeyId"])["KeyMetadata"]
-            if f"{self.cluster} " in meta.get("Description", "") + " " and meta["KeyState"] != "PendingDeletion":
-                out.append(k["KeyId"])
+        for page in kms.get_paginator("list_keys").paginate():
+            for k in page["Keys"]:
+                if kms.describe_key(KeyId=k["KeyId"])["KeyMetadata"]["KeyState"] == "PendingDeletion":
+                    continue
+                tags = kms.list_resource_tags(KeyId=k["KeyId"])["Tags"]
+                if {"TagKey": "environment", "TagValue": self.env} in tags:
+                    out.append(k["KeyId"])
         return out
 
 

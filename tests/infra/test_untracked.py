@@ -1,0 +1,71 @@
+"""The runner's search for objects an interrupted apply left in AWS but not in the state
+(infra/terraform/untracked.py), against the embedded AWS: real EC2 objects, real tag filters."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from infra.terraform.untracked import find_untracked
+from tests.infra.lifecycle import aws
+
+
+@pytest.fixture()
+def ec2(emulator: str):  # type: ignore[no-untyped-def]
+    return aws("ec2", emulator)
+
+
+def _tags(**tags: str) -> list[dict]:
+    return [{"ResourceType": "subnet", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+
+
+def test_adopts_one_untracked_copy_and_reports_the_ambiguous(emulator: str, ec2) -> None:  # type: ignore[no-untyped-def]
+    env = f"untracked-{uuid.uuid4().hex[:8]}"
+    ours = {"environment": env, "project": "moe-fleet"}
+    vpc = ec2.create_vpc(CidrBlock="10.199.0.0/16")["Vpc"]["VpcId"]
+    made: list[str] = []
+
+    def subnet(cidr: str, **tags: str) -> str:
+        made.append(ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, TagSpecifications=_tags(**tags))["Subnet"]["SubnetId"])
+        return made[-1]
+
+    try:
+        lone = subnet("10.199.0.0/24", Name=f"{env}-a", **ours)  # created, never recorded: adopt
+        subnet("10.199.1.0/24", Name=f"{env}-a", environment="someone-else")  # not the stack's: ignored
+        held = subnet("10.199.2.0/24", Name=f"{env}-b", **ours)  # in the state
+        copy = subnet("10.199.3.0/24", Name=f"{env}-b", **ours)  # a second one beside it: report
+        twins = [subnet(f"10.199.{i}.0/24", Name=f"{env}-c", **ours) for i in (4, 5)]  # which one? report
+        config = {
+            "provider": {
+                "aws": [
+                    {
+                        "region": "us-east-1",
+                        "access_key": "emulated",
+                        "secret_key": "emulated",
+                        "endpoints": [{"ec2": emulator}],
+                        "default_tags": [{"tags": ours}],
+                    }
+                ]
+            },
+            "resource": {"aws_subnet": {x: {"tags": {"Name": f"{env}-{x}"}} for x in "abcd"}},
+        }
+        state = {
+            "resources": [
+                {"mode": "managed", "type": "aws_subnet", "name": "b", "instances": [{"attributes": {"id": held}}]},
+                # an interrupted create can leave its address in the state with no instance: still untracked
+                {"mode": "managed", "type": "aws_subnet", "name": "a", "instances": []},
+            ]
+        }
+        found = find_untracked(config, state)
+        assert found.imports == {"aws_subnet.a": lone}
+        assert found.import_blocks() == {"import": [{"to": "aws_subnet.a", "id": lone}]}
+        assert len(found.conflicts) == 2, found.conflicts
+        second, several = sorted(found.conflicts, key=lambda line: twins[0] in line)
+        assert copy in second and "aws_subnet.b" in second and "already holds" in second
+        assert all(t in several for t in twins) and "terraform import aws_subnet.c" in several
+        assert find_untracked({**config, "provider": {"aws": [{"region": "us-east-1"}]}}, state).imports == {}
+    finally:
+        for sid in made:
+            ec2.delete_subnet(SubnetId=sid)
+        ec2.delete_vpc(VpcId=vpc)
