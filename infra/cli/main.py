@@ -23,6 +23,7 @@ COMMANDS: list[Callable[[Subparsers], None]] = [
     plan_summary.register,
     operations.add_envs,
     operations.add_preflight,
+    operations.add_adopt,
     weights.register,  # weights upload / verify / pull
     operations.add_cost,
     operations.add_status,

@@ -1,4 +1,4 @@
-"""`moefleet` subcommands for a deployed (or planned) environment: envs, preflight, cost, status.
+"""`moefleet` subcommands for a deployed (or planned) environment: envs, preflight, adopt, cost, status.
 
 Tables are drawn with rich on a terminal; into a pipe or a log the same output is plain text (no cursor
 movement, no colour). rich, boto3 and the environments file load inside the handlers.
@@ -93,6 +93,72 @@ def _preflight(args: argparse.Namespace) -> int:
         out.print(f"preflight {env.name}: {len(bad)} check(s) failed")
         return ExitCode.CHECK_FAILED
     out.print(f"preflight {env.name}: ok")
+    return ExitCode.OK
+
+
+# ---- adopt ------------------------------------------------------------------------------------------
+
+
+def add_adopt(sub: Subparsers) -> None:
+    parser = sub.add_parser(
+        "adopt",
+        help="after an interrupted deploy: import the stack's objects that AWS holds but the state does not",
+        description=(
+            "An interrupted `cdktf deploy` can leave objects it was creating in AWS but not in the state (the "
+            "interrupt cancels the provider's calls in flight); deploying again would create copies. This "
+            "lists the stack's untracked network objects (by its default tags and each resource's Name tag) "
+            "and imports each one that matches exactly one resource the state lacks. Ambiguous copies are "
+            f"listed, never deleted, with exit {int(ExitCode.CHECK_FAILED)}."
+        ),
+    )
+    parser.add_argument("env", help="environment name")
+    parser.add_argument("--stack-dir", type=Path, help="where the stack was applied (default cdktf.out/stacks/ENV)")
+    parser.add_argument("--check", action="store_true", help="list what would be adopted; import nothing")
+    add_environment_options(parser)
+    parser.set_defaults(handler=_adopt)
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from infra.terraform.outputs import default_stack_dir
+    from infra.terraform.runner import Terraform, TerraformError
+
+    env = environment(args, args.env)
+    stack_dir = args.stack_dir or default_stack_dir(env.name)
+    if not (stack_dir / "cdk.tf.json").is_file():
+        why = f"adopt: {stack_dir} holds no synthesized stack (cdktf synth, or --stack-dir)"
+        raise CliError(why, ExitCode.BAD_INPUT)
+    if not (stack_dir / ".terraform").is_dir():
+        raise CliError(f"adopt: {stack_dir} was never initialised by a deploy: nothing to adopt", ExitCode.BAD_INPUT)
+    tf = Terraform(stack_dir)
+    try:
+        found = aws_call(tf.untracked)
+    except TerraformError as err:
+        raise CliError(f"adopt: {str(err).splitlines()[0]}") from None
+    out = console()
+    table = Table(title=f"untracked objects of {env.name} ({stack_dir})")
+    for column in ("resource", "object", "action"):
+        table.add_column(column)
+    for address, oid in sorted(found.imports.items()):
+        table.add_row(address, oid, "import" if not args.check else "would import")
+    for line in found.conflicts:
+        table.add_row("", line, "[bold red]left as is[/]")
+    out.print(table)
+    if found.conflicts:
+        out.print(f"adopt {env.name}: {len(found.conflicts)} object(s) cannot be matched safely; see above")
+        return ExitCode.CHECK_FAILED
+    if not found.imports:
+        out.print(f"adopt {env.name}: the state holds every object of the stack")
+        return ExitCode.OK
+    if args.check:
+        out.print(f"adopt {env.name}: {len(found.imports)} object(s) to import (run without --check)")
+        return ExitCode.OK
+    try:
+        aws_call(tf.adopt, found)
+    except TerraformError as err:
+        raise CliError(f"adopt: {err}") from None
+    out.print(f"adopt {env.name}: imported {len(found.imports)} object(s); deploy again to converge")
     return ExitCode.OK
 
 

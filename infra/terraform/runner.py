@@ -160,11 +160,28 @@ class Terraform:
         found = self.untracked()
         if found.conflicts:
             raise UntrackedResourcesError(self.workdir, found.conflicts)
+        with self._imports(found):
+            self.run("apply", "-auto-approve", "-input=false")
+
+    def adopt(self, found: Untracked) -> None:
+        """Import only the objects in ``found`` (an apply targeted at their addresses): the state then holds
+        them, and the next deploy, by whatever tool, updates them instead of creating copies."""
+        if found.conflicts:
+            raise UntrackedResourcesError(self.workdir, found.conflicts)
+        if not found.imports:
+            return
+        targets = [f"-target={address}" for address in sorted(found.imports)]
+        with self._imports(found):
+            self.run("apply", "-auto-approve", "-input=false", *targets)
+
+    @contextlib.contextmanager
+    def _imports(self, found: Untracked) -> Iterator[None]:
+        """``found``'s import blocks beside cdk.tf.json for one command, removed after it."""
         adopt = self.workdir / ADOPT_FILE
         if found.imports:
             adopt.write_text(json.dumps(found.import_blocks(), indent=2))
         try:
-            self.run("apply", "-auto-approve", "-input=false")
+            yield
         finally:
             adopt.unlink(missing_ok=True)
 
