@@ -186,8 +186,12 @@ class Terraform:
             adopt.unlink(missing_ok=True)
 
     def untracked(self) -> Untracked:
-        """The stack's live EC2 objects that the state does not hold (see infra/terraform/untracked.py)."""
-        config = json.loads((self.workdir / "cdk.tf.json").read_text())
+        """The stack's live EC2 objects that the state does not hold (see infra/terraform/untracked.py). A
+        working directory without a synthesized stack (hand-written configuration) has nothing to compare."""
+        stack = self.workdir / "cdk.tf.json"
+        if not stack.is_file():
+            return Untracked()
+        config = json.loads(stack.read_text())
         return find_untracked(config, raw_state(self.run("state", "pull").stdout))
 
     def destroy(self) -> None:

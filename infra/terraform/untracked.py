@@ -105,10 +105,13 @@ def find_untracked(config: dict[str, Any], state: dict[str, Any], ec2: Any | Non
         live = getattr(ec2, call)(**{param: filters})[key]
         candidates: dict[str, list[str]] = {}
         for obj in live:
-            if obj.get("State") in _GONE or obj[id_field] in held:
+            tags = {t["Key"]: t["Value"] for t in obj.get("Tags", [])}
+            # the filters again, here: not every describe call of every endpoint applies tag filters
+            # (the emulator's NAT gateways return other stacks' too)
+            ours = tags.get("Name") in by_name and all(tags.get(k) == v for k, v in default_tags.items())
+            if not ours or obj.get("State") in _GONE or obj[id_field] in held:
                 continue
-            name = next(t["Value"] for t in obj.get("Tags", []) if t["Key"] == "Name")
-            candidates.setdefault(by_name[name], []).append(obj[id_field])
+            candidates.setdefault(by_name[tags["Name"]], []).append(obj[id_field])
         for address, ids in sorted(candidates.items()):
             if address not in tracked and len(ids) == 1:
                 found.imports[address] = ids[0]

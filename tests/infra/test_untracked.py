@@ -69,3 +69,37 @@ def test_adopts_one_untracked_copy_and_reports_the_ambiguous(emulator: str, ec2)
         for sid in made:
             ec2.delete_subnet(SubnetId=sid)
         ec2.delete_vpc(VpcId=vpc)
+
+
+def test_objects_of_other_stacks_are_ignored_where_the_endpoint_ignores_tag_filters(emulator: str, ec2) -> None:  # type: ignore[no-untyped-def]
+    """The emulator's DescribeNatGateways returns every NAT gateway whatever the tag filters: the search checks
+    the tags itself, so another stack's gateway is neither adopted nor an error."""
+    env = f"untracked-{uuid.uuid4().hex[:8]}"
+    ours = {"environment": env, "project": "moe-fleet"}
+    vpc = ec2.create_vpc(CidrBlock="10.197.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.197.0.0/24")["Subnet"]["SubnetId"]
+    eip = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    foreign = [{"ResourceType": "natgateway", "Tags": [{"Key": "Name", "Value": "another-stack-nat"}]}]
+    nat = ec2.create_nat_gateway(SubnetId=subnet, AllocationId=eip, TagSpecifications=foreign)["NatGateway"]
+    try:
+        config = {
+            "provider": {
+                "aws": [
+                    {
+                        "region": "us-east-1",
+                        "access_key": "emulated",
+                        "secret_key": "emulated",
+                        "endpoints": [{"ec2": emulator}],
+                        "default_tags": [{"tags": ours}],
+                    }
+                ]
+            },
+            "resource": {"aws_nat_gateway": {"a": {"tags": {"Name": f"{env}-nat"}}}},
+        }
+        found = find_untracked(config, {})
+        assert found.imports == {} and found.conflicts == []
+    finally:
+        ec2.delete_nat_gateway(NatGatewayId=nat["NatGatewayId"])
+        ec2.release_address(AllocationId=eip)
+        ec2.delete_subnet(SubnetId=subnet)
+        ec2.delete_vpc(VpcId=vpc)
