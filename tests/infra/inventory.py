@@ -248,14 +248,23 @@ def _subscriptions(inv: Inventory) -> list[str]:
     ]
 
 
-_NAT_ALIVE = lambda n: n["State"] not in ("deleted", "deleting")  # noqa: E731
+def _nat_gateways(inv: Inventory) -> list[str]:
+    """Live, and this environment's: the emulator's DescribeNatGateways ignores tag filters (every stack's
+    gateways come back), so the environment tag is checked here too."""
+    out = []
+    for n in inv.c("ec2").describe_nat_gateways(Filters=inv.tag)["NatGateways"]:
+        tags = {t["Key"]: t["Value"] for t in n.get("Tags", [])}
+        if n["State"] not in ("deleted", "deleting") and tags.get("environment") == inv.env:
+            out.append(str(n))
+    return out
+
 
 #: Terraform resource type → lister of the live objects of one environment.
 LISTERS: dict[str, Callable[[Inventory], list[str]]] = {
     "aws_vpc": lambda inv: inv.vpcs(),
     "aws_subnet": _ec2("describe_subnets", "Subnets"),
     "aws_internet_gateway": _ec2("describe_internet_gateways", "InternetGateways"),
-    "aws_nat_gateway": _ec2("describe_nat_gateways", "NatGateways", _NAT_ALIVE),
+    "aws_nat_gateway": _nat_gateways,
     "aws_eip": _ec2("describe_addresses", "Addresses"),
     "aws_route_table": lambda inv: [t["RouteTableId"] for t in inv.route_tables()],
     "aws_route": _routes,
