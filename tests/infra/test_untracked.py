@@ -20,6 +20,12 @@ def _tags(**tags: str) -> list[dict]:
     return [{"ResourceType": "subnet", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
 
 
+def emulated_provider(emulator: str, default_tags: dict[str, str]) -> dict:
+    """A stack's provider block as the search reads it: the emulator's EC2, its dummy keys, default tags."""
+    provider = {"region": "us-east-1", "access_key": "emulated", "secret_key": "emulated"}
+    return {"aws": [{**provider, "endpoints": [{"ec2": emulator}], "default_tags": [{"tags": default_tags}]}]}
+
+
 def test_adopts_one_untracked_copy_and_reports_the_ambiguous(emulator: str, ec2) -> None:  # type: ignore[no-untyped-def]
     env = f"untracked-{uuid.uuid4().hex[:8]}"
     ours = {"environment": env, "project": "moe-fleet"}
@@ -37,17 +43,7 @@ def test_adopts_one_untracked_copy_and_reports_the_ambiguous(emulator: str, ec2)
         copy = subnet("10.199.3.0/24", Name=f"{env}-b", **ours)  # a second one beside it: report
         twins = [subnet(f"10.199.{i}.0/24", Name=f"{env}-c", **ours) for i in (4, 5)]  # which one? report
         config = {
-            "provider": {
-                "aws": [
-                    {
-                        "region": "us-east-1",
-                        "access_key": "emulated",
-                        "secret_key": "emulated",
-                        "endpoints": [{"ec2": emulator}],
-                        "default_tags": [{"tags": ours}],
-                    }
-                ]
-            },
+            "provider": emulated_provider(emulator, ours),
             "resource": {"aws_subnet": {x: {"tags": {"Name": f"{env}-{x}"}} for x in "abcd"}},
         }
         state = {
@@ -83,17 +79,7 @@ def test_objects_of_other_stacks_are_ignored_where_the_endpoint_ignores_tag_filt
     nat = ec2.create_nat_gateway(SubnetId=subnet, AllocationId=eip, TagSpecifications=foreign)["NatGateway"]
     try:
         config = {
-            "provider": {
-                "aws": [
-                    {
-                        "region": "us-east-1",
-                        "access_key": "emulated",
-                        "secret_key": "emulated",
-                        "endpoints": [{"ec2": emulator}],
-                        "default_tags": [{"tags": ours}],
-                    }
-                ]
-            },
+            "provider": emulated_provider(emulator, ours),
             "resource": {"aws_nat_gateway": {"a": {"tags": {"Name": f"{env}-nat"}}}},
         }
         found = find_untracked(config, {})
