@@ -80,7 +80,9 @@ def interrupted_apply(tf: Terraform, emulator: str, want: dict[str, int]) -> dic
         time.sleep(0.5)
     apply.send_signal(signal.SIGINT)
     apply.wait(timeout=600)
-    out = {"returncode": apply.returncode, "log": log.read_text()[-4000:], "partial": sum(_managed(tf).values())}
+    text = log.read_text()  # the first line says so; a cancelled create's errors can fill the tail
+    out = {"returncode": apply.returncode, "log": text[-4000:], "partial": sum(_managed(tf).values())}
+    out["interrupt_received"] = "Interrupt received" in text
     out["injected"] = cancelled_create(tf, emulator)
     out["adopted"] = tf.untracked().imports
     tf.apply()
