@@ -36,6 +36,19 @@ def _popen(tf: Terraform, log: Path, *args: str) -> subprocess.Popen:
         )
 
 
+def second_apply(tf: Terraform, first: subprocess.Popen) -> dict[str, Any]:
+    """Apply while ``first`` holds the state: ``second`` is the lock error's message (None if the apply ran),
+    ``info`` its lock fields, ``first_running_after`` whether the holder still ran when it was refused."""
+    out: dict[str, Any] = {}
+    try:
+        tf.apply()
+        out["second"] = None
+    except StateLockedError as err:
+        out["second"], out["info"] = str(err), err.info
+    out["first_running_after"] = first.poll() is None
+    return out
+
+
 def _managed(tf: Terraform) -> collections.Counter:
     return collections.Counter(r["type"] for r in tf.state_resources() if r["mode"] == "managed")
 
@@ -100,12 +113,7 @@ def concurrent_deploys(tf: Terraform) -> dict[str, Any]:
     while not lock_file.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     out: dict[str, Any] = {"first_running": first.poll() is None, "lock_seen": lock_file.exists()}
-    try:
-        tf.apply()
-        out["second"] = None
-    except StateLockedError as err:
-        out["second"], out["info"] = str(err), err.info
-    out["first_running_after"] = first.poll() is None
+    out.update(second_apply(tf, first))
     first.wait(timeout=600)
     out["first_returncode"], out["first_log"] = first.returncode, log.read_text()[-2000:]
     out["lock_left"] = lock_file.exists()

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from infra.terraform.runner import StateLockedError, Terraform, terraform_env
+from infra.terraform.runner import Terraform, terraform_env
+from tests.infra.fault_sequence import second_apply
 from tests.infra.lifecycle import aws
 
 ENV = "dev"  # an environment whose state lives in S3
@@ -99,12 +100,7 @@ def concurrent_deploys(
             out["held_keys"] = keys(s3)
             if lock_key in out["held_keys"]:
                 out["held_lock"] = json.loads(s3.get_object(Bucket=BUCKET, Key=lock_key)["Body"].read())
-            try:
-                tf.apply()
-                out["second"] = None
-            except StateLockedError as err:
-                out["second"], out["info"] = str(err), err.info
-            out["first_running_after"] = first.poll() is None
+            out.update(second_apply(tf, first))
         finally:
             (workdir / "release").touch()
             first.wait(timeout=HOLD_LIMIT_S + 30)
