@@ -129,6 +129,28 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 # ---- the server ---------------------------------------------------------------------------------
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, from /proc: whether the server is held by one
+    thread (the interpreter lock) or by the GPU shows in how these grow over a level."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def server_cpu(before: dict[int, float], after: dict[int, float], wall_s: float, tokens: int) -> dict:
+    """The server's CPU over one level: cores used in all, by its busiest thread, and µs per output token."""
+    grown = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+    return {
+        "server_cores": sum(grown) / wall_s,
+        "server_busiest_thread_cores": (grown[0] if grown else 0.0) / wall_s,
+        "server_cpu_us_per_token": 1e6 * sum(grown) / max(tokens, 1),
+    }
+
+
 @contextlib.contextmanager
 def server(model: Path, args: list[str], log_path: Path, timeout: float):
     with socket.socket() as sock:
@@ -152,7 +174,7 @@ def server(model: Path, args: list[str], log_path: Path, timeout: float):
                 raise RuntimeError(f"server not ready in {timeout:.0f} s: {log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         log(f"server {' '.join(args)} ready in {time.perf_counter() - t0:.1f} s")
-        yield url, time.perf_counter() - t0
+        yield url, time.perf_counter() - t0, proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -280,6 +302,7 @@ def summarize(results: list[dict]) -> dict:
         "itl_p99_ms": 1e3 * pct(itl, 99),
         "decode_tok_s": len(results) / pct(itl, 50),
         "tokens": tokens,
+        "wall_s": end - start,
     }
 
 
@@ -421,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve_big() -> None:
         args = ["--max-num-seqs", str(big), "--max-queue", str(4 * big), *serve_extra]
-        with server(ckpt, args, out / "server-big.log", timeout=600) as (url, ready_s):
+        with server(ckpt, args, out / "server-big.log", timeout=600) as (url, ready_s, pid):
             res["server_ready_s"] = ready_s
             long = {}
             for key in ("first", "warm", "warm2"):
@@ -434,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     prompts = [random_prompt(rng, PROMPT_LEN, vocab) for _ in range(n)]
                     procs = a.clients or client_procs(n, per_client, most_clients)
-                    s = summarize(run_level(url, prompts, max_tokens, procs))
+                    cpu0 = thread_cpu_s(pid)  # the server idles while the clients start: the level's wall is
+                    s = summarize(run_level(url, prompts, max_tokens, procs))  # from its first send
+                    s.update(server_cpu(cpu0, thread_cpu_s(pid), s["wall_s"], s["tokens"]))
                     s["roofline_tok_s"] = roofline(n)
                     s["client_procs"] = procs
                     res["levels"][n] = s
@@ -454,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve_small() -> None:
         args = ["--max-num-seqs", str(small), *serve_extra]
-        with server(ckpt, args, out / "server-small.log", timeout=600) as (url, _):
+        with server(ckpt, args, out / "server-small.log", timeout=600) as (url, _, _pid):
             res["batch1_small_tok_s"] = batch1_rate(url, rng, vocab, max_tokens)
         log(f"batch 1: {res['batch1_small_tok_s']:.1f} tok/s (max-num-seqs {small})")
 
@@ -476,15 +501,17 @@ def report(res: dict, big: int, small: int) -> None:
           f"{res['max_tokens']} new tokens, greedy, streamed)")  # fmt: skip
     print(
         "| streams | clients | output tok/s | TTFT P50 ms | TTFT P99 ms | ITL P50 ms | ITL P99 ms | decode tok/s "
-        "| roofline | % |"
+        "| roofline | % | server cores (busiest thread) | server CPU µs/token |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, s in res["levels"].items():
         print(
             f"| {n} | {s.get('client_procs', 1)} | {s['output_tok_s']:.0f} | "
             f"{s['ttft_p50_ms']:.0f} | {s['ttft_p99_ms']:.0f} | "
             f"{s['itl_p50_ms']:.1f} | {s['itl_p99_ms']:.1f} | {s['decode_tok_s']:.0f} | {s['roofline_tok_s']:.0f} | "
-            f"{100 * s['decode_tok_s'] / s['roofline_tok_s']:.0f}% |"
+            f"{100 * s['decode_tok_s'] / s['roofline_tok_s']:.0f}% | "
+            f"{s.get('server_cores', math.nan):.2f} ({s.get('server_busiest_thread_cores', math.nan):.2f}) | "
+            f"{s.get('server_cpu_us_per_token', math.nan):.0f} |"
         )
     if "long_prompt" in res:
         lp = res["long_prompt"]
