@@ -513,7 +513,7 @@ def sweep(args, bw: float) -> dict:
     t = lambda fn: (fn(), min(mg.sync_time(fn) for _ in range(10)))[1]  # noqa: E731
     out: dict = {}
     shapes = {"v2lite_mlp_up": (10944, 2048), "v3_o_proj": (7168, 16384), "v3_q_b": (24576, 1536)}
-    configs = [(bn, bk, w, st) for bn in (8, 16, 32) for bk in (256, 512, 1024) for w, st in ((4, 3), (8, 3))]
+    configs = [(bn, bk, w, 3) for bn in (4, 8, 16, 32) for bk in (512, 1024) for w in (1, 2, 4, 8)]
     if args.smoke:
         shapes, configs = {"smoke": (384, 256)}, configs[:2]
     for name, (n, k) in shapes.items():
@@ -540,7 +540,10 @@ def sweep(args, bw: float) -> dict:
     w13, s13 = quantize(torch.randn(E, 2 * inter, H, device=dev) / math.sqrt(H), BLOCK)
     w2, s2 = quantize(torch.randn(E, H, inter, device=dev) / math.sqrt(inter), BLOCK)
     d13, d2 = dequantize(w13, s13, BLOCK, torch.bfloat16), dequantize(w2, s2, BLOCK, torch.bfloat16)
-    saved = k8.MOE_BLOCK_N, k8.MOE_BLOCK_K
+    saved = k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS
+    moe_configs = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (1, 2, 4)]
+    if args.smoke:
+        moe_configs = moe_configs[:2]
     for T in (1, 8, 64):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(E, device=dev)[:topk] for _ in range(T)])
@@ -548,14 +551,13 @@ def sweep(args, bw: float) -> dict:
         r = {"bf16_kernel_ms": t(lambda: moe_decode(x, ids, wts, d13, d2, None, None, None, 0, E)) * 1e3}  # noqa: B023
         distinct = ids.unique().numel()
         r["roofline_fp8_ms"] = distinct * 3 * H * inter / bw * 1e3
-        for bn in (8, 16, 32):
-            for bk in (128, 256, 512):
-                k8.MOE_BLOCK_N, k8.MOE_BLOCK_K = bn, bk
-                try:
-                    r[f"({bn}, {bk})"] = t(lambda: k8.moe_decode_fp8(x, ids, wts, w13, s13, w2, s2, 0, E)) * 1e3  # noqa: B023
-                except Exception as exc:
-                    r[f"({bn}, {bk})"] = f"{type(exc).__name__}: {exc}"[:100]
-        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K = saved
+        for cfg in moe_configs:
+            k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = cfg
+            try:
+                r[str(cfg)] = t(lambda: k8.moe_decode_fp8(x, ids, wts, w13, s13, w2, s2, 0, E)) * 1e3  # noqa: B023
+            except Exception as exc:
+                r[str(cfg)] = f"{type(exc).__name__}: {exc}"[:100]
+        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = saved
         timed = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
         best = min(timed, key=timed.get) if timed else None
         out[f"moe_T{T}"] = {**r, "best": best}
@@ -585,8 +587,8 @@ def apply_tuning(found: dict) -> dict:
         k8.GEMV_CONFIG = applied["GEMV_CONFIG"] = ast.literal_eval(min(totals, key=totals.get))
     best_moe = found.get("moe_T1", {}).get("best")
     if best_moe:
-        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K = ast.literal_eval(best_moe)
-        applied["MOE_BLOCK_N, MOE_BLOCK_K"] = (k8.MOE_BLOCK_N, k8.MOE_BLOCK_K)
+        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = ast.literal_eval(best_moe)
+        applied["MOE_BLOCK_N, MOE_BLOCK_K, MOE_NUM_WARPS"] = (k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS)
     log("tuned launch configurations:", applied)
     return applied
 

@@ -37,6 +37,7 @@ GEMV_CONFIG = (16, 512, 4, 3)
 ACT_QUANT_BLOCK_T = 16
 MOE_BLOCK_N = 16
 MOE_BLOCK_K = 512
+MOE_NUM_WARPS = 2
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
@@ -468,13 +469,13 @@ def _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset: 
     _moe_up_fp8_by_expert_kernel[(n_local, triton.cdiv(inter, MOE_BLOCK_N))](
         x, ids, w13.view(torch.uint8), s13, h, H, inter, k, T * k, expert_offset,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
     out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
     _moe_down_fp8_by_expert_kernel[(n_local, triton.cdiv(H, MOE_BLOCK_N))](
         h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, T * k, expert_offset,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
     return out
 
@@ -505,13 +506,13 @@ def moe_decode_fp8_triton(
     _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](
         x, ids, w13.view(torch.uint8), s13, h, H, inter, k, expert_offset, n_local,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
     out = torch.empty(T, k, H, dtype=torch.float32, device=x.device)
     _moe_down_fp8_kernel[(T, triton.cdiv(H, MOE_BLOCK_N), k)](
         h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, expert_offset, n_local,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=2, num_stages=3,
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
     return out
 
