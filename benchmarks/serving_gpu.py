@@ -151,8 +151,22 @@ def server_cpu(before: dict[int, float], after: dict[int, float], wall_s: float,
     }
 
 
+def _only_child(pid: int, timeout: float = 10.0) -> int:
+    """The process ``pid`` started (the server under a profiler)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if kids:
+                return int(kids[0])
+        time.sleep(0.05)
+    raise RuntimeError(f"process {pid} started no child in {timeout:.0f} s")
+
+
 @contextlib.contextmanager
-def server(model: Path, args: list[str], log_path: Path, timeout: float):
+def server(model: Path, args: list[str], log_path: Path, timeout: float, profile: Path | None = None):
+    """``profile``: run the server under ``py-spy record --gil`` (what holds the interpreter lock, by
+    thread), its collapsed stacks written there when the server exits."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -160,8 +174,12 @@ def server(model: Path, args: list[str], log_path: Path, timeout: float):
     cmd += ["--port", str(port), "--log-level", "info", *args]
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if profile is not None:
+        spy = ["py-spy", "record", "--gil", "--threads", "--nonblocking", "-r", "50", "-f", "raw", "-o", str(profile)]
+        cmd = [*spy, "--", *cmd]
     with log_path.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    served = _only_child(proc.pid) if profile is not None else proc.pid  # signals and CPU go to the server
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -174,14 +192,16 @@ def server(model: Path, args: list[str], log_path: Path, timeout: float):
                 raise RuntimeError(f"server not ready in {timeout:.0f} s: {log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         log(f"server {' '.join(args)} ready in {time.perf_counter() - t0:.1f} s")
-        yield url, time.perf_counter() - t0, proc.pid
+        yield url, time.perf_counter() - t0, served
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            os.kill(served, signal.SIGTERM)  # a profiler writes its stacks once the server has exited
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                for pid in {served, proc.pid}:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
                 proc.wait()
 
 
@@ -396,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 128; --quick 64)")
     ap.add_argument("--long-prompt", type=int, default=2048)
     ap.add_argument("--clients", type=int, default=None, help="client processes per level (default: by streams)")
+    ap.add_argument(
+        "--profile", action="store_true", help="run the big server under py-spy (--gil): server-gil.txt in --out"
+    )
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -444,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve_big() -> None:
         args = ["--max-num-seqs", str(big), "--max-queue", str(4 * big), *serve_extra]
-        with server(ckpt, args, out / "server-big.log", timeout=600) as (url, ready_s, pid):
+        profile = out / "server-gil.txt" if a.profile else None
+        with server(ckpt, args, out / "server-big.log", timeout=600, profile=profile) as (url, ready_s, pid):
             res["server_ready_s"] = ready_s
             long = {}
             for key in ("first", "warm", "warm2"):
