@@ -370,12 +370,69 @@ def engine_loop(model_path: Path, device: str, batches: list[int], max_tokens: i
                 dt = time.perf_counter() - t0
             out[b] = b * max_tokens / dt
             log(f"engine loop batch {b}: {out[b]:.0f} tok/s (prefill included)")
+        out["profile"] = profile_decode(engine, max(batches), max_tokens, vocab, rng)
     finally:
         engine.stop()
         del engine, model
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def profile_decode(engine, batch: int, max_tokens: int, vocab: int, rng: random.Random, steps: int = 24) -> dict:
+    """Decode steps at ``batch`` under torch's profiler, once every sequence is past its prefill: wall time per
+    step against the device's busy time per step (kernels summed), and the kernels that take it. A step whose
+    wall time is well above its kernels' is held by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    started, done = threading.Semaphore(0), threading.Semaphore(0)
+
+    def on_event(ev, seen: list[bool]) -> None:
+        if not seen[0]:
+            seen[0] = True
+            started.release()
+        if ev.finish_reason:
+            done.release()
+
+    seqs = [
+        Sequence(
+            f"profile-{i}",
+            random_prompt(rng, PROMPT_LEN, vocab),
+            SamplingParams(max_new_tokens=max(max_tokens, 2 * steps + 8), ignore_eos=True),
+            lambda ev, seen=[False]: on_event(ev, seen),
+        )
+        for i in range(batch)
+    ]
+    engine.submit(seqs)
+    for _ in seqs:
+        started.acquire(timeout=600)
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        s0, t0 = engine.steps, time.perf_counter()
+        while engine.steps < s0 + steps:
+            time.sleep(0.001)
+        s1, t1 = engine.steps, time.perf_counter()
+    for _ in seqs:
+        done.acquire(timeout=600)
+    n = s1 - s0
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    busy = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / n  # noqa: E731 (ms/step)
+    events.sort(key=busy, reverse=True)
+    res = {
+        "batch": batch,
+        "steps": n,
+        "wall_ms_per_step": 1e3 * (t1 - t0) / n,
+        "device_ms_per_step": sum(busy(e) for e in events),
+        "top": [(e.key[:90], round(busy(e), 3), e.count // n) for e in events[:15]],
+    }
+    log(f"profiled decode at batch {batch}: {res['wall_ms_per_step']:.2f} ms/step wall, "
+        f"{res['device_ms_per_step']:.2f} ms/step of kernels")  # fmt: skip
+    for name, ms, calls in res["top"]:
+        log(f"  {ms:8.3f} ms/step  {calls:4d}/step  {name}")
+    return res
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -548,6 +605,10 @@ def report(res: dict, big: int, small: int) -> None:
     if "engine_loop_tok_s" in res:
         http = {n: s["output_tok_s"] for n, s in res["levels"].items()}
         for b, v in res["engine_loop_tok_s"].items():
+            if b == "profile":
+                print(f"decode at batch {v['batch']}: {v['wall_ms_per_step']:.2f} ms/step wall, "
+                      f"{v['device_ms_per_step']:.2f} ms/step of kernels")  # fmt: skip
+                continue
             extra = f", HTTP {http[b]:.0f} tok/s" if b in http else ""
             print(f"engine loop in-process, batch {b}: {v:.0f} tok/s (prefill included){extra}")
     if "server_metrics" in res:
