@@ -14,9 +14,14 @@ One run, each section on its own (a failing section prints its error and the res
    non-expert weight, the distinct experts the batch picks, the KV cache; measured copy bandwidth). The
    streams of a level are spread over client processes (64 streams each, at most 8 and half the CPUs;
    ``--clients`` overrides) started together, so the client's own JSON parsing does not set the figures;
+   the server's CPU over each level (cores in all, its busiest thread's, µs per output token) tells an
+   interpreter-bound server from a GPU-bound one, and ``--profile`` runs it under ``py-spy record --gil``
+   (which thread holds the interpreter lock, and where: ``server-gil.txt`` under ``--out``);
 4. batch-1 decode with ``--max-num-seqs 64`` against the 512 server's (a second server start): a larger
    batch cap must not slow small batches down;
-5. the engine loop in-process (no HTTP) on the same checkpoint: decode tok/s at batch 1 / 64 / 256.
+5. the engine loop in-process (no HTTP) on the same checkpoint: decode tok/s at batch 1 / 64 / 256, then
+   decode steps at the largest batch under torch's profiler: wall time per step against the kernels' busy
+   time per step, and the kernels that take it.
 
 The table is printed last (and written as JSON under ``--out``). Fits an 80 GB card (31 GB of weights,
 half the rest for the KV pool); about 5 minutes, ``--quick`` (8 layers, fewer levels) about 2.
