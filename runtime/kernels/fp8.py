@@ -7,12 +7,13 @@
 * :func:`w8_linear` - weight-only: reads the FP8 weight and its block scales, dequantizes in registers and
   multiplies in the activations' dtype (bf16 tensor cores; the Ampere path, and decode everywhere, where
   reading the weight's bytes is the cost): a GEMV-shaped kernel up to :data:`GEMV_MAX_TOKENS` tokens, a
-  ``tl.dot`` kernel above.
+  ``tl.dot`` kernel above (and from two tokens with :data:`W8_SKINNY_CONFIG`, a 16-row tile in place of
+  the GEMV's token loop).
 * :func:`moe_decode_fp8` - :mod:`runtime.kernels.moe_decode`'s two launches over FP8 expert stacks.
 
 Each is a ``torch.library`` custom op (Triton where :func:`runtime.kernels.triton_usable`, the
 dequantizing reference elsewhere); :func:`runtime.execution.fp8_linear_path` picks between the first two by
-hardware and token count. K steps are one scale block (128) wide, so a partial last block is masked and
+hardware and token count. K steps are whole scale blocks (128) wide, so a partial last block is masked and
 needs no special case.
 """
 
@@ -31,7 +32,11 @@ GROUP = 128  # activation quantization group = the weight's scale block along K
 GEMV_MAX_TOKENS = 16  # up to this many tokens the weight-only path is the GEMV-shaped kernel
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 GEMM_CONFIG = (64, 128, 4, 3)
-W8_GEMM_CONFIG = (64, 128, 4, 3)
+# weight-only tl.dot kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K whole scale blocks
+W8_GEMM_CONFIG = (64, 128, 128, 4, 3)
+# the same kernel for 2..GEMV_MAX_TOKENS tokens in place of the GEMV (None: the GEMV); a launch sweep sets it
+# where a 16-row tensor-core tile beats the GEMV's loop over tokens (benchmarks/fp8_gpu.py --tune)
+W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = None
 # GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block
 GEMV_CONFIG = (16, 512, 4, 3)
 ACT_QUANT_BLOCK_T = 16
@@ -123,6 +128,10 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
         NATIVE: tl.constexpr,
     ):  # fmt: skip
+        """A K step spans BLOCK_K // 128 scale blocks: the weight tile is dequantized block by block (a
+        reshape), then one ``tl.dot`` in the activations' dtype."""
+        GROUPS: tl.constexpr = BLOCK_K // 128
+        n_groups = tl.cdiv(K, 128)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,8 +147,13 @@ if HAS_TRITON:
             b = tl.load(
                 b_ptr + offs_n[:, None] * bsn + offs_k[None, :] * bsk, mask=n_mask[:, None] & k_mask[None, :], other=0
             )
-            b_s = tl.load(bs_ptr + (offs_n // BLOCK_K) * sbsn + kb * sbsk, mask=n_mask, other=0.0)
-            b = (_decode_e4m3(b, NATIVE) * b_s[:, None]).to(a.dtype)
+            offs_g = kb * GROUPS + tl.arange(0, GROUPS)
+            b_s = tl.load(
+                bs_ptr + (offs_n // 128)[:, None] * sbsn + offs_g[None, :] * sbsk,
+                mask=n_mask[:, None] & (offs_g < n_groups)[None, :], other=0.0,
+            )  # fmt: skip
+            b = tl.reshape(_decode_e4m3(b, NATIVE), [BLOCK_N, GROUPS, 128]) * b_s[:, :, None]
+            b = tl.reshape(b, [BLOCK_N, BLOCK_K]).to(a.dtype)
             if IEEE:
                 acc += tl.dot(a, tl.trans(b), input_precision="ieee")
             else:
@@ -422,13 +436,16 @@ def w8_linear_reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> to
 
 
 def w8_linear_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=None) -> torch.Tensor:
+    """``config`` forces a kernel: four values the GEMV's, five the ``tl.dot`` kernel's."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if not (M and N):
         return y
     wb = w.view(torch.uint8)  # the kernels decode e4m3 bytes themselves (any GPU generation)
-    if M <= GEMV_MAX_TOKENS:
+    if config is None and 1 < M <= GEMV_MAX_TOKENS and W8_SKINNY_CONFIG is not None:
+        config = W8_SKINNY_CONFIG
+    if len(config) == 4 if config is not None else M <= GEMV_MAX_TOKENS:
         bn, bk, warps, stages = config or GEMV_CONFIG
         _w8_gemv_kernel[(triton.cdiv(N, bn),)](
             x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
@@ -436,10 +453,10 @@ def w8_linear_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=N
             NATIVE=native_fp8(x), num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return y
-    bm, bn, warps, stages = config or W8_GEMM_CONFIG
+    bm, bn, bk, warps, stages = config or W8_GEMM_CONFIG
     _w8_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-        y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, IEEE=x.dtype == torch.float32,
+        y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32,
         NATIVE=native_fp8(x), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y

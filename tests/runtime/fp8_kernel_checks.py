@@ -47,7 +47,11 @@ def main(device: str) -> None:
         w, ws = w.to(device), ws.to(device)
         for t in (1, 5, 20):
             x = torch.randn(t, kdim, device=device, dtype=dtype)
-            check(f"w8_linear {t}x{kdim}->{n}", k8.w8_linear_triton(x, w, ws), k8.w8_linear_reference(x.float(), w, ws))
+            want = k8.w8_linear_reference(x.float(), w, ws)
+            check(f"w8_linear {t}x{kdim}->{n}", k8.w8_linear_triton(x, w, ws), want)
+            # the tensor-core kernel with K steps of several scale blocks, as the decode sweep launches it
+            wide = k8.w8_linear_triton(x, w, ws, (16, 32, 256, 4, 2))
+            check(f"w8_linear wide-K {t}x{kdim}->{n}", wide, want)
             ref = k8.fp8_gemm_reference(x.float(), w, ws)
             check(f"fp8_gemm {t}x{kdim}->{n}", k8.fp8_gemm_triton(x, w, ws), ref)
             # the op as the model calls it: cuBLAS's blockwise GEMM on Hopper where K is whole blocks
