@@ -52,6 +52,10 @@ def main(device: str) -> None:
             # the tensor-core kernel with K steps of several scale blocks, as the decode sweep launches it
             wide = k8.w8_linear_triton(x, w, ws, (16, 32, 256, 4, 2))
             check(f"w8_linear wide-K {t}x{kdim}->{n}", wide, want)
+            if 1 < t <= k8.GEMV_MAX_TOKENS:  # what a tuned run turns on: 2..16 tokens on the tensor-core kernel
+                saved, k8.W8_SKINNY_CONFIG = k8.W8_SKINNY_CONFIG, (16, 32, 256, 4, 2)
+                check(f"w8_linear skinny {t}x{kdim}->{n}", k8.w8_linear_triton(x, w, ws), want)
+                k8.W8_SKINNY_CONFIG = saved
             ref = k8.fp8_gemm_reference(x.float(), w, ws)
             check(f"fp8_gemm {t}x{kdim}->{n}", k8.fp8_gemm_triton(x, w, ws), ref)
             # the op as the model calls it: cuBLAS's blockwise GEMM on Hopper where K is whole blocks
