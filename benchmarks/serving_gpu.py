@@ -479,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-prompt", type=int, default=2048)
     ap.add_argument("--clients", type=int, default=None, help="client processes per level (default: by streams)")
     ap.add_argument(
+        "--skip", nargs="+", default=[], choices=["small", "engine"], help="leave out section 4 or 5 (see above)"
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="run the big server under py-spy (--gil): server-gil.txt in --out"
     )
     a = ap.parse_args(argv)
@@ -569,13 +572,15 @@ def main(argv: list[str] | None = None) -> int:
             res["batch1_small_tok_s"] = batch1_rate(url, rng, vocab, max_tokens)
         log(f"batch 1: {res['batch1_small_tok_s']:.1f} tok/s (max-num-seqs {small})")
 
-    section(f"server --max-num-seqs {small}", res, serve_small)
+    if "small" not in a.skip:
+        section(f"server --max-num-seqs {small}", res, serve_small)
 
     def in_process() -> None:
         batches = [1, 64, 256] if not a.cpu_smoke else [1, 4]
         res["engine_loop_tok_s"] = engine_loop(ckpt, device, batches, max_tokens, vocab)
 
-    section("engine loop (in-process)", res, in_process)
+    if "engine" not in a.skip:
+        section("engine loop (in-process)", res, in_process)
     res["total_s"] = time.perf_counter() - t_all
     report(res, big, small)
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
