@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -311,7 +312,19 @@ def test_ctrl_c_mid_upload_leaves_no_manifest_and_the_rerun_resumes(emulator: st
     env.pop("MOEFLEET_ENVIRONMENTS", None)
     args = [str(MOEFLEET), "weights", "upload", "local", str(folder), "--model", "big", "--revision", "r1"]
     args += ["--bucket", bucket]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    # SIGINT as a terminal's Ctrl-C delivers it: a suite started in the background (`make test &`) passes SIGINT
+    # down ignored, and an ignored signal interrupts nothing, so the CLI is exec'd with the default disposition
+    default_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", default_sigint, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     for line in proc.stderr:
         if "uploaded: config.json" in line:
             proc.send_signal(signal.SIGINT)
