@@ -26,6 +26,7 @@ last, and ``--json`` keeps the raw numbers. ``--smoke``: tiny shapes, a few step
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import math
@@ -323,6 +324,7 @@ def v2_lite(args, bw: float) -> dict:
     graphs = dev == "cuda" and not args.no_graphs
     benches = {n: make_bench(m, args, batches, max_len) for n, m in (("bf16", bf16), ("fp8", fp8))}
     out: dict = {"weights_gb": gb}
+    log("prefill and greedy agreement, FP8 against bf16")
     try:
         out["accuracy"] = agreement(benches["fp8"], benches["bf16"], 8 if not args.smoke else 2, args.steps, graphs)
         log("accuracy", out["accuracy"])
@@ -378,6 +380,7 @@ def v3_slice(args, bw: float) -> dict:
         model.model.layers = layers[:n]
         bench = make_bench(model, args, batches, max_len)
         for B in batches:
+            log(f"{n} layers, batch {B}: prefill, then {steps} decode steps")
             try:
                 times[(n, B)] = decode_step_s(bench, B, steps, graphs)
             except Exception as exc:
@@ -683,7 +686,12 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true", help="the model sections use the sweep's best launch configs")
     ap.add_argument("--tune-from", type=Path, help="the same, from an earlier run's --json (its sweep section)")
     ap.add_argument("--json", type=Path, help="write raw results here")
+    ap.add_argument(
+        "--stacks-every", type=float, default=0, help="print every thread's stack every N seconds (finds a stall)"
+    )
     args = ap.parse_args()
+    if args.stacks_every > 0:  # a run killed at its time limit may cut its last dump short: earlier ones remain
+        faulthandler.dump_traceback_later(args.stacks_every, repeat=True)
     mg.DEV = args.device
     # two models (bf16 and FP8: other module types) through the same compiled regions, three batch sizes
     torch._dynamo.config.recompile_limit = 64

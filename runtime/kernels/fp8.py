@@ -34,15 +34,16 @@ GEMV_MAX_TOKENS = 16  # up to this many tokens the weight-only path is the GEMV-
 GEMM_CONFIG = (64, 128, 4, 3)
 # weight-only tl.dot kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K whole scale blocks
 W8_GEMM_CONFIG = (64, 128, 128, 4, 3)
-# the same kernel for 2..GEMV_MAX_TOKENS tokens in place of the GEMV (None: the GEMV); a launch sweep sets it
-# where a 16-row tensor-core tile beats the GEMV's loop over tokens (benchmarks/fp8_gpu.py --tune)
-W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = None
-# GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block
-GEMV_CONFIG = (16, 512, 4, 3)
+# the same kernel for 2..GEMV_MAX_TOKENS tokens in place of the GEMV (None: the GEMV): on an H100 a 16-row
+# tensor-core tile ran 1.5-2.2x faster than the GEMV's loop over tokens at 8 tokens
+W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = (16, 32, 256, 4, 3)
+# GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block. The defaults
+# here are the launch sweep's best on an H100 (benchmarks/fp8_gpu.py --tune; docs/benchmarks.md)
+GEMV_CONFIG = (4, 512, 1, 3)
 ACT_QUANT_BLOCK_T = 16
-MOE_BLOCK_N = 16
+MOE_BLOCK_N = 8
 MOE_BLOCK_K = 512
-MOE_NUM_WARPS = 2
+MOE_NUM_WARPS = 1
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
