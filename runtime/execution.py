@@ -128,8 +128,11 @@ class StepPlan:
     decode_region: bool
 
 
-def plan_step(options: ExecutionOptions, x: torch.Tensor, meta: AttentionMetadata) -> StepPlan:
-    """The kernels for a step whose hidden states are ``x`` [T, H] (decided outside compiled code)."""
+def plan_step(
+    options: ExecutionOptions, x: torch.Tensor, meta: AttentionMetadata, fp8_experts: bool = False
+) -> StepPlan:
+    """The kernels for a step whose hidden states are ``x`` [T, H] (decided outside compiled code);
+    ``fp8_experts``: the model's expert stacks are FP8 (:func:`moe_dispatch_fp8`)."""
     if not meta.is_decode:
         attention = AttentionPath.PREFILL
     elif not options.absorb:
@@ -138,9 +141,12 @@ def plan_step(options: ExecutionOptions, x: torch.Tensor, meta: AttentionMetadat
         attention = AttentionPath.PAGED
     else:
         attention = AttentionPath.GATHERED
+    moe = moe_dispatch(options.moe_impl, x, compiled=options.compile)
+    if fp8_experts:
+        moe = moe_dispatch_fp8(moe, x, decode=meta.is_decode)
     return StepPlan(
         attention=attention,
-        moe=moe_dispatch(options.moe_impl, x, compiled=options.compile),
+        moe=moe,
         compiled=options.compile,
         kernel_routing=options.kernel_routing,
         decode_region=options.decode_region,
@@ -220,18 +226,20 @@ def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
     return Fp8Path.WEIGHT_ONLY
 
 
-# FP8 experts: up to this many tokens (every decode batch the engine captures) the routed experts run as the
-# FP8 decode kernel, which reads FP8 weights and needs no host sync; above it (prefill) one FP8 GEMM per active
-# expert. The sorted-dispatch paths would have to dequantize the whole expert stack for the step.
+# FP8 experts: every decode step, and prefill steps up to this many tokens, run the routed experts as the FP8
+# decode kernel, which reads FP8 weights and needs no host sync (so a decode batch of any size can be captured
+# in a CUDA graph); longer prefill steps run one FP8 GEMM per active expert, which reads the routing on the
+# host. The sorted-dispatch paths would have to dequantize the whole expert stack for the step.
 FP8_FUSED_MAX_TOKENS = 256
 
 
-def moe_dispatch_fp8(dispatch: MoEImpl, x: torch.Tensor) -> MoEImpl:
+def moe_dispatch_fp8(dispatch: MoEImpl, x: torch.Tensor, decode: bool = False) -> MoEImpl:
     """The routed experts' path for FP8 expert stacks where Triton runs (elsewhere ``dispatch`` stands: the
-    references dequantize)."""
+    references dequantize). ``decode``: a decode step, whatever its batch (``--max-num-seqs`` may pass
+    FP8_FUSED_MAX_TOKENS, and its graph must not read the routing on the host)."""
     if dispatch is MoEImpl.FUSED or not triton_usable(x):
         return dispatch
-    return MoEImpl.FUSED if x.shape[0] <= FP8_FUSED_MAX_TOKENS else MoEImpl.LOOP
+    return MoEImpl.FUSED if decode or x.shape[0] <= FP8_FUSED_MAX_TOKENS else MoEImpl.LOOP
 
 
 # ---- compiled regions --------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class DeepseekForCausalLM(nn.Module):
             x, rope = embed_compiled(self, input_ids, positions)
         else:
             x, rope = self.embed(input_ids, positions)
-        plan = plan_step(self.options, x, meta)
+        plan = plan_step(self.options, x, meta, fp8_experts=self.fp8_experts)
         bias = decode_bias(meta, kv_cache.block_size, x.dtype) if plan.attention.needs_bias else None
         return Step(x, rope, bias, meta, kv_cache, plan)
 
@@ -141,6 +141,10 @@ class DeepseekForCausalLM(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self.model.layers)
+
+    @property
+    def fp8_experts(self) -> bool:
+        return any(moe.fp8_block is not None for _, moe in self.moe_layers())
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]

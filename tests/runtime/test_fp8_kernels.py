@@ -39,8 +39,8 @@ def test_fp8_kernels_under_the_interpreter() -> None:
 def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     """runtime.execution's rules: no Triton → the dequantizing reference; FP8 tensor cores (sm89 / sm90) →
     FP8 GEMM from FP8_GEMM_MIN_TOKENS tokens, weight-only below; no FP8 tensor cores (sm80) → weight-only.
-    FP8 experts: the decode kernel up to FP8_FUSED_MAX_TOKENS, a per-expert FP8 loop above; the given path
-    where Triton does not run."""
+    FP8 experts: the decode kernel for every decode step and up to FP8_FUSED_MAX_TOKENS prefill tokens, a
+    per-expert FP8 loop above; the given path where Triton does not run."""
     import torch
 
     from runtime import execution as ex
@@ -59,6 +59,16 @@ def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     m = ex.FP8_FUSED_MAX_TOKENS
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m, 8)) is ex.MoEImpl.FUSED
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m + 1, 8)) is ex.MoEImpl.LOOP
+    # a decode step of any batch (--max-num-seqs 512 is captured too) never reads the routing on the host
+    assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(2 * m, 8), decode=True) is ex.MoEImpl.FUSED
+    from runtime.kv_cache import AttentionMetadata
+
+    decode = AttentionMetadata(context_lens=torch.ones(2 * m, dtype=torch.int64))
+    prefill = AttentionMetadata(context_lens=torch.tensor([2 * m]), query_lens=[2 * m], context_lens_cpu=[2 * m])
+    x = torch.zeros(2 * m, 8, dtype=torch.bfloat16)
+    assert ex.plan_step(ex.ExecutionOptions(), x, decode, fp8_experts=True).moe is ex.MoEImpl.FUSED
+    assert ex.plan_step(ex.ExecutionOptions(), x, prefill, fp8_experts=True).moe is ex.MoEImpl.LOOP
+    assert ex.plan_step(ex.ExecutionOptions(), x, decode).moe is not ex.MoEImpl.FUSED  # bf16 experts: unchanged
 
 
 MODEL_INTERPRETED = """
