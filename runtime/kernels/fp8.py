@@ -444,17 +444,20 @@ def w8_linear_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=N
     if not (M and N):
         return y
     wb = w.view(torch.uint8)  # the kernels decode e4m3 bytes themselves (any GPU generation)
-    if config is None and 1 < M <= GEMV_MAX_TOKENS and W8_SKINNY_CONFIG is not None:
-        config = W8_SKINNY_CONFIG
-    if len(config) == 4 if config is not None else M <= GEMV_MAX_TOKENS:
-        bn, bk, warps, stages = config or GEMV_CONFIG
+    if config is None:
+        if M > GEMV_MAX_TOKENS:
+            config = W8_GEMM_CONFIG
+        else:
+            config = W8_SKINNY_CONFIG if M > 1 and W8_SKINNY_CONFIG is not None else GEMV_CONFIG
+    if len(config) == 4:
+        bn, bk, warps, stages = config
         _w8_gemv_kernel[(triton.cdiv(N, bn),)](
             x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
             y.stride(0), y.stride(1), BLOCK_T=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk,
             NATIVE=native_fp8(x), num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return y
-    bm, bn, bk, warps, stages = config or W8_GEMM_CONFIG
+    bm, bn, bk, warps, stages = config
     _w8_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x, wb, s, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32,
