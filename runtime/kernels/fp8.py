@@ -268,28 +268,29 @@ if HAS_TRITON:
 
     @triton.jit
     def _moe_up_fp8_by_expert_kernel(
-        x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k, n_pairs, expert_offset,
+        x_ptr, order_ptr, bounds_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k,
         sx, swe, swn, sse, ssn, sh,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
-        """One program per (local expert, block of intermediate rows), over every pair routed to it: the
-        expert's rows come from DRAM once and from cache for its other pairs."""
+        """One program per (local expert, block of intermediate rows), over the pairs routed to it (its slice
+        of the pairs sorted by expert): the expert's rows come from DRAM once and from cache for its other
+        pairs."""
         e = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < inter
         w, s = w_ptr + e * swe, s_ptr + e * sse
-        for p in range(0, n_pairs):
-            if tl.load(ids_ptr + p) - expert_offset == e:
-                x_row = x_ptr + (p // top_k) * sx
-                g = _scaled_rows(x_row, w, s, offs_n, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-                u = _scaled_rows(x_row, w, s, offs_n + inter, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-                h = g / (1.0 + tl.exp(-g)) * u
-                tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+        for i in range(tl.load(bounds_ptr + e), tl.load(bounds_ptr + e + 1)):
+            p = tl.load(order_ptr + i)
+            x_row = x_ptr + (p // top_k) * sx
+            g = _scaled_rows(x_row, w, s, offs_n, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            u = _scaled_rows(x_row, w, s, offs_n + inter, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            h = g / (1.0 + tl.exp(-g)) * u
+            tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
     def _moe_down_fp8_by_expert_kernel(
-        h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k, n_pairs, expert_offset,
+        h_ptr, order_ptr, bounds_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k,
         sh, swe, swn, sse, ssn, sot, sos,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
@@ -298,13 +299,11 @@ if HAS_TRITON:
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < H
         w, s = w_ptr + e * swe, s_ptr + e * sse
-        for p in range(0, n_pairs):
-            if tl.load(ids_ptr + p) - expert_offset == e:
-                wt = tl.load(wts_ptr + p).to(tl.float32)
-                part = _scaled_rows(
-                    h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE
-                )
-                tl.store(out_ptr + (p // top_k) * sot + (p % top_k) * sos + offs_n, wt * part, mask=n_mask)
+        for i in range(tl.load(bounds_ptr + e), tl.load(bounds_ptr + e + 1)):
+            p = tl.load(order_ptr + i)
+            wt = tl.load(wts_ptr + p).to(tl.float32)
+            part = _scaled_rows(h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            tl.store(out_ptr + (p // top_k) * sot + (p % top_k) * sos + offs_n, wt * part, mask=n_mask)
 
 
 # ---- activation quantization --------------------------------------------------------------------------
@@ -486,15 +485,20 @@ def _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset: 
     T, H = x.shape
     k = ids.shape[1]
     inter = w2.shape[-1]
-    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
+    # the pairs sorted by local expert, and where each expert's slice starts (on the device: no host sync, so
+    # a decode step stays capturable); pairs of other ranks' experts sort outside every slice
+    local = ids.reshape(-1) - expert_offset
+    order = torch.argsort(local, stable=True)
+    bounds = torch.searchsorted(local[order], torch.arange(n_local + 1, device=x.device, dtype=local.dtype))
+    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs: never read
     _moe_up_fp8_by_expert_kernel[(n_local, triton.cdiv(inter, MOE_BLOCK_N))](
-        x, ids, w13.view(torch.uint8), s13, h, H, inter, k, T * k, expert_offset,
+        x, order, bounds, w13.view(torch.uint8), s13, h, H, inter, k,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
         BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
     out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
     _moe_down_fp8_by_expert_kernel[(n_local, triton.cdiv(H, MOE_BLOCK_N))](
-        h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, T * k, expert_offset,
+        h, order, bounds, weights, w2.view(torch.uint8), s2, out, H, inter, k,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
         BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip

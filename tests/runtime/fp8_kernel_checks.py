@@ -69,7 +69,7 @@ def main(device: str) -> None:
     w2, s2 = quantize(torch.randn(E, H, inter) / inter**0.5)
     w13, s13, w2, s2 = (t.to(device) for t in (w13, s13, w2, s2))
     x = torch.randn(T, H, device=device, dtype=dtype)
-    ids = torch.tensor([[0, 5], [7, 2], [4, 3]], device=device)
+    ids = torch.tensor([[0, 5], [5, 2], [0, 7]], device=device)  # experts 0 and 5 serve two tokens each
     wts = torch.rand(T, topk, device=device)
     for off, nl in ((0, E), (4, 4)):
         args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
