@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import queue
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -484,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="run the big server under py-spy (--gil): server-gil.txt in --out"
     )
+    ap.add_argument(
+        "--serve-args",
+        default="",
+        help="more `moe-runtime serve` arguments for every server, as one shell-quoted string "
+        "(e.g. '--max-decode-stall off')",
+    )
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -503,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens, long_len, big, small = a.max_tokens or (64 if a.quick else 128), a.long_prompt, 512, 64
         serve_extra = []
         per_client, most_clients = STREAMS_PER_CLIENT, None
+    serve_extra += shlex.split(a.serve_args)
     config = ModelConfig.from_dict(raw)
     vocab = config.vocab_size
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"

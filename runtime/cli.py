@@ -60,8 +60,22 @@ def _env_int(name: str) -> int | None:
     return int(v) if v else None
 
 
+def _stall_factor(text: str) -> float | None:
+    """``--max-decode-stall``: a factor above 1, or ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 or 'off', got {text!r}")
+    return value
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from runtime import contract as c
+    from runtime.engine.config import EngineConfig
 
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI API, risk score, metrics)")
     p.add_argument(
@@ -114,6 +128,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="tokens per engine step: one per running decode, prompt chunks fill the rest (default: 2048 on GPU, "
         "512 on CPU)",
+    )
+    p.add_argument(
+        "--max-decode-stall",
+        type=_stall_factor,
+        default=EngineConfig.max_decode_stall,
+        metavar="FACTOR",
+        help="a step that prefills beside running decodes takes at most FACTOR times a decode-only step, learned "
+        "from the engine's step times (> 1; 'off': prompts fill the whole token budget; default: %(default)s)",
     )
     p.add_argument(
         "--no-prefix-caching", action="store_true", help="do not share cached KV blocks of equal prompt prefixes"
@@ -292,6 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_num_batched_tokens=args.max_num_batched_tokens,
             prefix_caching=not args.no_prefix_caching,
+            max_decode_stall=args.max_decode_stall,
             max_model_len=args.max_model_len,
             cuda_graphs=not args.no_cuda_graphs,
             overlap=not args.no_overlap,

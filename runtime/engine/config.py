@@ -15,6 +15,10 @@ class EngineConfig:
     max_queue: int = 256  # waiting sequences + scoring jobs; beyond this, QueueFullError (429)
     # tokens per engine step (decodes first, prompt chunks fill the rest); None: 2048 on CUDA, 512 on CPU
     max_num_batched_tokens: int | None = None
+    # while sequences decode, a step's prompt chunks are sized so that it takes at most this many times a
+    # decode-only step (stall-free batching, runtime.engine.pacing): inter-token P99 within 2× its P50,
+    # with room for the steps' own noise; None: prompts fill the whole budget (more throughput in bursts)
+    max_decode_stall: float | None = 1.8
     prefix_caching: bool = True  # share cached full blocks of equal prompt prefixes between requests
     block_size: int = 16
     kv_blocks: int | None = None  # pool size; None: from memory (CUDA) or enough for a full batch (CPU)
@@ -32,6 +36,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_queue", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_decode_stall is not None and not self.max_decode_stall > 1:
+            raise ValueError(f"max_decode_stall must be > 1 (or None: no bound), got {self.max_decode_stall}")
         if self.kv_blocks is not None and self.kv_blocks < 2:
             raise ValueError(f"kv_blocks must be >= 2, got {self.kv_blocks}")
         if not 0 < self.kv_memory_fraction <= 0.95:

@@ -7,7 +7,8 @@ the hot path. Other threads (the asyncio server, tests, the benchmark) only touc
 
 1. schedules (:class:`~runtime.engine.scheduler.Scheduler`): one decode token for every running sequence,
    prefill chunks of new, partially prefilled or preempted sequences in the rest of the step's token
-   budget, KV blocks taken as sequences grow (the newest preempted when the pool runs dry), cached
+   budget, as much of it as the decodes' latency bound allows (:class:`~runtime.engine.pacing.PrefillPacer`,
+   fed each step's wall time), KV blocks taken as sequences grow (the newest preempted when the pool runs dry), cached
    prompt prefixes reused;
 2. runs the model (:class:`~runtime.engine.model_runner.ModelRunner`): the forwards and the sampling;
 3. post-processes the tokens (:class:`~runtime.engine.postprocess.PostProcessor`): stop rules, events, and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
@@ -32,6 +34,7 @@ import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.model_runner import ModelRunner
+from runtime.engine.pacing import PrefillPacer
 from runtime.engine.postprocess import Events, PostProcessor
 from runtime.engine.scheduler import Scheduler
 from runtime.engine.sequence import QueueFullError, RequestTooLargeError, Sequence, ShuttingDownError, TokenEvent
@@ -83,6 +86,7 @@ class Engine:
         self.stats.kv_pool(self.allocator.capacity)
         self.max_num_batched_tokens = cfg.batched_tokens(self.device.type)
         self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, self.max_num_batched_tokens)
+        self.pacer = self._new_pacer()
         self.post = PostProcessor(model.config.eos_token_id, tokenizer, self.stats, self._release)
 
         self._lock = threading.Lock()
@@ -127,6 +131,11 @@ class Engine:
         with self._lock:
             self.model.reset_expert_load()
             self.allocator.reset_cache()
+            self.pacer = self._new_pacer()  # warm-up's step times include first-call costs
+
+    def _new_pacer(self) -> PrefillPacer | None:
+        stall = self.cfg.max_decode_stall
+        return PrefillPacer(stall) if stall is not None else None
 
     # ---- API for other threads --------------------------------------------------------------
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -228,8 +237,9 @@ class Engine:
         events: Events = []
         self._abort(aborts, events)
         self._run_jobs(jobs)
+        started = time.perf_counter()
         with self._lock:
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.schedule(self.pacer)
         self.stats.scheduled(len(batch.preempted), batch.cache_queries, batch.cache_hits)
         for group in batch.prefill_groups:
             sampled = self.runner.prefill(group)
@@ -238,6 +248,8 @@ class Engine:
             self.post.accept(resumed, events)
         if batch.decode or self.runner.inflight is not None:
             self.post.accept(self.runner.decode(batch.decode), events)
+        if self.pacer is not None:
+            self.pacer.observe(time.perf_counter() - started, len(batch.decode), batch.num_tokens - len(batch.decode))
         self.steps += 1
         self.stats.count_tokens()
         if events:

@@ -1,7 +1,8 @@
 """Who runs each engine step: the waiting queue, the running batch, and the policy between them.
 
 Each step has a token budget (``max_num_batched_tokens``). Every running sequence that has finished its
-prefill gets its one decode token first; the rest of the budget goes to prompts, in chunks: running
+prefill gets its one decode token first; the rest of the budget, capped by the engine's pacer so that
+the decodes are not stalled (:mod:`runtime.engine.pacing`), goes to prompts, in chunks: running
 sequences whose prefill is not complete continue (oldest first), then waiting sequences are admitted
 first-come-first-served while the batch (``max_num_seqs``), the budget and the free KV blocks allow. A
 long prompt is therefore spread over several steps and never stalls the running decodes.
@@ -29,6 +30,7 @@ import collections
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+from runtime.engine.pacing import PrefillPacer
 from runtime.engine.sequence import Sequence
 from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash
 
@@ -114,12 +116,18 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, pacer: PrefillPacer | None = None) -> ScheduledStep:
         """This step's work (call under the engine's lock: it takes from and returns to ``waiting``). Blocks
         for every scheduled token are held on return; chunks count as computed once scheduled. Sequences
-        whose prefill completes in this step decode from the next step on."""
+        whose prefill completes in this step decode from the next step on. ``pacer``: caps the prompt
+        tokens taken beside running decodes (see :mod:`runtime.engine.pacing`)."""
         step = ScheduledStep([], [])
-        budget = max(0, self.max_num_batched_tokens - sum(s.prefilled for s in self.running))
+        decoding = sum(s.prefilled for s in self.running)
+        budget = max(0, self.max_num_batched_tokens - decoding)
+        starting = len(self.waiting) + len(self.running) - decoding
+        cap = pacer.prompt_budget(decoding, starting) if pacer is not None else None
+        if cap is not None:
+            budget = min(budget, cap)
         chunks: list[PrefillChunk] = []
         i = 0
         while i < len(self.running):

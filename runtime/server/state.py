@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import contract as c
+from runtime.engine.config import EngineConfig
 from runtime.metrics import ServiceMetrics
 from runtime.server.risk import RollingAccuracy
 
@@ -41,6 +42,7 @@ class Settings:
     max_queue: int = 256
     max_num_batched_tokens: int | None = None  # None: the engine's default for the device
     prefix_caching: bool = True
+    max_decode_stall: float | None = EngineConfig.max_decode_stall  # None: prompts fill the step's budget
     max_model_len: int | None = None
     block_size: int = 16
     cuda_graphs: bool = True
@@ -67,15 +69,14 @@ class Settings:
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_path).resolve().name
 
-    def engine_config(self):  # type: ignore[no-untyped-def]  # -> runtime.engine.EngineConfig
+    def engine_config(self) -> EngineConfig:
         """The engine's share of the settings; constructing it validates them (the CLI calls this early)."""
-        from runtime.engine import EngineConfig
-
         return EngineConfig(
             max_num_seqs=self.max_num_seqs,
             max_queue=self.max_queue,
             max_num_batched_tokens=self.max_num_batched_tokens,
             prefix_caching=self.prefix_caching,
+            max_decode_stall=self.max_decode_stall,
             block_size=self.block_size,
             kv_blocks=self.kv_blocks,
             kv_memory_fraction=self.kv_memory_fraction,

@@ -181,6 +181,22 @@ def test_chunked_prefill_mixed_with_decode_gives_each_sequence_its_alone_tokens(
     assert out["long"] == long_alone
 
 
+def test_the_engine_paces_prompts_from_its_own_step_times(tiny):
+    """The default engine feeds every step's wall time to its pacer, which learns a decode-only time and a
+    prompt cost from the real model; a long prompt beside decodes still yields everyone's alone tokens.
+    Without a bound there is no pacer."""
+    model, tok = tiny
+    short, long = [prompt(i, 6) for i in range(3)], prompt(9, 120)
+    alone = run(make_engine(model, tok, max_decode_stall=None), [*short, long], [30, 30, 30, 6])
+    assert make_engine(model, tok, max_decode_stall=None).pacer is None
+    engine = make_engine(model, tok, max_num_batched_tokens=48)  # the long prompt goes in beside the decodes
+    assert run(engine, [*short, long], [30, 30, 30, 6]) == alone
+    pacer = engine.pacer
+    assert pacer.steps == engine.steps
+    assert pacer.decode_s and all(t > 0 for t in pacer.decode_s.values())
+    assert pacer.token_s is not None and pacer.token_s > 0
+
+
 # ---- prefix caching -------------------------------------------------------------------------------
 def _first_logits(engine, p):
     """Logits of the prefill that completes prompt ``p`` (recorded at the sampler)."""
