@@ -269,6 +269,29 @@ class MoE(nn.Module):
             dequantize(self.w2, self.w2_scale, self.fp8_block, dtype),
         )
 
+    @torch.compiler.disable
+    def _expert_loop(
+        self, xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fp8: bool
+    ) -> torch.Tensor:
+        """``LOOP``: one GEMM pair per active expert over its slice of the sorted pairs. It reads the slice
+        sizes on the host, so it always runs eagerly: traced by dynamo, the loop is unrolled over the active
+        experts and specialised on their counts, and each new routing of a long prefill (the FP8 experts'
+        path above FP8_FUSED_MAX_TOKENS, in compiled regions too) would compile a graph of 2 × E kernels."""
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(torch.diff(offs, prepend=offs.new_zeros(1)).tolist()):
+            if n == 0:
+                continue
+            seg = xs[start : start + n]
+            if fp8:  # FP8 weights read as they are (runtime.quant.fp8.fp8_linear picks the kernel)
+                g, u = fp8_linear(seg, w13[e], self.w13_scale[e]).split(self.inter, dim=-1)
+                out[start : start + n] = fp8_linear(F.silu(g) * u, w2[e], self.w2_scale[e])
+            else:
+                g, u = F.linear(seg, w13[e]).split(self.inter, dim=-1)
+                out[start : start + n] = F.linear(F.silu(g) * u, w2[e])
+            start += n
+        return out
+
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dispatch: MoEImpl) -> torch.Tensor:
         """Sort the T·k (token, expert) pairs by expert, run each expert on its contiguous slice,
         un-sort and sum each token's k outputs by routing weight. ``dispatch``: ``GROUPED`` (grouped GEMM,
@@ -298,19 +321,7 @@ class MoE(nn.Module):
             g, u = h.split(self.inter, dim=-1)
             out = torch._grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
         else:
-            out = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(torch.diff(offs, prepend=offs.new_zeros(1)).tolist()):
-                if n == 0:
-                    continue
-                seg = xs[start : start + n]
-                if fp8_loop:  # FP8 weights read as they are (runtime.quant.fp8.fp8_linear picks the kernel)
-                    g, u = fp8_linear(seg, w13[e], self.w13_scale[e]).split(self.inter, dim=-1)
-                    out[start : start + n] = fp8_linear(F.silu(g) * u, w2[e], self.w2_scale[e])
-                else:
-                    g, u = F.linear(seg, w13[e]).split(self.inter, dim=-1)
-                    out[start : start + n] = F.linear(F.silu(g) * u, w2[e])
-                start += n
+            out = self._expert_loop(xs, offs, w13, w2, fp8_loop)
         if self.n_local < self.n_experts:  # rows of other ranks' experts hold no (or stale) values
             out = torch.where((sorted_ids < self.n_local)[:, None], out, 0)
         # back to (token, slot) order by the inverse permutation, then a weighted sum over the k slots: a

@@ -97,3 +97,36 @@ def test_stacked_input_projections_survive_conversion(ckpts: dict[str, Path]) ->
         after = ours(ids, torch.arange(len(ids)), meta)
     assert stacked() and torch.equal(after, before)
     assert not any("in_proj" in k for k in ours.state_dict())
+
+
+def test_the_expert_loop_is_never_traced_into_a_compiled_region() -> None:
+    """``LOOP`` reads each expert's slice size on the host. Traced, dynamo unrolls it over the active experts
+    and specialises on their counts (FP8 experts take it for long prefills, compiled regions included), so
+    routings would keep compiling graphs of two GEMMs per expert. It runs eagerly instead: one graph on each
+    side of it, however the tokens are routed, and the same values as eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from runtime.config import ModelConfig
+    from runtime.moe import MoE
+    from runtime.tiny import tiny_config
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict(tiny_config("v2"))
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+
+    def routed(x, ids, w):
+        return moe.routed(x, ids, w, MoEImpl.LOOP)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(routed, backend="eager")  # dynamo's tracing is what is checked, not inductor
+    for i in range(6):
+        x, w = torch.randn(24, cfg.hidden_size), torch.rand(24, k)
+        ids = torch.stack([torch.randperm(E)[:k] for _ in range(24)]) if i % 2 else torch.randint(0, 2 + i, (24, k))
+        torch.testing.assert_close(compiled(x, ids, w), routed(x, ids, w))
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch._dynamo.reset()
