@@ -124,7 +124,9 @@ class Scheduler:
         step = ScheduledStep([], [])
         decoding = sum(s.prefilled for s in self.running)
         budget = max(0, self.max_num_batched_tokens - decoding)
-        starting = len(self.waiting) + len(self.running) - decoding
+        # sequences that may get prompt tokens this step: partly prefilled ones, and as many waiting as the
+        # batch has room for (a queue behind a full batch is not a ramp-up)
+        starting = len(self.running) - decoding + min(len(self.waiting), self.max_num_seqs - len(self.running))
         cap = pacer.prompt_budget(decoding, starting) if pacer is not None else None
         if cap is not None:
             budget = min(budget, cap)

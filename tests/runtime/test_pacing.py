@@ -89,14 +89,19 @@ def test_batch_buckets_are_powers_of_two():
 
 # ---- the real scheduler under a simulated clock -----------------------------------------------------
 def simulate(
-    pacer: PrefillPacer | None, streams: int = 64, rounds: int = 4, prompt_len: int = 128, new_tokens: int = 128
+    pacer: PrefillPacer | None,
+    streams: int = 64,
+    rounds: int = 4,
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    max_num_seqs: int | None = None,
 ):
     """Closed loop: ``streams`` clients, each sending its next request as soon as the last one finishes, for
     ``rounds`` rounds (one round: the serving benchmark's levels). Returns (inter-token gaps in s, time to
     first token per request in s, simulated seconds, requests served)."""
     bs = 16
     alloc = BlockAllocator(streams * 20, caching=False)
-    sched = Scheduler(alloc, bs, max_num_seqs=streams, max_num_batched_tokens=2048)
+    sched = Scheduler(alloc, bs, max_num_seqs=max_num_seqs or streams, max_num_batched_tokens=2048)
     now, served, gaps, ttft = 0.0, 0, [], []
     issued = dict.fromkeys(range(streams), 0)
     last_token: dict[int, float] = {}
@@ -175,3 +180,12 @@ def test_a_burst_ramps_up_at_the_full_budget():
     finally:
         pacing.RAMP_RATIO = ramp_ratio
     assert eager_s > 1.4 * unpaced_s
+
+
+def test_a_queue_behind_a_full_batch_is_paced_not_ramped():
+    """128 clients on a 64-sequence batch: once the batch is full, the queue can only fill the slots that
+    finishing sequences free, so it is no ramp-up and those admissions are paced too."""
+    gaps, _, _, served = simulate(PrefillPacer(max_stall=1.8), streams=128, rounds=2, max_num_seqs=64)
+    unpaced, _, _, _ = simulate(None, streams=128, rounds=2, max_num_seqs=64)
+    assert served == 256
+    assert p99(gaps) / statistics.median(gaps) <= 2.0 < p99(unpaced) / statistics.median(unpaced)
