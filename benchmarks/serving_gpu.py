@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     log(f"card {card}, torch {torch.__version__}, {config.num_hidden_layers} layers, out {out}")
     res: dict = {"card": card, "layers": config.num_hidden_layers, "levels": {}, "max_tokens": max_tokens}
+    res["serve_args"] = serve_extra  # beside each server's own --max-num-seqs / --max-queue
     rng = random.Random(0)
     ckpt = out / "checkpoint"
     t_all = time.perf_counter()
