@@ -180,6 +180,12 @@ PREEMPTIONS = _m(
     "Running sequences preempted because the KV pool ran dry (their blocks freed, recomputed later).",
     "counter",
 )
+PACED_STEPS = _m(
+    "moe_paced_steps_total",
+    "Engine steps that held prompt tokens back so as not to stall the running decodes (--max-decode-stall); "
+    "a high rate beside a growing time to first token says the bound, not the GPU, delays new requests.",
+    "counter",
+)
 PREFIX_CACHE_QUERIES = _m(
     "moe_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at admission.", "counter"
 )
@@ -257,6 +263,7 @@ METRICS: tuple[MetricDef, ...] = (
     KV_CACHE_USAGE,
     KV_CACHE_BLOCKS,
     PREEMPTIONS,
+    PACED_STEPS,
     PREFIX_CACHE_QUERIES,
     PREFIX_CACHE_HITS,
     PADDING_RATIO,

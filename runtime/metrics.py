@@ -108,6 +108,7 @@ class ServiceMetrics:
         self.kv_usage = m[c.KV_CACHE_USAGE.name]
         self.kv_blocks = m[c.KV_CACHE_BLOCKS.name]
         self.preemptions = m[c.PREEMPTIONS.name]
+        self.paced_steps = m[c.PACED_STEPS.name]
         self.prefix_cache_queries = m[c.PREFIX_CACHE_QUERIES.name]
         self.prefix_cache_hits = m[c.PREFIX_CACHE_HITS.name]
         self.padding_ratio = m[c.PADDING_RATIO.name]

@@ -240,7 +240,7 @@ class Engine:
         started = time.perf_counter()
         with self._lock:
             batch = self.scheduler.schedule(self.pacer)
-        self.stats.scheduled(len(batch.preempted), batch.cache_queries, batch.cache_hits)
+        self.stats.scheduled(len(batch.preempted), batch.cache_queries, batch.cache_hits, batch.paced)
         for group in batch.prefill_groups:
             sampled = self.runner.prefill(group)
             resumed = [(s, t) for s, t in sampled if s.first_token_at is not None]  # preempted earlier

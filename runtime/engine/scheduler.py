@@ -95,6 +95,7 @@ class ScheduledStep:
     preempted: list[Sequence] = field(default_factory=list)
     cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
     cache_hits: int = 0  # of which found cached
+    paced: bool = False  # the pacer's cap, not the token budget, left prompt tokens for later steps
 
     @property
     def num_tokens(self) -> int:
@@ -128,8 +129,9 @@ class Scheduler:
         # batch has room for (a queue behind a full batch is not a ramp-up)
         starting = len(self.running) - decoding + min(len(self.waiting), self.max_num_seqs - len(self.running))
         cap = pacer.prompt_budget(decoding, starting) if pacer is not None else None
-        if cap is not None:
-            budget = min(budget, cap)
+        capped = cap is not None and cap < budget
+        if capped:
+            budget = cap
         chunks: list[PrefillChunk] = []
         i = 0
         while i < len(self.running):
@@ -156,11 +158,23 @@ class Scheduler:
             i += 1
         if not step.preempted:  # the pool is tight when something was preempted: admit nobody this step
             budget = self._admit(budget, chunks, step)
+        step.paced = capped and budget == 0 and self._prompts_left(chunks)
         for c in chunks:
             c.seq.num_computed += c.length
             c.seq.blocks.seal(c.seq.token_ids, c.seq.num_computed)
         step.prefill_groups = group_by_length(chunks)
         return step
+
+    def _prompts_left(self, chunks: list[PrefillChunk]) -> bool:
+        """Prompt tokens this step could have taken beyond ``chunks`` (before they count as computed): a
+        chunk that does not finish its prompt, a partly prefilled sequence left without a chunk, or a waiting
+        sequence with room in the batch."""
+        if any(c.seq.num_computed + c.length < c.seq.prefill_len for c in chunks):
+            return True
+        chunked = {c.seq for c in chunks}
+        if any(not s.prefilled and s not in chunked for s in self.running):
+            return True
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs
 
     def _admit(self, budget: int, chunks: list[PrefillChunk], step: ScheduledStep) -> int:
         bs, alloc = self.block_size, self.allocator

@@ -35,13 +35,16 @@ class EngineStats:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(prompt_tokens)
 
-    def scheduled(self, preempted: int, cache_queries: int, cache_hits: int) -> None:
-        """A step's preemptions and its admissions' prefix-cache lookups (in tokens)."""
+    def scheduled(self, preempted: int, cache_queries: int, cache_hits: int, paced: bool = False) -> None:
+        """A step's preemptions, its admissions' prefix-cache lookups (in tokens), and whether the decode-stall
+        bound held prompt tokens back."""
         m = self.metrics
         if m is None:
             return
         if preempted:
             m.preemptions.inc(preempted)
+        if paced:
+            m.paced_steps.inc()
         if cache_queries:
             m.prefix_cache_queries.inc(cache_queries)
             m.prefix_cache_hits.inc(cache_hits)

@@ -197,6 +197,45 @@ def test_the_engine_paces_prompts_from_its_own_step_times(tiny):
     assert pacer.token_s is not None and pacer.token_s > 0
 
 
+def test_steps_the_pacer_cuts_short_are_counted(tiny):
+    """A pacer that allows 8 prompt tokens beside decodes: the long prompt's chunks shrink to 8, each such
+    step counts in moe_paced_steps_total, and the tokens are still everyone's alone tokens."""
+    from runtime.engine.pacing import PrefillPacer
+    from runtime.metrics import ServiceMetrics
+
+    class EightTokens(PrefillPacer):
+        def prompt_budget(self, decoding: int, starting: int = 0) -> int | None:
+            return 8 if decoding else None
+
+    model, tok = tiny
+    short, long = [prompt(i, 6) for i in range(2)], prompt(9, 50)
+    alone = run(make_engine(model, tok, max_decode_stall=None), [*short, long], [12, 12, 3])
+    m = ServiceMetrics()
+    engine = make_engine(model, tok, m)
+    engine.pacer = EightTokens(max_stall=2.0)
+    from runtime.engine import Sequence
+    from runtime.sampling import SamplingParams
+
+    out: list[list[int]] = [[], [], []]
+    got = [
+        Sequence(
+            f"p{i}", p, SamplingParams(max_new_tokens=n, ignore_eos=True), lambda ev, i=i: out[i].extend(ev.token_ids)
+        )
+        for i, (p, n) in enumerate(zip([*short, long], [12, 12, 3], strict=True))
+    ]
+    engine.submit(got[:2])
+    engine.step()  # the two short prompts, nothing decoding yet: no cap
+    engine.submit(got[2:])
+    grew = []
+    while any(s.finish_reason is None for s in got):
+        before = got[2].num_computed
+        engine.step()
+        grew.append(got[2].num_computed - before)
+    assert max(grew) == 8 and sum(grew) == 50
+    assert m.paced_steps._value.get() == 50 // 8  # the last chunk of 2 fits: not held back
+    assert out == alone
+
+
 # ---- prefix caching -------------------------------------------------------------------------------
 def _first_logits(engine, p):
     """Logits of the prefill that completes prompt ``p`` (recorded at the sampler)."""

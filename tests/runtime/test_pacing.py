@@ -98,7 +98,8 @@ def simulate(
 ):
     """Closed loop: ``streams`` clients, each sending its next request as soon as the last one finishes, for
     ``rounds`` rounds (one round: the serving benchmark's levels). Returns (inter-token gaps in s, time to
-    first token per request in s, simulated seconds, requests served)."""
+    first token per request in s, simulated seconds, requests served); ``simulate.paced`` counts the steps
+    the pacer held prompt tokens back in."""
     bs = 16
     alloc = BlockAllocator(streams * 20, caching=False)
     sched = Scheduler(alloc, bs, max_num_seqs=max_num_seqs or streams, max_num_batched_tokens=2048)
@@ -116,8 +117,10 @@ def simulate(
 
     for c in range(streams):
         send(c)
+    simulate.paced = 0
     while sched.waiting or sched.running:
         step = sched.schedule(pacer)
+        simulate.paced += step.paced
         chunks = [c for g in step.prefill_groups for c in g]
         prompt_tokens = sum(c.length for c in chunks)
         seconds = step_seconds(len(step.decode), prompt_tokens)
@@ -155,7 +158,9 @@ def test_paced_steps_keep_the_inter_token_p99_within_twice_its_p50():
     gaps, _, unpaced_s, unpaced_n = simulate(None)
     unpaced_ratio = p99(gaps) / statistics.median(gaps)
     assert unpaced_ratio > 3.0  # the scenario stalls when nothing paces it
+    assert simulate.paced == 0
     gaps, ttft, paced_s, paced_n = simulate(PrefillPacer(max_stall=EngineConfig().max_decode_stall))
+    assert simulate.paced > 0  # what moe_paced_steps_total counts
     ratio = p99(gaps) / statistics.median(gaps)
     assert paced_n == unpaced_n == 64 * 4
     assert ratio <= 2.0, (ratio, unpaced_ratio)
