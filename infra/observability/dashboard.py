@@ -79,7 +79,9 @@ def panels(t: Thresholds) -> list[Panel]:
                     "queue fill {{pod}}",
                 ),
                 (f"max by (pod) ({c.PADDING_RATIO.name}{SEL})", "padding ratio {{pod}}"),
+                (f"sum by (pod) (rate({c.PACED_STEPS.name}{SEL}[{W}]))", "paced steps/s {{pod}}"),
             ),
+            description="Paced steps held prompt tokens back so as not to stall running decodes (--max-decode-stall).",
         ),
         Panel(
             "Rejections and errors",
