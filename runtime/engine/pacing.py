@@ -10,9 +10,9 @@ from a latency bound instead.
 profiled per card or model: a decode-only step's time per decode-batch bucket, and the extra time per
 prompt token. While sequences decode, a step's prompt tokens are capped so that the step should take at
 most ``max_stall`` × a decode-only step. With nothing decoding, prompts take the whole budget, and
-likewise while fewer than ``RAMP_RATIO`` sequences decode per sequence waiting to start (a burst ramping
-up): a stall costs each decoding stream a late token, holding prompts back costs each waiting one a late
-first token, and the bound protects the decoders only where they clearly outnumber the waiting.
+likewise while fewer than ``RAMP_RATIO`` sequences decode per sequence about to start (a burst ramping
+up): a stall costs each decoding stream a late token, holding prompts back costs each starting one a late
+first token, and the bound protects the decoders only where they clearly outnumber the starting.
 
 The per-token cost is a ratio of decayed sums (extra seconds over prompt tokens), which folds a forward's
 fixed cost into the tokens of the step that paid it. That is what makes the cap right: at a fixed cap
@@ -38,7 +38,7 @@ DECAY = 0.9
 DECODE_DECAY = 0.5
 #: a bucket's decode-only time is measured again after this many steps
 PROBE_EVERY = 64
-#: prompts are paced only while at least this many sequences decode per sequence waiting to start
+#: prompts are paced only while at least this many sequences decode per sequence about to start
 RAMP_RATIO = 2
 
 
@@ -77,8 +77,8 @@ class PrefillPacer:
 
     def prompt_budget(self, decoding: int, starting: int = 0) -> int | None:
         """The most prompt tokens a step with ``decoding`` decode rows should take, while ``starting``
-        sequences wait for their prompt (queued or partly prefilled): None for no cap (nothing decodes, a
-        ramp-up, or no step with prompt tokens was timed yet), 0 for a probe."""
+        sequences are about to start (partly prefilled, or queued with room in the batch): None for no cap
+        (nothing decodes, a ramp-up, or no step with prompt tokens was timed yet), 0 for a probe."""
         if decoding == 0 or starting * RAMP_RATIO > decoding:
             return None
         bucket = batch_bucket(decoding)
