@@ -441,6 +441,12 @@ def profile_decode(engine, batch: int, max_tokens: int, vocab: int, rng: random.
     return res
 
 
+def counter(url: str, name: str) -> float:
+    """A counter's value on the server's /metrics (its series summed)."""
+    text = httpx.get(url + c.METRICS_PATH, timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def copy_bandwidth(device: str) -> float:
     n = (1 << 30) if device == "cuda" else (64 << 20)
@@ -555,9 +561,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     prompts = [random_prompt(rng, PROMPT_LEN, vocab) for _ in range(n)]
                     procs = a.clients or client_procs(n, per_client, most_clients)
+                    paced0 = counter(url, c.PACED_STEPS.name)
                     cpu0 = thread_cpu_s(pid)  # the server idles while the clients start: the level's wall is
                     s = summarize(run_level(url, prompts, max_tokens, procs))  # from its first send
                     s.update(server_cpu(cpu0, thread_cpu_s(pid), s["wall_s"], s["tokens"]))
+                    s["paced_steps"] = counter(url, c.PACED_STEPS.name) - paced0
                     s["roofline_tok_s"] = roofline(n)
                     s["client_procs"] = procs
                     res["levels"][n] = s
@@ -567,10 +575,11 @@ def main(argv: list[str] | None = None) -> int:
                     res.setdefault("errors", {})[f"streams {n}"] = f"{type(exc).__name__}: {exc}"[:300]
             res["batch1_big_tok_s"] = batch1_rate(url, rng, vocab, max_tokens)
             metrics = httpx.get(url + c.METRICS_PATH, timeout=10).text
+            names = (c.PREEMPTIONS, c.PACED_STEPS, c.PREFIX_CACHE_QUERIES, c.PREFIX_CACHE_HITS, c.KV_CACHE_BLOCKS)
             res["server_metrics"] = {
                 line.split(" ")[0]: float(line.split(" ")[1])
                 for line in metrics.splitlines()
-                if line.startswith(("moe_num_preemptions_total", "moe_prefix_cache", "moe_kv_cache_blocks"))
+                if line.startswith(tuple(m.name for m in names))
             }
 
     section(f"server --max-num-seqs {big}", res, serve_big)
@@ -601,15 +610,16 @@ def report(res: dict, big: int, small: int) -> None:
           f"{res['max_tokens']} new tokens, greedy, streamed)")  # fmt: skip
     print(
         "| streams | clients | output tok/s | TTFT P50 ms | TTFT P99 ms | ITL P50 ms | ITL P99 ms | decode tok/s "
-        "| roofline | % | server cores (busiest thread) | server CPU µs/token |"
+        "| roofline | % | ITL P99/P50 | paced steps | server cores (busiest thread) | server CPU µs/token |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, s in res["levels"].items():
         print(
             f"| {n} | {s.get('client_procs', 1)} | {s['output_tok_s']:.0f} | "
             f"{s['ttft_p50_ms']:.0f} | {s['ttft_p99_ms']:.0f} | "
             f"{s['itl_p50_ms']:.1f} | {s['itl_p99_ms']:.1f} | {s['decode_tok_s']:.0f} | {s['roofline_tok_s']:.0f} | "
             f"{100 * s['decode_tok_s'] / s['roofline_tok_s']:.0f}% | "
+            f"{s['itl_p99_ms'] / s['itl_p50_ms']:.2f} | {s.get('paced_steps', math.nan):.0f} | "
             f"{s.get('server_cores', math.nan):.2f} ({s.get('server_busiest_thread_cores', math.nan):.2f}) | "
             f"{s.get('server_cpu_us_per_token', math.nan):.0f} |"
         )
