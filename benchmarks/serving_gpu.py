@@ -441,10 +441,19 @@ def profile_decode(engine, batch: int, max_tokens: int, vocab: int, rng: random.
     return res
 
 
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The server's /metrics samples of these metrics, by series (name and labels)."""
+    text = httpx.get(url + c.METRICS_PATH, timeout=10).text
+    return {
+        series: float(value)
+        for series, _, value in (line.rpartition(" ") for line in text.splitlines())
+        if series.startswith(names)
+    }
+
+
 def counter(url: str, name: str) -> float:
     """A counter's value on the server's /metrics (its series summed)."""
-    text = httpx.get(url + c.METRICS_PATH, timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return sum(scrape(url, (name + "{",)).values())
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -574,13 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
                     res.setdefault("errors", {})[f"streams {n}"] = f"{type(exc).__name__}: {exc}"[:300]
             res["batch1_big_tok_s"] = batch1_rate(url, rng, vocab, max_tokens)
-            metrics = httpx.get(url + c.METRICS_PATH, timeout=10).text
             names = (c.PREEMPTIONS, c.PACED_STEPS, c.PREFIX_CACHE_QUERIES, c.PREFIX_CACHE_HITS, c.KV_CACHE_BLOCKS)
-            res["server_metrics"] = {
-                line.split(" ")[0]: float(line.split(" ")[1])
-                for line in metrics.splitlines()
-                if line.startswith(tuple(m.name for m in names))
-            }
+            res["server_metrics"] = scrape(url, tuple(m.name for m in names))
 
     section(f"server --max-num-seqs {big}", res, serve_big)
 
