@@ -7,18 +7,22 @@ when the server is busiest. Stall-free batching (Sarathi-Serve's term) sizes the
 from a latency bound instead.
 
 :class:`PrefillPacer` learns both terms from the engine's own step times, online, so nothing is
-profiled per card or model: a decode-only step's time per decode-batch bucket, and the extra time per
-prompt token. While sequences decode, a step's prompt tokens are capped so that the step should take at
+profiled per card or model: a decode-only step's time per decode-batch bucket, and what a step's prompt
+tokens add to it. While sequences decode, a step's prompt tokens are capped so that the step should take at
 most ``max_stall`` × a decode-only step. With nothing decoding, prompts take the whole budget, and
 likewise while fewer than ``RAMP_RATIO`` sequences decode per sequence about to start (a burst ramping
 up): a stall costs each decoding stream a late token, holding prompts back costs each starting one a late
 first token, and the bound protects the decoders only where they clearly outnumber the starting.
 
-The per-token cost is a ratio of decayed sums (extra seconds over prompt tokens), which folds a forward's
-fixed cost into the tokens of the step that paid it. That is what makes the cap right: at a fixed cap
-``p``, the measured cost is ``(o + c·p) / p`` and the next cap ``A·p / (o + c·p)``, whose fixed point is
-``o + c·p = A`` (the allowed extra time ``A`` spent exactly), reached geometrically since ``o < A``. When a
-forward's fixed cost alone exceeds ``A``, the cap settles at ``min_tokens``: prompts still progress.
+The prompt part's cost is a line, a forward's fixed cost plus a cost per prompt token, fitted through the
+mean extra time of steps in each power-of-two class of prompt tokens (each class keeps its last means, so
+what small steps cost is remembered while only large ones run). With one class seen, the fixed cost is
+folded into the tokens (their ratio), whose fixed point under a repeated cap ``p`` is where the allowed
+extra time ``A`` is spent exactly; a second class gives the line, and the cap ``(A - fixed) / per_token``.
+When the fixed cost alone exceeds ``A`` no cap can keep the bound: every step with prompt tokens stalls
+the decodes whatever its size, so the pacer leaves prompts the whole budget (the fewest such steps, at the
+lowest cost per token) instead of cutting them into many small forwards that each pay the fixed cost. On
+a GPU where a prefill forward is launch-bound this is the common case, and pacing turns itself off.
 
 Under heavy load nearly every step carries prompt tokens, so a batch size's decode-only time would never
 be seen. When its bucket has no measurement, or one older than ``PROBE_EVERY`` steps, the next step takes
@@ -32,8 +36,8 @@ from dataclasses import dataclass, field
 
 #: prompts always get at least this many tokens a step (never starved by a tight latency bound)
 MIN_PROMPT_TOKENS = 64
-#: weight of the past in the decayed prompt-cost sums (about the last 10 steps with prompts count)
-DECAY = 0.9
+#: weight of the past in a prompt-token class's mean extra time and tokens
+COST_DECAY = 0.5
 #: weight of the past in a bucket's decode-only time (probes are rare under load: each counts for half)
 DECODE_DECAY = 0.5
 #: a bucket's decode-only time is measured again after this many steps
@@ -57,8 +61,8 @@ class PrefillPacer:
     decode_s: dict[int, float] = field(default_factory=dict)  # decode-only step seconds per batch bucket
     measured_at: dict[int, int] = field(default_factory=dict)  # the step that last measured each bucket
     steps: int = 0
-    _extra_s: float = 0.0  # decayed sum of seconds beyond the decode part of steps with prompt tokens
-    _prompt_tokens: float = 0.0  # decayed sum of their prompt tokens
+    # per power-of-two class of prompt tokens: decayed mean (prompt tokens, seconds beyond the decode part)
+    prompt_cost: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.max_stall > 1:
@@ -66,10 +70,29 @@ class PrefillPacer:
         if self.min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {self.min_tokens}")
 
+    def cost_model(self) -> tuple[float, float] | None:
+        """(fixed seconds per prefill forward, seconds per prompt token) of a step's prompt part: the
+        least-squares line through the classes' means; with one class (or a line that does not rise with
+        tokens) the fixed cost is folded into the tokens. None before any step with prompt tokens."""
+        points = list(self.prompt_cost.values())
+        if not points:
+            return None
+        ratio = (0.0, sum(y for _, y in points) / sum(n for n, _ in points))
+        if len(points) < 2:
+            return ratio
+        n_mean = sum(n for n, _ in points) / len(points)
+        y_mean = sum(y for _, y in points) / len(points)
+        var = sum((n - n_mean) ** 2 for n, _ in points)
+        slope = sum((n - n_mean) * (y - y_mean) for n, y in points) / var
+        if slope <= 0:
+            return ratio
+        return max(0.0, y_mean - slope * n_mean), slope
+
     @property
     def token_s(self) -> float | None:
         """Learned extra seconds per prompt token (None until a step with prompt tokens was seen)."""
-        return self._extra_s / self._prompt_tokens if self._prompt_tokens else None
+        model = self.cost_model()
+        return model[1] if model else None
 
     def decode_step_s(self, batch: int) -> float | None:
         """A decode-only step's learned seconds at this batch (its bucket's); None when not measured."""
@@ -78,16 +101,24 @@ class PrefillPacer:
     def prompt_budget(self, decoding: int, starting: int = 0) -> int | None:
         """The most prompt tokens a step with ``decoding`` decode rows should take, while ``starting``
         sequences are about to start (partly prefilled, or queued with room in the batch): None for no cap
-        (nothing decodes, a ramp-up, or no step with prompt tokens was timed yet), 0 for a probe."""
+        (nothing decodes, a ramp-up, no step with prompt tokens timed yet, or a fixed cost above the bound),
+        0 for a probe."""
         if decoding == 0 or starting * RAMP_RATIO > decoding:
             return None
         bucket = batch_bucket(decoding)
-        if self.steps - self.measured_at.get(bucket, -PROBE_EVERY - 1) > PROBE_EVERY:
+        decode_s = self.decode_s.get(bucket)
+        if decode_s is None:
             return 0
-        token_s = self.token_s
-        if not token_s:
+        model = self.cost_model()
+        if model is None:
             return None
-        return max(self.min_tokens, int((self.max_stall - 1.0) * self.decode_s[bucket] / token_s))
+        fixed, token_s = model
+        allowed = (self.max_stall - 1.0) * decode_s
+        if fixed + token_s * self.min_tokens > allowed:  # no cap keeps the bound: the fewest stalls instead
+            return None
+        if self.steps - self.measured_at[bucket] > PROBE_EVERY:
+            return 0
+        return max(self.min_tokens, int((allowed - fixed) / token_s))
 
     def observe(self, seconds: float, decoding: int, prompt_tokens: int) -> None:
         """One finished step: ``seconds`` of wall time, ``decoding`` decode rows, ``prompt_tokens``
@@ -101,5 +132,10 @@ class PrefillPacer:
                 self.measured_at[bucket] = self.steps
             return
         base = (self.decode_step_s(decoding) or 0.0) if decoding else 0.0
-        self._extra_s = DECAY * self._extra_s + max(0.0, seconds - base)
-        self._prompt_tokens = DECAY * self._prompt_tokens + prompt_tokens
+        extra = max(0.0, seconds - base)
+        cls = batch_bucket(prompt_tokens)
+        old = self.prompt_cost.get(cls)
+        if old is not None:
+            prompt_tokens = COST_DECAY * old[0] + (1 - COST_DECAY) * prompt_tokens
+            extra = COST_DECAY * old[1] + (1 - COST_DECAY) * extra
+        self.prompt_cost[cls] = (prompt_tokens, extra)
