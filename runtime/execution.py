@@ -228,8 +228,9 @@ def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
 
 # FP8 experts: every decode step, and prefill steps up to this many tokens, run the routed experts as the FP8
 # decode kernel, which reads FP8 weights and needs no host sync (so a decode batch of any size can be captured
-# in a CUDA graph); longer prefill steps run one FP8 GEMM per active expert, which reads the routing on the
-# host. The sorted-dispatch paths would have to dequantize the whole expert stack for the step.
+# in a CUDA graph). Longer prefill steps run the grouped GEMM over the stacks dequantized to bf16 for the step
+# where it runs (Hopper): the dequantization reads each expert once, where one FP8 GEMM per active expert cost
+# thousands of launches (12x bf16's time for 8 x 512 tokens on an H100); elsewhere that per-expert loop.
 FP8_FUSED_MAX_TOKENS = 256
 
 
@@ -239,7 +240,9 @@ def moe_dispatch_fp8(dispatch: MoEImpl, x: torch.Tensor, decode: bool = False) -
     FP8_FUSED_MAX_TOKENS, and its graph must not read the routing on the host)."""
     if dispatch is MoEImpl.FUSED or not triton_usable(x):
         return dispatch
-    return MoEImpl.FUSED if decode or x.shape[0] <= FP8_FUSED_MAX_TOKENS else MoEImpl.LOOP
+    if decode or x.shape[0] <= FP8_FUSED_MAX_TOKENS:
+        return MoEImpl.FUSED
+    return MoEImpl.GROUPED if grouped_mm_supported(x.device, x.dtype) else MoEImpl.LOOP
 
 
 # ---- compiled regions --------------------------------------------------------------------------------

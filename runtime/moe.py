@@ -276,7 +276,8 @@ class MoE(nn.Module):
         """``LOOP``: one GEMM pair per active expert over its slice of the sorted pairs. It reads the slice
         sizes on the host, so it always runs eagerly: traced by dynamo, the loop is unrolled over the active
         experts and specialised on their counts, and each new routing of a long prefill (the FP8 experts'
-        path above FP8_FUSED_MAX_TOKENS, in compiled regions too) would compile a graph of 2 × E kernels."""
+        path above FP8_FUSED_MAX_TOKENS where the grouped GEMM does not run, in compiled regions too) would
+        compile a graph of 2 × E kernels."""
         out = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(torch.diff(offs, prepend=offs.new_zeros(1)).tolist()):

@@ -40,7 +40,8 @@ def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     """runtime.execution's rules: no Triton → the dequantizing reference; FP8 tensor cores (sm89 / sm90) →
     FP8 GEMM from FP8_GEMM_MIN_TOKENS tokens, weight-only below; no FP8 tensor cores (sm80) → weight-only.
     FP8 experts: the decode kernel for every decode step and up to FP8_FUSED_MAX_TOKENS prefill tokens, a
-    per-expert FP8 loop above; the given path where Triton does not run."""
+    grouped GEMM over dequantized stacks above where it runs (Hopper), else a per-expert FP8 loop; the given
+    path where Triton does not run."""
     import torch
 
     from runtime import execution as ex
@@ -59,6 +60,9 @@ def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     m = ex.FP8_FUSED_MAX_TOKENS
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m, 8)) is ex.MoEImpl.FUSED
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m + 1, 8)) is ex.MoEImpl.LOOP
+    monkeypatch.setattr(ex, "grouped_mm_supported", lambda device, dtype: True)
+    assert ex.moe_dispatch_fp8(ex.MoEImpl.AUTO, torch.zeros(m + 1, 8)) is ex.MoEImpl.GROUPED
+    monkeypatch.setattr(ex, "grouped_mm_supported", lambda device, dtype: False)
     # a decode step of any batch (--max-num-seqs 512 is captured too) never reads the routing on the host
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(2 * m, 8), decode=True) is ex.MoEImpl.FUSED
     from runtime.kv_cache import AttentionMetadata
@@ -131,3 +135,31 @@ def test_fp8_custom_ops_trace() -> None:
     w2, s2 = quantize(torch.randn(4, 136, 128))
     ids, wts = torch.tensor([[0, 3], [1, 2], [3, 1]]), torch.rand(3, 2)
     torch.library.opcheck(k8.moe_decode_fp8, (x, ids, wts, w13, s13, w2, s2, 0, 4), test_utils=utils)
+
+
+def test_long_fp8_prefill_grouped_over_dequantized_stacks_equals_the_expert_loop() -> None:
+    """Above FP8_FUSED_MAX_TOKENS on Hopper the FP8 experts run the grouped GEMM over their stacks
+    dequantized for the step, in place of one FP8 GEMM pair per active expert: the same products (here, on
+    the CPU, both read the dequantized weights in fp32)."""
+    import torch
+
+    from runtime.config import ModelConfig
+    from runtime.execution import MoEImpl
+    from runtime.moe import MoE
+    from runtime.quant.fp8 import quantize
+    from runtime.tiny import tiny_config
+    from tests.runtime.test_fp8 import ALIGNED
+
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig.from_dict(tiny_config("v2") | ALIGNED))
+    moe.use_fp8((128, 128))
+    for stack, scales in ((moe.w13, moe.w13_scale), (moe.w2, moe.w2_scale)):
+        q, s = quantize(torch.randn(stack.shape) * 0.05)
+        stack.copy_(q)
+        scales.copy_(s)
+    T, k, E = 300, moe.top_k, moe.n_experts
+    x, w = torch.randn(T, moe.w13.shape[-1]), torch.rand(T, k)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    grouped, loop = (moe.routed(x, ids, w, impl) for impl in (MoEImpl.GROUPED, MoEImpl.LOOP))
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+    assert grouped.abs().mean() > 1e-3  # not two zero tensors
