@@ -140,6 +140,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-prefix-caching", action="store_true", help="do not share cached KV blocks of equal prompt prefixes"
     )
+    p.add_argument(
+        "--no-mixed-steps",
+        action="store_true",
+        help="prefill prompt chunks in a forward of their own, then decode (default: one forward for both)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run decode eagerly")
     p.add_argument("--no-overlap", action="store_true", help="read each decode step's tokens before launching the next")
@@ -314,6 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_num_batched_tokens=args.max_num_batched_tokens,
             prefix_caching=not args.no_prefix_caching,
+            mixed_steps=not args.no_mixed_steps,
             max_decode_stall=args.max_decode_stall,
             max_model_len=args.max_model_len,
             cuda_graphs=not args.no_cuda_graphs,

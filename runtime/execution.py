@@ -110,6 +110,8 @@ class AttentionPath(Enum):
     PAGED = "paged"  # absorbed decode, the kernel reading the paged cache
     GATHERED = "gathered"  # absorbed decode over a gathered copy of the cache and an additive mask
     EXPANDED = "expanded"  # decode through kv_b_proj (``absorb=False``)
+    MIXED = "mixed"  # a mixed step: decode rows through the paged kernel, prompt chunks as PREFILL
+    MIXED_GATHERED = "mixed_gathered"  # the same, decode rows over a gathered cache (no Triton)
 
     @property
     def needs_bias(self) -> bool:
@@ -133,7 +135,10 @@ def plan_step(
 ) -> StepPlan:
     """The kernels for a step whose hidden states are ``x`` [T, H] (decided outside compiled code);
     ``fp8_experts``: the model's expert stacks are FP8 (:func:`moe_dispatch_fp8`)."""
-    if not meta.is_decode:
+    if meta.num_decode:
+        paged = paged_attention(options.attention_decode, x)
+        attention = AttentionPath.MIXED if paged else AttentionPath.MIXED_GATHERED
+    elif not meta.is_decode:
         attention = AttentionPath.PREFILL
     elif not options.absorb:
         attention = AttentionPath.EXPANDED

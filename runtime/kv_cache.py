@@ -244,7 +244,9 @@ class AttentionMetadata:
 
     Tokens are packed: sequence i owns ``query_lens[i]`` consecutive rows of ``input_ids``.
     ``query_lens is None`` marks a decode step: one token per sequence, all tensors of fixed shape
-    (``[B]`` and ``[B, max_blocks]``) so the step can be captured in a CUDA graph.
+    (``[B]`` and ``[B, max_blocks]``) so the step can be captured in a CUDA graph. A mixed step
+    (``num_decode > 0``) is packed too: its first ``num_decode`` sequences decode one token each, the rest
+    are prompt chunks, and attention runs each part its own way (:meth:`split`).
     """
 
     context_lens: torch.Tensor  # [B] tokens of each sequence in the cache after this step
@@ -252,12 +254,33 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each new token
     query_lens: list[int] | None = None  # prefill only
     context_lens_cpu: list[int] | None = None  # prefill only (drives a per-sequence loop)
+    num_decode: int = 0  # a mixed step: its first sequences each decode one token
 
     _padded: torch.Tensor | None = field(default=None, repr=False)
+    _parts: tuple[AttentionMetadata, AttentionMetadata] | None = field(default=None, repr=False)
 
     @property
     def is_decode(self) -> bool:
         return self.query_lens is None
+
+    def split(self) -> tuple[AttentionMetadata, AttentionMetadata]:
+        """A mixed step's decode rows and its prompt chunks as metadata of their own (built once a step,
+        then shared by every layer)."""
+        if self._parts is None:
+            n = self.num_decode
+            tables, slots = self.block_tables, self.slot_mapping
+            decode = AttentionMetadata(
+                context_lens=self.context_lens[:n], block_tables=tables[:n], slot_mapping=slots[:n]
+            )
+            prompts = AttentionMetadata(
+                context_lens=self.context_lens[n:],
+                block_tables=tables[n:],
+                slot_mapping=slots[n:],
+                query_lens=self.query_lens[n:],
+                context_lens_cpu=self.context_lens_cpu[n:],
+            )
+            self._parts = decode, prompts
+        return self._parts
 
     def padded_index(self) -> torch.Tensor | None:
         """For a prefill of several fresh sequences whose lengths are close (≥ 75% of a right-padded
@@ -289,11 +312,16 @@ def prefill_metadata(
     block_tables: Sequence[Sequence[int]] | None,
     slots: Sequence[int] | None,
     device: torch.device | str = "cpu",
+    num_decode: int = 0,
 ) -> AttentionMetadata:
     """Metadata for packed prefill (``context_lens[i] > query_lens[i]`` means a cached prefix).
 
-    With ``block_tables=None`` the forward runs without a cache (scoring only, fresh sequences)."""
+    With ``block_tables=None`` the forward runs without a cache (scoring only, fresh sequences).
+    ``num_decode``: the first sequences are decode rows of a mixed step (query length 1 each)."""
+    if any(q != 1 for q in query_lens[:num_decode]):
+        raise ValueError(f"a mixed step's {num_decode} decode rows must have query length 1: {query_lens[:num_decode]}")
     return AttentionMetadata(
+        num_decode=num_decode,
         context_lens=torch.tensor(list(context_lens), dtype=torch.int64, device=device),
         block_tables=None if block_tables is None else _pad_tables(block_tables, None, device),
         slot_mapping=None if slots is None else torch.tensor(list(slots), dtype=torch.int64, device=device),

@@ -300,6 +300,8 @@ class MLAttention(nn.Module):
             out = self.decode_gathered(q_nope, q_pe, self.gather(cache, meta.block_tables), bias)
         elif path is AttentionPath.EXPANDED:
             out = self._decode_expanded(q_nope, q_pe, bias, meta, cache)
+        elif path in (AttentionPath.MIXED, AttentionPath.MIXED_GATHERED):
+            out = self._mixed(q_nope, q_pe, kv_new, meta, cache, paged=path is AttentionPath.MIXED)
         else:
             out = self._prefill(q_nope, q_pe, kv_new, meta, cache)
         return out.reshape(T, self.n_heads * self.v_dim)
@@ -334,6 +336,20 @@ class MLAttention(nn.Module):
     def _absorbed_output(self, o_lat) -> torch.Tensor:
         """Attention over the latent [B, nh, r] → per-head values [B, nh, dv] through W_UV."""
         return small_linear(o_lat.transpose(0, 1), self._absorbed_weights()[1]).transpose(0, 1)
+
+    def _mixed(self, q_nope, q_pe, kv_new, meta: AttentionMetadata, cache, paged: bool) -> torch.Tensor:
+        """A mixed step (the cache already written): its decode rows attend in the absorbed form, as a decode
+        step's would, its prompt chunks as a prefill's; the rest of the layer runs once over all rows, so a
+        step that admits prompts beside running decodes reads the weights once, not twice."""
+        n = meta.num_decode
+        decode, prompts = meta.split()
+        if paged:
+            head = self.decode_paged(q_nope[:n], q_pe[:n], cache, decode.block_tables, decode.context_lens)
+        else:
+            bias = decode_bias(decode, cache.shape[1], q_nope.dtype)
+            head = self.decode_gathered(q_nope[:n], q_pe[:n], self.gather(cache, decode.block_tables), bias)
+        tail = self._prefill(q_nope[n:], q_pe[n:], kv_new[n:], prompts, cache)
+        return torch.cat([head.to(tail.dtype), tail])
 
     # -- prefill and the expanded form ----------------------------------------------------------
     def _expand(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,9 @@ class EngineConfig:
     # with room for the steps' own noise; None: prompts fill the whole budget (more throughput in bursts)
     max_decode_stall: float | None = 1.8
     prefix_caching: bool = True  # share cached full blocks of equal prompt prefixes between requests
+    # a step with prompt chunks beside running decodes runs both in one forward (the weights read once);
+    # False: a prefill forward, then the (captured) decode step
+    mixed_steps: bool = True
     block_size: int = 16
     kv_blocks: int | None = None  # pool size; None: from memory (CUDA) or enough for a full batch (CPU)
     kv_memory_fraction: float = 0.5  # of free device memory, when kv_blocks is None on CUDA

@@ -109,24 +109,26 @@ class Engine:
         """Generations and a scoring pass through the real step code, then clear what they left (expert load,
         cached prefixes). The readiness probe turns true only after this.
 
-        Besides a short prompt, one prompt spans a full step's token budget and then a chunk more: compiled
-        prefill regions see a long step (and its MoE dispatch) and a chunk attending to cached context here,
-        not on the first long request."""
+        Besides a short prompt, one prompt spans a full step's token budget and then a chunk more, submitted
+        together: compiled prefill regions see a long step (and its MoE dispatch), and a chunk attending to
+        cached context while the short one decodes (a mixed step) here, not on the first requests that
+        bring them."""
         long_len = min(
             self.max_num_batched_tokens + self.block_size + 1,
             self.max_model_len - new_tokens,
             self.allocator.capacity * self.block_size - new_tokens,
         )
-        for n in (prompt_len, long_len):
-            done = threading.Event()
-            seq = Sequence(
-                f"warm-up-{n}", [0] * n, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), warmup=True
-            )
-            seq.on_event = lambda ev, done=done: done.set() if ev.finish_reason else None
-            self.submit([seq])
-            if n == prompt_len:
-                self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
-            if not done.wait(timeout=600):
+        finished = threading.Semaphore(0)
+        seqs = [
+            Sequence(f"warm-up-{i}", [0] * n, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), warmup=True)
+            for i, n in enumerate((prompt_len, long_len))
+        ]
+        for seq in seqs:
+            seq.on_event = lambda ev: finished.release() if ev.finish_reason else None
+        self.submit(seqs)
+        self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
+        for _ in seqs:
+            if not finished.acquire(timeout=600):
                 raise RuntimeError("warm-up generation did not finish")
         with self._lock:
             self.model.reset_expert_load()
@@ -241,12 +243,16 @@ class Engine:
         with self._lock:
             batch = self.scheduler.schedule(self.pacer)
         self.stats.scheduled(len(batch.preempted), batch.cache_queries, batch.cache_hits, batch.paced)
-        for group in batch.prefill_groups:
-            sampled = self.runner.prefill(group)
-            resumed = [(s, t) for s, t in sampled if s.first_token_at is not None]  # preempted earlier
-            self.post.first_tokens([(s, t) for s, t in sampled if s.first_token_at is None], events)
-            self.post.accept(resumed, events)
-        if batch.decode or self.runner.inflight is not None:
+        groups, decoded = batch.prefill_groups, None
+        if self.cfg.mixed_steps and groups and batch.decode:  # the decodes ride along with the first group
+            sampled, decoded = self.runner.mixed(groups[0], batch.decode)
+            self._prefilled(sampled, events)
+            groups = groups[1:]
+        for group in groups:
+            self._prefilled(self.runner.prefill(group), events)
+        if decoded is not None:
+            self.post.accept(decoded, events)
+        elif batch.decode or self.runner.inflight is not None:
             self.post.accept(self.runner.decode(batch.decode), events)
         if self.pacer is not None:
             self.pacer.observe(time.perf_counter() - started, len(batch.decode), batch.num_tokens - len(batch.decode))
@@ -257,6 +263,12 @@ class Engine:
         self.stats.update_gauges(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.usage())
 
     # ---- pieces of a step -------------------------------------------------------------------
+    def _prefilled(self, sampled: list, events: Events) -> None:
+        """Tokens sampled at the end of prompts: first tokens, or the next of a sequence preempted earlier."""
+        resumed = [(s, t) for s, t in sampled if s.first_token_at is not None]
+        self.post.first_tokens([(s, t) for s, t in sampled if s.first_token_at is None], events)
+        self.post.accept(resumed, events)
+
     def _abort(self, ids: set[str], events: Events) -> None:
         if not ids:
             return

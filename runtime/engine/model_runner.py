@@ -115,6 +115,65 @@ class ModelRunner:
         seqs = [group[i].seq for i in done]
         return list(zip(seqs, self.sample_rows(rows, seqs), strict=True))
 
+    # ---- a step of both ---------------------------------------------------------------------
+    def mixed(
+        self, group: list[PrefillChunk], seqs: list[Sequence]
+    ) -> tuple[list[tuple[Sequence, Sampled]], list[tuple[Sequence, Sampled]]]:
+        """One forward for a step's decodes and one group of its prompt chunks → (the prompts' first tokens,
+        as :meth:`prefill` returns them; the decoded tokens, as :meth:`decode` returns them).
+
+        Run apart, a decode step and a prefill forward each read every weight: a mixed step then costs about
+        two decode steps, and with bursts of prompts that is most steps. In one forward the decode rows
+        share the prompt rows' weight reads, and only attention tells them apart (decode rows attend in the
+        absorbed form, :attr:`~runtime.kv_cache.AttentionMetadata.num_decode`). The decode rows run outside
+        the captured graphs; their input tokens may still come from the device, as in :meth:`decode`."""
+        pending, self.inflight = self.inflight, None
+        rows = {id(s): i for i, s in enumerate(pending.seqs)} if pending is not None else {}
+        seqs = [s for s in seqs if id(s) not in rows or len(s.output_ids) + 1 < s.params.max_new_tokens]
+        if not seqs:  # every decode row was the unread token's last: a plain prefill
+            self.inflight = pending
+            return self.prefill(group), self.decode([])
+        dev, n = self.device, len(seqs)
+        feed_rows = [rows.get(id(s), -1) for s in seqs]
+        toks = [0 if r >= 0 else s.output_ids[-1] for s, r in zip(seqs, feed_rows, strict=True)]
+        dec_slots = [s.blocks.append(1)[0] for s in seqs]
+        dec_ctx = [s.blocks.num_tokens for s in seqs]
+        qlens = [c.length for c in group]
+        ctx = [c.start + c.length for c in group]
+        slots = dec_slots + [slot for c in group for slot in c.seq.blocks.append(c.length)]
+        prompt_ids = [t for c in group for t in c.seq.token_ids[c.start : c.start + c.length]]
+        ids = torch.tensor(toks + prompt_ids, device=dev)
+        if pending is not None and max(feed_rows) >= 0:
+            head = fed_token_ids(ids[:n], torch.tensor(feed_rows, device=dev), pending.tokens)
+            ids = torch.cat([head, ids[n:]])
+        pos = torch.cat([torch.tensor(dec_ctx) - 1, *(torch.arange(c.start, c.start + c.length) for c in group)])
+        tables = [s.blocks.blocks for s in seqs] + [c.seq.blocks.blocks for c in group]
+        meta = prefill_metadata([1] * n + qlens, dec_ctx + ctx, tables, slots, device=dev, num_decode=n)
+        last = torch.cat([torch.arange(n), n + torch.tensor(qlens).cumsum(0) - 1]).to(dev)
+        logits = self.model(ids, pos.to(dev), meta, self.cache, logits_indices=last)
+        self.stats.prefill(sum(qlens), padded_slots(qlens, ctx))
+        self.stats.decode(n, n)
+        read: list[tuple[Sequence, Sampled]] = []
+        launched = None
+        try:
+            launched = self._sample_unread(logits[:n], seqs)
+        except RuntimeError:  # a row's sampling failed: settle this step now, row by row
+            if pending is not None:
+                read += self._read(pending)
+                pending = None
+            read += zip(seqs, self.sample_rows(logits[:n], seqs), strict=True)
+        if pending is not None:
+            read += self._read(pending)
+        if launched is not None and not self.overlap:
+            read += self._read(launched)
+            launched = None
+        self.inflight = launched
+        done = [i for i, c in enumerate(group) if c.seq.prefilled]
+        if not done:
+            return [], read
+        firsts = [group[i].seq for i in done]
+        return list(zip(firsts, self.sample_rows(logits[n:][done], firsts), strict=True)), read
+
     # ---- decode -----------------------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
         """Launch one decode step for ``seqs``, then read the tokens of the step launched before it (with

@@ -95,7 +95,12 @@ def _pack(ids, pos, meta: AttentionMetadata, logits_indices) -> tuple[dict[str, 
     }
     shapes = {k: None if t is None else tuple(t.shape) for k, t in parts.items()}
     flat = torch.cat([t.reshape(-1).to(torch.int64) for t in parts.values() if t is not None])
-    spec = {"shapes": shapes, "query_lens": meta.query_lens, "context_lens_cpu": meta.context_lens_cpu}
+    spec = {
+        "shapes": shapes,
+        "query_lens": meta.query_lens,
+        "context_lens_cpu": meta.context_lens_cpu,
+        "num_decode": meta.num_decode,
+    }
     return spec, flat
 
 
@@ -115,6 +120,7 @@ def _unpack(spec: dict[str, Any], flat: torch.Tensor):
         slot_mapping=out["slot_mapping"],
         query_lens=spec["query_lens"],
         context_lens_cpu=spec["context_lens_cpu"],
+        num_decode=spec["num_decode"],
     )
     return out["input_ids"], out["positions"], meta, out["logits_indices"]
 

@@ -42,6 +42,7 @@ class Settings:
     max_queue: int = 256
     max_num_batched_tokens: int | None = None  # None: the engine's default for the device
     prefix_caching: bool = True
+    mixed_steps: bool = True
     max_decode_stall: float | None = EngineConfig.max_decode_stall  # None: prompts fill the step's budget
     max_model_len: int | None = None
     block_size: int = 16
@@ -76,6 +77,7 @@ class Settings:
             max_queue=self.max_queue,
             max_num_batched_tokens=self.max_num_batched_tokens,
             prefix_caching=self.prefix_caching,
+            mixed_steps=self.mixed_steps,
             max_decode_stall=self.max_decode_stall,
             block_size=self.block_size,
             kv_blocks=self.kv_blocks,

@@ -137,16 +137,18 @@ def test_max_tokens_reserves_nothing_up_front(tiny):
 
 
 # ---- chunked prefill ------------------------------------------------------------------------------
-def test_chunked_prefill_mixed_with_decode_gives_each_sequence_its_alone_tokens(tiny):
+@pytest.mark.parametrize("mixed_steps", [True, False], ids=["one-forward", "two-forwards"])
+def test_chunked_prefill_mixed_with_decode_gives_each_sequence_its_alone_tokens(tiny, mixed_steps):
     """Budget 16 tokens per step: a 100-token prompt arriving while three sequences decode is prefilled
-    over several steps, each of which still decodes the three; everyone's tokens equal their alone run."""
+    over several steps, each of which still decodes the three; everyone's tokens equal their alone run.
+    By default such a step is one forward (decode rows and the prompt chunk together), else two."""
     model, tok = tiny
     short = [prompt(i, 5 + i) for i in range(3)]
     long = prompt(9, 100)
     alone = [run(make_engine(model, tok), [p], n)[0] for p, n in ((short[0], 40), (short[1], 40), (short[2], 40))]
     long_alone = run(make_engine(model, tok), [long], 8)[0]
 
-    engine = make_engine(model, tok, max_num_batched_tokens=16, max_num_seqs=8)
+    engine = make_engine(model, tok, max_num_batched_tokens=16, max_num_seqs=8, mixed_steps=mixed_steps)
     from runtime.engine import Sequence
     from runtime.sampling import SamplingParams
 
@@ -167,18 +169,94 @@ def test_chunked_prefill_mixed_with_decode_gives_each_sequence_its_alone_tokens(
         engine.step()
     long_seq = seq("long", long, 8)
     engine.submit([long_seq])
-    mixed = 0
-    while len(finished) < 4:
-        decoding = sum(s.prefilled for s in engine.scheduler.running if s is not long_seq)
-        computed, was_prefilled = long_seq.num_computed, long_seq.prefilled
-        engine.step()
-        grew = long_seq.num_computed - computed
-        if grew and not was_prefilled and decoding == 3:
-            mixed += 1
-            assert grew <= 16 - 3  # the decodes take their share of the budget first
+    mixed, forwards = 0, []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        while len(finished) < 4:
+            decoding = sum(s.prefilled for s in engine.scheduler.running if s is not long_seq)
+            computed, was_prefilled = long_seq.num_computed, long_seq.prefilled
+            forwards.clear()
+            engine.step()
+            grew = long_seq.num_computed - computed
+            if grew and not was_prefilled and decoding == 3:
+                mixed += 1
+                assert grew <= 16 - 3  # the decodes take their share of the budget first
+                assert len(forwards) == (1 if mixed_steps else 2)
+    finally:
+        hook.remove()
     assert mixed >= 100 // 13  # the prompt went in chunks, each step alongside the three decodes
     assert [out[f"s{i}"] for i in range(3)] == alone
     assert out["long"] == long_alone
+
+
+def test_a_mixed_forward_equals_a_decode_step_and_a_prefill_apart(tiny):
+    """One forward whose first rows decode (cached context) and whose rest is a fresh prompt and a prompt's
+    second chunk: the same logits (fp32, 1e-5) and the same cache contents as the decode step and the
+    prefill forward run apart."""
+    import torch
+
+    from runtime.kv_cache import PagedKVCache, decode_metadata, prefill_metadata
+
+    model, _ = tiny
+    bs = 16
+    cache = PagedKVCache(model.config, 64, bs)
+
+    def table(i: int, n: int) -> list[int]:
+        return list(range(1 + 8 * i, 1 + 8 * i - (-n // bs)))
+
+    def slots(tab: list[int], start: int, n: int) -> list[int]:
+        return [tab[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    ctx = [20, 33, 7, 18]  # three decoding sequences; the fourth's first 18 prompt tokens are cached
+    tabs = [table(i, n + 30) for i, n in enumerate(ctx)]
+    with torch.inference_mode():
+        ids = torch.tensor([t for i, n in enumerate(ctx) for t in prompt(i, n)])
+        meta = prefill_metadata(ctx, ctx, tabs, [x for i, n in enumerate(ctx) for x in slots(tabs[i], 0, n)])
+        model(ids, torch.cat([torch.arange(n) for n in ctx]), meta, cache)
+        before = cache.tensor.clone()
+        fresh, rest = prompt(8, 25), prompt(3, 40)[18:30]  # a new prompt; the 4th's next 12 tokens
+        tab5 = table(5, 25)
+        dec_slots = [slots(tabs[i], n, 1)[0] for i, n in enumerate(ctx[:3])]
+        pre_slots = slots(tab5, 0, 25) + slots(tabs[3], 18, 12)
+
+        dmeta = decode_metadata([n + 1 for n in ctx[:3]], tabs[:3], dec_slots)
+        apart = [model(torch.tensor([5, 6, 7]), dmeta.context_lens - 1, dmeta, cache)]
+        pmeta = prefill_metadata([25, 12], [25, 30], [tab5, tabs[3]], pre_slots)
+        pos = torch.cat([torch.arange(25), torch.arange(18, 30)])
+        apart.append(model(torch.tensor(fresh + rest), pos, pmeta, cache, logits_indices=torch.tensor([24, 36])))
+        after_apart = cache.tensor.clone()
+
+        cache.tensor.copy_(before)
+        mmeta = prefill_metadata(
+            [1, 1, 1, 25, 12], [21, 34, 8, 25, 30], [*tabs[:3], tab5, tabs[3]], dec_slots + pre_slots, num_decode=3
+        )
+        pos = torch.cat([torch.tensor(ctx[:3]), torch.arange(25), torch.arange(18, 30)])
+        ids = torch.tensor([5, 6, 7, *fresh, *rest])
+        together = model(ids, pos, mmeta, cache, logits_indices=torch.tensor([0, 1, 2, 27, 39]))
+    want = torch.cat(apart)
+    assert (together - want).abs().max() <= 1e-5 * want.abs().max()
+    torch.testing.assert_close(cache.tensor, after_apart, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="decode rows must have query length 1"):
+        prefill_metadata([2, 5], [9, 5], [[1], [2]], list(range(7)), num_decode=1)
+
+
+def test_warm_up_runs_a_long_step_a_cached_chunk_and_a_mixed_step(tiny):
+    """What serving will run is run once before readiness: a full-budget prefill, a chunk attending to
+    cached context, and a mixed forward (decode rows beside a prompt chunk); nothing is left behind."""
+    model, tok = tiny
+    engine = make_engine(model, tok, max_num_batched_tokens=64)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[2]))
+    engine.start()
+    try:
+        engine.warm_up()
+    finally:
+        hook.remove()
+        engine.stop()
+    prompt_rows = [sum(m.query_lens) for m in seen if not m.is_decode]
+    assert max(prompt_rows) >= 64 - 8  # the long prompt's first chunk: the budget less the short prompt
+    assert any(m.num_decode and m.context_lens_cpu[-1] > m.query_lens[-1] for m in seen)  # mixed, cached chunk
+    assert engine.allocator.usage() == 0.0 and engine.num_inflight() == 0
 
 
 def test_the_engine_paces_prompts_from_its_own_step_times(tiny):
