@@ -47,6 +47,10 @@ MOE_NUM_WARPS = 1
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
+# the tensor-core kernel over tiles of one expert's pairs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages),
+# the small tile while experts average at most 16 pairs (decode batches), the large one above (prefill)
+MOE_TILES_SMALL = (16, 64, 256, 4, 3)
+MOE_TILES_LARGE = (64, 128, 128, 4, 3)
 
 
 @functools.cache
@@ -305,6 +309,92 @@ if HAS_TRITON:
             part = _scaled_rows(h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
             tl.store(out_ptr + (p // top_k) * sot + (p % top_k) * sos + offs_n, wt * part, mask=n_mask)
 
+    @triton.jit
+    def _dequant_tile(w_rows, s_rows, offs_n, n_mask, k0, offs_k, k_mask, K, swn, ssn,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
+        """[BLOCK_N, BLOCK_K] of FP8 rows times their block scales (a K step spans BLOCK_K // 128 blocks)."""
+        GROUPS: tl.constexpr = BLOCK_K // 128
+        w = tl.load(w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        offs_g = k0 // 128 + tl.arange(0, GROUPS)
+        s = tl.load(
+            s_rows + (offs_n // 128)[:, None] * ssn + offs_g[None, :],
+            mask=n_mask[:, None] & (offs_g < tl.cdiv(K, 128))[None, :], other=0.0,
+        )  # fmt: skip
+        return tl.reshape(
+            tl.reshape(_decode_e4m3(w, NATIVE), [BLOCK_N, GROUPS, 128]) * s[:, :, None], [BLOCK_N, BLOCK_K]
+        )
+
+    @triton.jit
+    def _moe_up_fp8_tiles_kernel(
+        x_ptr, order_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k,
+        sx, swe, swn, sse, ssn, sh,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (tile of up to BLOCK_M pairs of one expert, block of intermediate rows): the gate and
+        up rows are dequantized once per K step and serve the tile's pairs through ``tl.dot``; silu(g)·u out."""
+        t = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + t)
+        if e < 0:
+            return
+        e = e.to(tl.int64)
+        offs_m = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < tl.load(bounds_ptr + e + 1)
+        p = tl.load(order_ptr + offs_m, mask=m_mask, other=0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < inter
+        w, s = w_ptr + e * swe, s_ptr + e * sse
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < H
+            a = tl.load(x_ptr + (p // top_k)[:, None] * sx + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)  # fmt: skip
+            g = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            u = _dequant_tile(w, s, offs_n + inter, n_mask, k0, offs_k, k_mask, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            if IEEE:
+                acc_g += tl.dot(a, tl.trans(g.to(a.dtype)), input_precision="ieee")
+                acc_u += tl.dot(a, tl.trans(u.to(a.dtype)), input_precision="ieee")
+            else:
+                acc_g += tl.dot(a, tl.trans(g.to(a.dtype)))
+                acc_u += tl.dot(a, tl.trans(u.to(a.dtype)))
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(h_ptr + p[:, None] * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
+
+    @triton.jit
+    def _moe_down_fp8_tiles_kernel(
+        h_ptr, order_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter,
+        top_k, sh, swe, swn, sse, ssn, sot, sos,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + t)
+        if e < 0:
+            return
+        e = e.to(tl.int64)
+        offs_m = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < tl.load(bounds_ptr + e + 1)
+        p = tl.load(order_ptr + offs_m, mask=m_mask, other=0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < H
+        w, s = w_ptr + e * swe, s_ptr + e * sse
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < inter
+            a = tl.load(h_ptr + p[:, None] * sh + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            d = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            if IEEE:
+                acc += tl.dot(a, tl.trans(d.to(a.dtype)), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(d.to(a.dtype)))
+        wt = tl.load(wts_ptr + p, mask=m_mask, other=0.0).to(tl.float32)
+        out = out_ptr + (p // top_k)[:, None] * sot + (p % top_k)[:, None] * sos + offs_n[None, :]
+        tl.store(out, acc * wt[:, None], mask=m_mask[:, None] & n_mask[None, :])
+
 
 # ---- activation quantization --------------------------------------------------------------------------
 
@@ -505,6 +595,45 @@ def _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset: 
     return out
 
 
+def expert_tiles(local: torch.Tensor, n_local: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """The pairs of expert ids ``local`` (already less ``expert_offset``; others' outside ``[0, n_local)``) cut
+    into tiles of at most ``block_m`` pairs of one expert, on the device (no host sync: a decode step stays
+    capturable) → (order: pair indices sorted by expert, bounds [n_local + 1]: each expert's slice of
+    ``order``, tile_expert: each tile's expert or -1, tile_row: its first row in ``order``). There are
+    ``cdiv(pairs, block_m) + n_local`` tiles, a bound on what any routing needs; the unused are -1."""
+    order = torch.argsort(local, stable=True)
+    bounds = torch.searchsorted(local[order], torch.arange(n_local + 1, device=local.device, dtype=local.dtype))
+    tiles = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m
+    ends = tiles.cumsum(0)
+    t = torch.arange(-(-local.numel() // block_m) + n_local, device=local.device)
+    tile_expert = torch.searchsorted(ends, t, right=True)
+    e = tile_expert.clamp(max=n_local - 1)
+    tile_row = bounds[e] + (t - (ends[e] - tiles[e])) * block_m
+    return order, bounds, torch.where(tile_expert < n_local, tile_expert, -1), tile_row
+
+
+def _moe_fp8_tiles(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, config=None) -> torch.Tensor:
+    T, H = x.shape
+    k = ids.shape[1]
+    inter = w2.shape[-1]
+    bm, bn, bk, warps, stages = config or (MOE_TILES_SMALL if T * k <= 16 * n_local else MOE_TILES_LARGE)
+    order, bounds, tile_expert, tile_row = expert_tiles(ids.reshape(-1) - expert_offset, n_local, bm)
+    tiles, ieee, native = tile_expert.numel(), x.dtype == torch.float32, native_fp8(x)
+    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs: never read
+    _moe_up_fp8_tiles_kernel[(tiles, triton.cdiv(inter, bn))](
+        x, order, tile_expert, tile_row, bounds, w13.view(torch.uint8), s13, h, H, inter, k,
+        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NATIVE=native, IEEE=ieee, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
+    _moe_down_fp8_tiles_kernel[(tiles, triton.cdiv(H, bn))](
+        h, order, tile_expert, tile_row, bounds, weights, w2.view(torch.uint8), s2, out, H, inter, k,
+        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NATIVE=native, IEEE=ieee, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
 def moe_decode_fp8_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
     """Each (token, expert) pair against its gathered, dequantized expert weights (runtime.kernels.moe_decode)."""
     e = (ids.reshape(-1) - expert_offset).clamp(0, n_local - 1).unique()
@@ -516,16 +645,22 @@ def moe_decode_fp8_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: i
 
 
 def moe_decode_fp8_triton(
-    x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, by_expert: bool | None = None
-) -> torch.Tensor:
+    x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, by_expert: bool | None = None,
+    tiles: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Two launches. Up to MOE_BY_PAIR_MAX_TOKENS tokens one program per (pair, row block), each reading its
-    expert's rows; above, one program per (expert, row block) over the pairs routed to it, so a batch reads
-    each chosen expert from DRAM about once (``by_expert`` forces either)."""
+    expert's rows; above, one program per (tile of one expert's pairs, row block) on tensor cores
+    (``tiles``), so a batch reads each chosen expert from DRAM about once per tile. ``by_expert``: a program
+    per (expert, row block) looping over its pairs instead (the kernel before the tiles; ``by_expert=False``
+    forces the per-pair one)."""
     T, H = x.shape
     k = ids.shape[1]
     inter = w2.shape[-1]
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
-    if by_expert if by_expert is not None else T > MOE_BY_PAIR_MAX_TOKENS:
+    many = T > MOE_BY_PAIR_MAX_TOKENS
+    if tiles if tiles is not None else (many and by_expert is None):
+        return _moe_fp8_tiles(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
+    if by_expert if by_expert is not None else many:
         return _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
     h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
     _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](

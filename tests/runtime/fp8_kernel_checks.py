@@ -74,12 +74,25 @@ def main(device: str) -> None:
     for off, nl in ((0, E), (4, 4)):
         args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
         ref = k8.moe_decode_fp8_reference(x.float(), *args)
-        for by_expert in (False, True):  # per (token, expert) pair, and per expert over its pairs
-            got = k8.moe_decode_fp8_triton(x, *args, by_expert=by_expert)
-            check(f"moe_decode_fp8 offset {off} by_expert {by_expert}", got, ref)
+        # per (token, expert) pair, per expert over its pairs, and tiles of an expert's pairs on tensor cores
+        for kind in ({"by_expert": False}, {"by_expert": True}, {"tiles": True}):
+            got = k8.moe_decode_fp8_triton(x, *args, **kind)
+            check(f"moe_decode_fp8 offset {off} {kind}", got, ref)
             if off:  # pairs routed to the other rank's experts add exactly zero
                 mask = ((ids - off < 0) | (ids - off >= nl))[..., None].expand_as(got)
                 assert (got[mask] == 0).all(), "EP zero"
+
+    # tiles with several per expert (and partial ones), both tile shapes
+    T, topk = 37, 3
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    ids = torch.stack([torch.randperm(E)[:topk] for _ in range(T)]).to(device)
+    ids[:20, 0] = 2  # one expert with more pairs than a small tile holds
+    wts = torch.rand(T, topk, device=device)
+    for off, nl in ((0, E), (4, 4)):
+        args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
+        ref = k8.moe_decode_fp8_reference(x.float(), *args)
+        for cfg in ((16, 64, 256, 4, 2), (32, 128, 128, 4, 2)):
+            check(f"moe_fp8_tiles {cfg} offset {off}", k8._moe_fp8_tiles(x, *args, config=cfg), ref)
     if device != "cpu" and k8._SCALED_MM_FAILED:
         print("cuBLAS blockwise GEMM refused, Triton used:", k8._SCALED_MM_FAILED[0])
     print("fp8 kernels ok; worst relative errors:", {k: f"{v:.1e}" for k, v in worst.items()})
