@@ -88,11 +88,10 @@ def main(device: str) -> None:
     ids = torch.stack([torch.randperm(E)[:topk] for _ in range(T)]).to(device)
     ids[:20, 0] = 2  # one expert with more pairs than a small tile holds
     wts = torch.rand(T, topk, device=device)
-    for off, nl in ((0, E), (4, 4)):
+    for (off, nl), cfg in zip(((0, E), (4, 4)), ((16, 64, 256, 4, 2), (32, 128, 128, 4, 2)), strict=True):
         args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
         ref = k8.moe_decode_fp8_reference(x.float(), *args)
-        for cfg in ((16, 64, 256, 4, 2), (32, 128, 128, 4, 2)):
-            check(f"moe_fp8_tiles {cfg} offset {off}", k8._moe_fp8_tiles(x, *args, config=cfg), ref)
+        check(f"moe_fp8_tiles {cfg} offset {off}", k8._moe_fp8_tiles(x, *args, config=cfg), ref)
     if device != "cpu" and k8._SCALED_MM_FAILED:
         print("cuBLAS blockwise GEMM refused, Triton used:", k8._SCALED_MM_FAILED[0])
     print("fp8 kernels ok; worst relative errors:", {k: f"{v:.1e}" for k, v in worst.items()})
