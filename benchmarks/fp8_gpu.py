@@ -549,7 +549,8 @@ def sweep(args, bw: float) -> dict:
     moe_configs = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512) for w in (1, 2, 4)]
     if args.smoke:
         moe_configs = moe_configs[:2]
-    for T in (1, 8, 64):
+    tile_configs = [(16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (32, 64, 256, 4, 3), (64, 128, 128, 4, 3)]
+    for T in (1, 8, 64, 256):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(E, device=dev)[:topk] for _ in range(T)])
         wts = torch.rand(T, topk, device=dev)
@@ -563,12 +564,21 @@ def sweep(args, bw: float) -> dict:
             except Exception as exc:
                 r[str(cfg)] = f"{type(exc).__name__}: {exc}"[:100]
         k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = saved
+        for cfg in tile_configs if T > k8.MOE_BY_PAIR_MAX_TOKENS else []:  # the tensor-core kernel over tiles
+            try:
+                tiles = lambda cfg=cfg: k8._moe_fp8_tiles(x, ids, wts, w13, s13, w2, s2, 0, E, config=cfg)  # noqa: B023, E731
+                r[f"tiles {cfg}"] = t(tiles) * 1e3
+            except Exception as exc:
+                r[f"tiles {cfg}"] = f"{type(exc).__name__}: {exc}"[:100]
         timed = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
         best = min(timed, key=timed.get) if timed else None
-        out[f"moe_T{T}"] = {**r, "best": best}
+        tiled = {c: v for c, v in r.items() if c.startswith("tiles") and isinstance(v, float)}
+        best_tiles = min(tiled, key=tiled.get) if tiled else None
+        out[f"moe_T{T}"] = {**r, "best": best, "best_tiles": best_tiles}
         log(
             f"moe decode T={T}: bf16 kernel {r['bf16_kernel_ms']:.4f} ms, roofline {r['roofline_fp8_ms']:.4f}, "
-            f"best {best} {timed.get(best, float('nan')):.4f} ms"
+            f"best {best} {timed.get(best, float('nan')):.4f} ms, tiles {best_tiles} "
+            f"{tiled.get(best_tiles, float('nan')):.4f} ms"
         )
     return out
 
@@ -577,7 +587,8 @@ def apply_tuning(found: dict) -> dict:
     """Set the kernels' launch configurations to a sweep's best (``--tune``, ``--tune-from``): the GEMV config
     with the least total time over the sweep's batch-1 products; at 8 tokens the tensor-core kernel's best
     config where its total beats that GEMV's; and the MoE decode config best at one token. Returns what was
-    set (recorded in the results)."""
+    set (recorded in the results). The tile kernel replaces the per-expert one above 16 tokens where it was
+    faster at 64."""
     import ast
 
     from runtime.kernels import fp8 as k8
@@ -603,6 +614,11 @@ def apply_tuning(found: dict) -> dict:
     if best_moe:
         k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = ast.literal_eval(best_moe)
         applied["MOE_BLOCK_N, MOE_BLOCK_K, MOE_NUM_WARPS"] = (k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS)
+    # above the per-pair kernel's range, the tile kernel where its best beats the per-expert one at 64 tokens
+    at64 = found.get("moe_T64", {})
+    per_expert, tiles = at64.get(at64.get("best") or "", None), at64.get(at64.get("best_tiles") or "", None)
+    if isinstance(tiles, float) and isinstance(per_expert, float) and tiles < per_expert:
+        k8.MOE_TILES_MIN_TOKENS = applied["MOE_TILES_MIN_TOKENS"] = k8.MOE_BY_PAIR_MAX_TOKENS + 1
     log("tuned launch configurations:", applied)
     return applied
 

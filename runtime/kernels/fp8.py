@@ -51,6 +51,10 @@ MOE_BY_PAIR_MAX_TOKENS = 16
 # the small tile while experts average at most 16 pairs (decode batches), the large one above (prefill)
 MOE_TILES_SMALL = (16, 64, 256, 4, 3)
 MOE_TILES_LARGE = (64, 128, 128, 4, 3)
+# from this many tokens the FP8 MoE kernel is the tile kernel; None: the per-expert one above
+# MOE_BY_PAIR_MAX_TOKENS. The interpreter checks both; a launch sweep (benchmarks/fp8_gpu.py --tune) times
+# them on the card and turns the tiles on where they win
+MOE_TILES_MIN_TOKENS: int | None = None
 
 
 @functools.cache
@@ -649,16 +653,18 @@ def moe_decode_fp8_triton(
     tiles: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Two launches. Up to MOE_BY_PAIR_MAX_TOKENS tokens one program per (pair, row block), each reading its
-    expert's rows; above, one program per (tile of one expert's pairs, row block) on tensor cores
-    (``tiles``), so a batch reads each chosen expert from DRAM about once per tile. ``by_expert``: a program
-    per (expert, row block) looping over its pairs instead (the kernel before the tiles; ``by_expert=False``
-    forces the per-pair one)."""
+    expert's rows; above, one program per (expert, row block) looping over its pairs on CUDA cores, or from
+    MOE_TILES_MIN_TOKENS (``tiles``) one program per (tile of one expert's pairs, row block) on tensor
+    cores: either way a batch reads each chosen expert from DRAM about once. ``by_expert`` forces the first
+    two."""
     T, H = x.shape
     k = ids.shape[1]
     inter = w2.shape[-1]
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     many = T > MOE_BY_PAIR_MAX_TOKENS
-    if tiles if tiles is not None else (many and by_expert is None):
+    if tiles is None:
+        tiles = by_expert is None and MOE_TILES_MIN_TOKENS is not None and T >= MOE_TILES_MIN_TOKENS
+    if tiles:
         return _moe_fp8_tiles(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
     if by_expert if by_expert is not None else many:
         return _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)

@@ -92,6 +92,11 @@ def main(device: str) -> None:
         args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
         ref = k8.moe_decode_fp8_reference(x.float(), *args)
         check(f"moe_fp8_tiles {cfg} offset {off}", k8._moe_fp8_tiles(x, *args, config=cfg), ref)
+    saved, k8.MOE_TILES_MIN_TOKENS = k8.MOE_TILES_MIN_TOKENS, T  # what a sweep that found the tiles faster sets
+    try:
+        check("moe_fp8_tiles by default", k8.moe_decode_fp8_triton(x, *args), ref)
+    finally:
+        k8.MOE_TILES_MIN_TOKENS = saved
     if device != "cpu" and k8._SCALED_MM_FAILED:
         print("cuBLAS blockwise GEMM refused, Triton used:", k8._SCALED_MM_FAILED[0])
     print("fp8 kernels ok; worst relative errors:", {k: f"{v:.1e}" for k, v in worst.items()})
