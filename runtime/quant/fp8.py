@@ -95,7 +95,13 @@ def dequantize(
     q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``W_fp8 × scale`` in fp32 (the fp8 value is exact in fp32, so the one rounding is the product's), then
-    cast to ``dtype``."""
+    cast to ``dtype``. Whole blocks broadcast their scale over a blocked view: no weight-sized copy of the
+    scales (an FP8 prefill dequantizes every expert stack each step)."""
+    *lead, n, k = q.shape
+    (bn, bk), (gn, gk) = block, scale.shape[-2:]
+    if n == gn * bn and k == gk * bk:
+        blocks = q.float().view(*lead, gn, bn, gk, bk) * scale.float()[..., :, None, :, None]
+        return blocks.view(*lead, n, k).to(dtype)
     return (q.float() * expand_scale(scale.float(), tuple(q.shape), block)).to(dtype)
 
 
