@@ -127,17 +127,12 @@ class ModelRunner:
         share the prompt rows' weight reads, and only attention tells them apart (decode rows attend in the
         absorbed form, :attr:`~runtime.kv_cache.AttentionMetadata.num_decode`). The decode rows run outside
         the captured graphs; their input tokens may still come from the device, as in :meth:`decode`."""
-        pending, self.inflight = self.inflight, None
-        rows = {id(s): i for i, s in enumerate(pending.seqs)} if pending is not None else {}
-        seqs = [s for s in seqs if id(s) not in rows or len(s.output_ids) + 1 < s.params.max_new_tokens]
+        pending, rows, seqs = self._take_pending(seqs)
         if not seqs:  # every decode row was the unread token's last: a plain prefill
             self.inflight = pending
             return self.prefill(group), self.decode([])
         dev, n = self.device, len(seqs)
-        feed_rows = [rows.get(id(s), -1) for s in seqs]
-        toks = [0 if r >= 0 else s.output_ids[-1] for s, r in zip(seqs, feed_rows, strict=True)]
-        dec_slots = [s.blocks.append(1)[0] for s in seqs]
-        dec_ctx = [s.blocks.num_tokens for s in seqs]
+        feed_rows, toks, dec_slots, dec_ctx, dec_tables = self._decode_inputs(seqs, rows)
         qlens = [c.length for c in group]
         ctx = [c.start + c.length for c in group]
         slots = dec_slots + [slot for c in group for slot in c.seq.blocks.append(c.length)]
@@ -147,27 +142,13 @@ class ModelRunner:
             head = fed_token_ids(ids[:n], torch.tensor(feed_rows, device=dev), pending.tokens)
             ids = torch.cat([head, ids[n:]])
         pos = torch.cat([torch.tensor(dec_ctx) - 1, *(torch.arange(c.start, c.start + c.length) for c in group)])
-        tables = [s.blocks.blocks for s in seqs] + [c.seq.blocks.blocks for c in group]
+        tables = dec_tables + [c.seq.blocks.blocks for c in group]
         meta = prefill_metadata([1] * n + qlens, dec_ctx + ctx, tables, slots, device=dev, num_decode=n)
         last = torch.cat([torch.arange(n), n + torch.tensor(qlens).cumsum(0) - 1]).to(dev)
         logits = self.model(ids, pos.to(dev), meta, self.cache, logits_indices=last)
         self.stats.prefill(sum(qlens), padded_slots(qlens, ctx))
         self.stats.decode(n, n)
-        read: list[tuple[Sequence, Sampled]] = []
-        launched = None
-        try:
-            launched = self._sample_unread(logits[:n], seqs)
-        except RuntimeError:  # a row's sampling failed: settle this step now, row by row
-            if pending is not None:
-                read += self._read(pending)
-                pending = None
-            read += zip(seqs, self.sample_rows(logits[:n], seqs), strict=True)
-        if pending is not None:
-            read += self._read(pending)
-        if launched is not None and not self.overlap:
-            read += self._read(launched)
-            launched = None
-        self.inflight = launched
+        read = self._launch(logits[:n], seqs, pending)
         done = [i for i, c in enumerate(group) if c.seq.prefilled]
         if not done:
             return [], read
@@ -181,20 +162,41 @@ class ModelRunner:
         token on the device; one whose unread token is its last (``max_new_tokens``) is not decoded again.
         A sequence that the unread token ends (a stop token or string) was decoded once more for nothing:
         that row is dropped by the caller, which releases its blocks only after this step was queued."""
+        pending, rows, seqs = self._take_pending(seqs)
+        if not seqs:
+            return self._read(pending) if pending is not None else []
+        return self._launch(self._decode_forward(seqs, pending, rows), seqs, pending)
+
+    def _take_pending(self, seqs: list[Sequence]) -> tuple[InFlight | None, dict[int, int], list[Sequence]]:
+        """The launched step not read yet (taken off ``inflight``), its row of each sequence, and the ``seqs``
+        to decode now: one whose unread token is its last (``max_new_tokens``) is not decoded again."""
         pending, self.inflight = self.inflight, None
         rows = {id(s): i for i, s in enumerate(pending.seqs)} if pending is not None else {}
-        seqs = [s for s in seqs if id(s) not in rows or len(s.output_ids) + 1 < s.params.max_new_tokens]
+        return pending, rows, [s for s in seqs if id(s) not in rows or len(s.output_ids) + 1 < s.params.max_new_tokens]
+
+    def _decode_inputs(self, seqs: list[Sequence], rows: dict[int, int]) -> tuple[list[int], ...]:
+        """Each decoding sequence's row of the unread step (-1: its token is on the host), input token (0 where
+        fed from the device), new slot, context length with that token, and block table."""
+        feed_rows = [rows.get(id(s), -1) for s in seqs]
+        toks = [0 if r >= 0 else s.output_ids[-1] for s, r in zip(seqs, feed_rows, strict=True)]
+        slots = [s.blocks.append(1)[0] for s in seqs]
+        return feed_rows, toks, slots, [s.blocks.num_tokens for s in seqs], [s.blocks.blocks for s in seqs]
+
+    def _launch(
+        self, logits: torch.Tensor, seqs: list[Sequence], pending: InFlight | None
+    ) -> list[tuple[Sequence, Sampled]]:
+        """Sample ``seqs``' next tokens on the device and start their copy to the host (the next call's unread
+        step), then read ``pending``'s tokens (and, without ``overlap``, these). A failed sampling settles the
+        step now, row by row, so only the offending sequence fails."""
         read: list[tuple[Sequence, Sampled]] = []
         launched = None
-        if seqs:
-            logits = self._decode_forward(seqs, pending, rows)
-            try:
-                launched = self._sample_unread(logits, seqs)
-            except RuntimeError:  # a row's sampling failed: settle this step now, row by row
-                if pending is not None:
-                    read += self._read(pending)
-                    pending = None
-                read += zip(seqs, self.sample_rows(logits, seqs), strict=True)
+        try:
+            launched = self._sample_unread(logits, seqs)
+        except RuntimeError:
+            if pending is not None:
+                read += self._read(pending)
+                pending = None
+            read += zip(seqs, self.sample_rows(logits, seqs), strict=True)
         if pending is not None:
             read += self._read(pending)
         if launched is not None and not self.overlap:
@@ -205,12 +207,8 @@ class ModelRunner:
 
     def _decode_forward(self, seqs: list[Sequence], pending: InFlight | None, rows: dict[int, int]) -> torch.Tensor:
         """Stage the step (each sequence's next slot, its context, its block table) and run it → logits."""
-        feed_rows = [rows.get(id(s), -1) for s in seqs]
+        feed_rows, toks, slots, ctx, tables = self._decode_inputs(seqs, rows)
         fed = max(feed_rows) >= 0
-        toks = [0 if r >= 0 else s.output_ids[-1] for s, r in zip(seqs, feed_rows, strict=True)]
-        slots = [s.blocks.append(1)[0] for s in seqs]
-        ctx = [s.blocks.num_tokens for s in seqs]
-        tables = [s.blocks.blocks for s in seqs]
         feed = pending.tokens if fed else None
         if self.graphs is not None and len(seqs) <= self.graphs.batch_sizes[-1]:
             # one staged copy, one replay (a distributed leader's graphs take host tokens only: no feed)
