@@ -329,6 +329,23 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _tile_pairs(tile_expert_ptr, tile_row_ptr, bounds_ptr, order_ptr, BLOCK_M: tl.constexpr):
+        """This program's tile (:func:`expert_tiles`): its expert (int64; -1 for an unused tile, whose program
+        returns at once), the indices of its pairs and which of its BLOCK_M rows hold one."""
+        t = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + t).to(tl.int64)
+        offs_m = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < tl.load(bounds_ptr + tl.maximum(e, 0) + 1)
+        return e, tl.load(order_ptr + offs_m, mask=m_mask, other=0), m_mask
+
+    @triton.jit
+    def _dot_rows(a, w, IEEE: tl.constexpr):
+        """``a [M, K] @ w [N, K]ᵀ`` in ``a``'s dtype, fp32 products exact where IEEE (the interpreter's fp32)."""
+        if IEEE:
+            return tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+        return tl.dot(a, tl.trans(w.to(a.dtype)))
+
+    @triton.jit
     def _moe_up_fp8_tiles_kernel(
         x_ptr, order_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k,
         sx, swe, swn, sse, ssn, sh,
@@ -337,14 +354,9 @@ if HAS_TRITON:
     ):  # fmt: skip
         """One program per (tile of up to BLOCK_M pairs of one expert, block of intermediate rows): the gate and
         up rows are dequantized once per K step and serve the tile's pairs through ``tl.dot``; silu(g)·u out."""
-        t = tl.program_id(0)
-        e = tl.load(tile_expert_ptr + t)
+        e, p, m_mask = _tile_pairs(tile_expert_ptr, tile_row_ptr, bounds_ptr, order_ptr, BLOCK_M)
         if e < 0:
             return
-        e = e.to(tl.int64)
-        offs_m = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < tl.load(bounds_ptr + e + 1)
-        p = tl.load(order_ptr + offs_m, mask=m_mask, other=0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < inter
         w, s = w_ptr + e * swe, s_ptr + e * sse
@@ -357,12 +369,8 @@ if HAS_TRITON:
                         other=0.0)  # fmt: skip
             g = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
             u = _dequant_tile(w, s, offs_n + inter, n_mask, k0, offs_k, k_mask, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            if IEEE:
-                acc_g += tl.dot(a, tl.trans(g.to(a.dtype)), input_precision="ieee")
-                acc_u += tl.dot(a, tl.trans(u.to(a.dtype)), input_precision="ieee")
-            else:
-                acc_g += tl.dot(a, tl.trans(g.to(a.dtype)))
-                acc_u += tl.dot(a, tl.trans(u.to(a.dtype)))
+            acc_g += _dot_rows(a, g, IEEE)
+            acc_u += _dot_rows(a, u, IEEE)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         tl.store(h_ptr + p[:, None] * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
@@ -374,14 +382,9 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
         IEEE: tl.constexpr,
     ):  # fmt: skip
-        t = tl.program_id(0)
-        e = tl.load(tile_expert_ptr + t)
+        e, p, m_mask = _tile_pairs(tile_expert_ptr, tile_row_ptr, bounds_ptr, order_ptr, BLOCK_M)
         if e < 0:
             return
-        e = e.to(tl.int64)
-        offs_m = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < tl.load(bounds_ptr + e + 1)
-        p = tl.load(order_ptr + offs_m, mask=m_mask, other=0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < H
         w, s = w_ptr + e * swe, s_ptr + e * sse
@@ -391,10 +394,7 @@ if HAS_TRITON:
             k_mask = offs_k < inter
             a = tl.load(h_ptr + p[:, None] * sh + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             d = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(d.to(a.dtype)), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(d.to(a.dtype)))
+            acc += _dot_rows(a, d, IEEE)
         wt = tl.load(wts_ptr + p, mask=m_mask, other=0.0).to(tl.float32)
         out = out_ptr + (p // top_k)[:, None] * sot + (p % top_k)[:, None] * sos + offs_n[None, :]
         tl.store(out, acc * wt[:, None], mask=m_mask[:, None] & n_mask[None, :])
