@@ -6,7 +6,9 @@ One run, each section on its own (a failing section prints its error and the res
 
 1. writes a V2-Lite-shaped checkpoint of random bf16 weights to disk, with a word-level tokenizer that
    covers the whole vocabulary (every id decodes to one word, so every generated token is one streamed
-   chunk); prompts are distinct random 128-token id lists (no prefix-cache hits between them);
+   chunk); prompts are distinct random 128-token id lists (no prefix-cache hits between them); a complete
+   checkpoint of the same config already in ``--out`` is reused, so runs that differ in ``--serve-args``
+   compare on the same weights;
 2. starts the server (``--max-num-seqs 512``) and sends a 2,048-token prompt alone: time to first token the
    first time (compiled prefill shapes were warmed at start-up, so no compile at request time) and warm;
 3. streamed requests at 1 / 8 / 64 / 256 / 512 concurrent streams: output tok/s, TTFT P50/P99, inter-token
@@ -130,21 +132,43 @@ def write_checkpoint(raw: dict, out: Path, device: str, shard_bytes: int = 4 << 
     return out
 
 
+def checkpoint_written(raw: dict, out: Path) -> bool:
+    """Whether ``out`` holds a complete checkpoint of this config (the index is written after every shard,
+    the tokenizer last): a second run with the same ``--out`` and other server flags skips the write."""
+    try:
+        same = json.loads((out / "config.json").read_text()) == raw
+        shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError):
+        return False
+    return same and (out / "tokenizer_config.json").exists() and all((out / f).exists() for f in shards)
+
+
 def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(5, min(vocab, 100000)) for _ in range(n)]
 
 
 # ---- the server ---------------------------------------------------------------------------------
 def thread_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of ``pid``, from /proc: whether the server is held by one
-    thread (the interpreter lock) or by the GPU shows in how these grow over a level."""
+    """CPU seconds (user + system) of each thread of ``pid`` and of its child processes (the engine process),
+    from /proc: whether the server is held by one thread (the interpreter lock) or by the GPU shows in how
+    these grow over a level."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for proc in (pid, *_children(pid)):
         with contextlib.suppress(OSError):
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{proc}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
 
 
 def server_cpu(before: dict[int, float], after: dict[int, float], wall_s: float, tokens: int) -> dict:
@@ -181,7 +205,8 @@ def server(model: Path, args: list[str], log_path: Path, timeout: float, profile
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if profile is not None:
-        spy = ["py-spy", "record", "--gil", "--threads", "--nonblocking", "-r", "50", "-f", "raw", "-o", str(profile)]
+        spy = ["py-spy", "record", "--gil", "--threads", "--subprocesses", "--nonblocking", "-r", "50", "-f", "raw"]
+        spy += ["-o", str(profile)]
         cmd = [*spy, "--", *cmd]
     with log_path.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -548,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint() -> None:
         t = time.perf_counter()
+        if checkpoint_written(raw, ckpt):
+            log(f"checkpoint in {ckpt} already written (same config): reused")
+            return
         write_checkpoint(raw, ckpt, device)
         res["checkpoint_s"] = time.perf_counter() - t
         log(f"checkpoint written in {res['checkpoint_s']:.1f} s")
