@@ -60,6 +60,16 @@ def _env_int(name: str) -> int | None:
     return int(v) if v else None
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _stall_factor(text: str) -> float | None:
     """``--max-decode-stall``: a factor above 1, or ``off``."""
     if text.strip().lower() == "off":
@@ -185,6 +195,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "none: in memory, lost at exit)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument(
+        "--engine-process",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run the engine in a child process, so HTTP and the engine loop do not share one interpreter "
+        "lock (auto: on for one CUDA device, off on the CPU and for multi-GPU replicas)",
+    )
+    p.add_argument(
+        "--gil-switch-interval-ms",
+        type=_positive_float,
+        default=c.DEFAULT_GIL_SWITCH_INTERVAL_S * 1000,
+        metavar="MS",
+        help="longest hold of the interpreter lock while another thread waits: small, so the engine thread "
+        "gets it back quickly from the HTTP event loop (default: %(default)s; CPython's own: 5)",
+    )
     p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1, help="default: $WORLD_SIZE")
     p.add_argument(
         "--tp", type=int, default=_env_int(c.ENV_TP) or 1, help="tensor-parallel ranks: attention, dense MLPs"
@@ -278,6 +303,9 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.parallel.layout import LayoutError, ParallelLayout
 
     layout = ParallelLayout(args.tp, args.ep, args.world_size)
+    if args.engine_process == "on" and layout.distributed:
+        print("error: --engine-process on: multi-GPU replicas run the engine in the leader's process", file=sys.stderr)
+        return 2
     try:
         config = ModelConfig.from_json_file(Path(args.model) / "config.json")
         layout.validate(config)
@@ -300,6 +328,9 @@ def _serve(args: argparse.Namespace) -> int:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if args.threads:
         torch.set_num_threads(args.threads)
+    engine_process = args.engine_process == "on" or (
+        args.engine_process == "auto" and device.startswith("cuda") and not layout.distributed
+    )
     if layout.distributed and device == "cuda":
         from runtime.parallel.dist import world_from_env
 
@@ -325,6 +356,9 @@ def _serve(args: argparse.Namespace) -> int:
             cuda_graphs=not args.no_cuda_graphs,
             overlap=not args.no_overlap,
             compile=not args.no_compile,
+            gil_switch_interval_s=args.gil_switch_interval_ms / 1000,
+            engine_process=engine_process,
+            threads=args.threads,
             grace_period_s=args.grace_period,
             accuracy_baseline=args.accuracy_baseline,
             accuracy_window=args.accuracy_window,

@@ -76,6 +76,8 @@ ENV_SHM_MIN_BYTES = "MOE_SHM_MIN_BYTES"
 ENV_API_KEYS = "MOE_API_KEYS"  # comma-separated bearer keys the API accepts (several: rotation)
 ENV_MAX_REQUEST_BYTES = "MOE_MAX_REQUEST_BYTES"  # request body size limit (413 above it)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+#: serve: how long a thread may hold the interpreter lock while another waits for it (CPython's own: 5 ms)
+DEFAULT_GIL_SWITCH_INTERVAL_S = 0.0005
 
 # ---- multi-GPU / multi-node (docs/parallel.md) --------------------------------------------------
 

@@ -142,39 +142,36 @@ class Engine:
     # ---- API for other threads --------------------------------------------------------------
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise RequestTooLargeError when the request can never run (message names the limit)."""
-        if prompt_len < 1:
-            raise RequestTooLargeError("the prompt is empty")
-        if prompt_len + max_new_tokens > self.max_model_len:
-            raise RequestTooLargeError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{prompt_len} prompt tokens + max_tokens {max_new_tokens} = {prompt_len + max_new_tokens}"
-            )
-        # blocks are taken as the sequence grows, but it must be able to finish alone in the pool
-        need = math.ceil((prompt_len + max_new_tokens) / self.block_size)
-        if need > self.allocator.capacity:
-            raise RequestTooLargeError(
-                f"the request needs {need} KV blocks; the pool has {self.allocator.capacity} (kv_blocks)"
-            )
+        check_request(prompt_len, max_new_tokens, self.max_model_len, self.block_size, self.allocator.capacity)
 
-    def submit(self, seqs: Seq[Sequence]) -> None:
+    @property
+    def kv_blocks(self) -> int:
+        return self.allocator.capacity
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def submit(self, seqs: Seq[Sequence], bound_queue: bool = True) -> None:
         """Queue sequences atomically (all or none). Raises ShuttingDownError, QueueFullError or
-        RequestTooLargeError."""
+        RequestTooLargeError. ``bound_queue`` False: the caller already holds the queue to ``max_queue``
+        (an engine process's parent does, for requests it has accepted)."""
         for s in seqs:
             self.check_request(s.prompt_len, s.params.max_new_tokens)
         with self._lock:
-            self._admissible(len(seqs))
+            self._admissible(len(seqs) if bound_queue else 0)
             for s in seqs:
                 s.generator = make_generator(s.params, self.device)
                 self.scheduler.waiting.append(s)
                 self._by_id[s.id] = s
             self._wake.notify()
 
-    def score(self, prompts: list[list[int]], token_ids: list[int]) -> Future:
+    def score(self, prompts: list[list[int]], token_ids: list[int], bound_queue: bool = True) -> Future:
         """Next-token log-probabilities of ``token_ids`` after each prompt, as one batched forward
         without the KV cache. Resolves to ``list[list[float]]`` ([prompt][token])."""
         job = ScoreJob(prompts, token_ids, Future())
         with self._lock:
-            self._admissible(1)
+            self._admissible(1 if bound_queue else 0)
             self._jobs.append(job)
             self._wake.notify()
         return job.result
@@ -182,7 +179,7 @@ class Engine:
     def _admissible(self, n: int) -> None:
         if self._closed:
             raise ShuttingDownError("the server is shutting down")
-        if len(self.scheduler.waiting) + len(self._jobs) + n > self.cfg.max_queue:
+        if n and len(self.scheduler.waiting) + len(self._jobs) + n > self.cfg.max_queue:
             raise QueueFullError(f"the admission queue is full (max_queue={self.cfg.max_queue})")
 
     def abort(self, seq_id: str) -> None:
@@ -307,6 +304,21 @@ class Engine:
                 job.result.set_exception(RuntimeError(message))
         if events:
             self.emit(events)
+
+
+def check_request(prompt_len: int, max_new_tokens: int, max_model_len: int, block_size: int, kv_blocks: int) -> None:
+    """Raise RequestTooLargeError when a request can never run: empty, longer than the context, or more KV
+    blocks than the whole pool (blocks are taken as a sequence grows, but it must be able to finish alone)."""
+    if prompt_len < 1:
+        raise RequestTooLargeError("the prompt is empty")
+    if prompt_len + max_new_tokens > max_model_len:
+        raise RequestTooLargeError(
+            f"this model's maximum context length is {max_model_len} tokens; the request has "
+            f"{prompt_len} prompt tokens + max_tokens {max_new_tokens} = {prompt_len + max_new_tokens}"
+        )
+    need = math.ceil((prompt_len + max_new_tokens) / block_size)
+    if need > kv_blocks:
+        raise RequestTooLargeError(f"the request needs {need} KV blocks; the pool has {kv_blocks} (kv_blocks)")
 
 
 def _emit_direct(events: list[tuple[Sequence, TokenEvent]]) -> None:

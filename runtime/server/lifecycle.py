@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -66,6 +67,9 @@ def serve(settings, host: str, port: int, log_level: str = "info") -> int:
     from runtime.server.state import ServiceState
 
     state = ServiceState(settings)
+    # The engine thread gives the interpreter lock up at every CUDA wait; a short interval hands it back
+    # from the busy event loop quickly (see Settings.gil_switch_interval_s).
+    sys.setswitchinterval(settings.gil_switch_interval_s)
 
     class DrainingServer(uvicorn.Server):
         """uvicorn, but SIGTERM drains first (and is not re-raised at exit, so the code stays 0)."""

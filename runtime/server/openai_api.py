@@ -335,7 +335,7 @@ def encode_prompts(st: ServiceState, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         return [tok.encode(prompt)]
     if prompt and isinstance(prompt[0], int):
-        vocab = st.engine.model.config.vocab_size
+        vocab = st.engine.vocab_size
         bad = [t for t in prompt if t >= vocab]
         if bad:
             raise APIError(

@@ -65,6 +65,15 @@ class Settings:
     parallel: object | None = None  # runtime.parallel.dist.ParallelState of the leader (multi-GPU)
     api_keys: tuple[str, ...] = ()  # bearer keys the API accepts; empty: open (a warning is logged)
     max_request_bytes: int = c.DEFAULT_MAX_REQUEST_BYTES  # request bodies above this get 413
+    #: How long a thread may hold the interpreter lock while another waits for it (CPython's default: 5 ms).
+    #: The engine thread gives up the lock at every CUDA wait and needs it back to launch the next step;
+    #: under load the event loop is always runnable, so each hand-back used to cost up to the whole
+    #: interval, several times per step.
+    gil_switch_interval_s: float = c.DEFAULT_GIL_SWITCH_INTERVAL_S
+    #: Run the engine in a child process (runtime.server.engine_process): the event loop and the engine
+    #: stop competing for one interpreter lock. One device only (a multi-GPU leader runs it in-process).
+    engine_process: bool = False
+    threads: int | None = None  # torch intra-op threads of the process that runs the model (CPU)
 
     @property
     def model_name(self) -> str:
@@ -128,29 +137,12 @@ class ServiceState:
         try:
             import torch
 
-            from runtime.engine import Engine
-            from runtime.loader import load_model, load_tokenizer
-
             s = self.settings
             t0 = time.perf_counter()
-            model = load_model(s.model_path, dtype=s.dtype, device=s.device, parallel=s.parallel)
-            if s.parallel is not None:  # every forward now runs on all ranks at once
-                from runtime.parallel.lockstep import Leader, startup_barrier
-
-                startup_barrier(s.parallel)
-                model = self.leader = Leader(model, s.parallel, on_failure=self.fail, on_unready=self.mark_unready)
-            tok = load_tokenizer(s.tokenizer_path or s.model_path)
-            if s.chat_template is not None:
-                tok.chat_template = s.chat_template
-            cfg = s.engine_config()
-            # a leader's graphs are captured on every rank at once, and replayed from host inputs only
-            capture = self.leader.make_graph_decoder if self.leader is not None else None
-            engine = Engine(model, tok, cfg, metrics=self.metrics, graph_capture=capture)
-            self._setup_risk(tok)
-            engine.start()
-            if s.warmup:
-                engine.warm_up()
-            engine.emit = self._emit  # from now on, events go to the asyncio loop
+            if s.engine_process:
+                engine, tok = self._start_engine_process()
+            else:
+                engine, tok = self._start_engine_thread()
             self.engine, self.tokenizer = engine, tok
             # Everything allocated so far (torch, the model, the app) lives for the whole process:
             # freezing it keeps the cyclic GC from rescanning it, which otherwise shows as pauses in the
@@ -160,11 +152,12 @@ class ServiceState:
             self.ready = not self.draining
             self.metrics.ready.set(1 if self.ready else 0)
             log.info(
-                "model %s ready in %.1f s on %s (%d KV blocks of %d tokens, torch %s)",
+                "model %s ready in %.1f s on %s%s (%d KV blocks of %d tokens, torch %s)",
                 s.model_name,
                 time.perf_counter() - t0,
                 s.device,
-                engine.allocator.capacity,
+                ", engine in its own process" if s.engine_process else "",
+                engine.kv_blocks,
                 engine.block_size,
                 torch.__version__,
             )
@@ -173,6 +166,53 @@ class ServiceState:
             log.error("model load failed: %s", self.fatal)
             if self.on_fatal is not None:
                 self.on_fatal()
+
+    def _load_tokenizer(self):
+        from runtime.loader import load_tokenizer
+
+        s = self.settings
+        tok = load_tokenizer(s.tokenizer_path or s.model_path)
+        if s.chat_template is not None:
+            tok.chat_template = s.chat_template
+        return tok
+
+    def _start_engine_thread(self):
+        """The model and the engine's thread in this process; events reach the loop one wake-up per step."""
+        from runtime.engine import Engine
+        from runtime.loader import load_model
+
+        s = self.settings
+        model = load_model(s.model_path, dtype=s.dtype, device=s.device, parallel=s.parallel)
+        if s.parallel is not None:  # every forward now runs on all ranks at once
+            from runtime.parallel.lockstep import Leader, startup_barrier
+
+            startup_barrier(s.parallel)
+            model = self.leader = Leader(model, s.parallel, on_failure=self.fail, on_unready=self.mark_unready)
+        tok = self._load_tokenizer()
+        # a leader's graphs are captured on every rank at once, and replayed from host inputs only
+        capture = self.leader.make_graph_decoder if self.leader is not None else None
+        engine = Engine(model, tok, s.engine_config(), metrics=self.metrics, graph_capture=capture)
+        self._setup_risk(tok)
+        engine.start()
+        if s.warmup:
+            engine.warm_up()
+        engine.emit = self._emit  # from now on, events go to the asyncio loop
+        return engine, tok
+
+    def _start_engine_process(self):
+        """The engine in a child process; the tokenizer and the risk task load here while it loads there."""
+        from runtime.server.engine_process import EngineClient
+
+        engine = EngineClient.spawn(self.settings, self.metrics, on_exit=self.fail)
+        try:
+            tok = self._load_tokenizer()
+            self._setup_risk(tok)
+            engine.wait_ready()
+        except BaseException:
+            engine.stop(timeout=1.0)
+            raise
+        engine.attach(self.loop)
+        return engine, tok
 
     def _setup_risk(self, tok) -> None:
         """Task, label tokens and record store; any problem turns the risk routes off, never the service."""

@@ -54,3 +54,13 @@ def test_serve_configures_logging_at_the_level(monkeypatch, level):
     finally:
         root.handlers = saved_handlers
         root.setLevel(saved_level)
+
+
+def test_gil_switch_interval_is_milliseconds_above_zero(capsys):
+    assert _serve_args().gil_switch_interval_ms == c.DEFAULT_GIL_SWITCH_INTERVAL_S * 1000
+    assert _serve_args("--gil-switch-interval-ms", "5").gil_switch_interval_ms == 5.0
+    for bad in ("0", "-1", "fast"):
+        with pytest.raises(SystemExit):
+            _serve_args("--gil-switch-interval-ms", bad)
+        err = capsys.readouterr().err
+        assert "--gil-switch-interval-ms" in err and f"expected a number > 0, got '{bad}'" in err

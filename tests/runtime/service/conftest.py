@@ -111,8 +111,11 @@ def server_factory(v2_path: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def shared_server(server_factory) -> Iterator[Server]:
-    """The default server most modules use (baseline accuracy configured for the risk tests)."""
-    with server_factory("--accuracy-baseline", "0.9", "--max-queue", "256", "--risk-task", str(FRAUD_TASK)) as srv:
+    """The default server most modules use (baseline accuracy configured for the risk tests). Its engine runs
+    in a process of its own, as on a GPU; the servers the other fixtures start keep it in-process, so both
+    paths serve the same tests."""
+    args = ("--accuracy-baseline", "0.9", "--max-queue", "256", "--risk-task", str(FRAUD_TASK))
+    with server_factory(*args, "--engine-process", "on") as srv:
         yield srv
 
 

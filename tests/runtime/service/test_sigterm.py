@@ -8,12 +8,14 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from runtime import contract as c
 
 
-def test_sigterm_drains_in_flight_and_refuses_new(server_factory):
-    with server_factory("--grace-period", "30") as srv:
+@pytest.mark.parametrize("engine_process", ["off", "on"])
+def test_sigterm_drains_in_flight_and_refuses_new(server_factory, engine_process):
+    with server_factory("--grace-period", "30", "--engine-process", engine_process) as srv:
         url = srv.url + c.COMPLETIONS_PATH
         req = {"prompt": "The order was placed", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
         results: list[httpx.Response | Exception] = []
@@ -49,3 +51,4 @@ def test_sigterm_drains_in_flight_and_refuses_new(server_factory):
             raise AssertionError("server did not exit after draining:\n" + srv.logs()) from None
         assert code == 0, srv.logs()
         assert "leaked" not in srv.logs()  # a clean exit tears down without native leak reports
+        assert "Traceback" not in srv.logs()
