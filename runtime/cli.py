@@ -205,10 +205,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gil-switch-interval-ms",
         type=_positive_float,
-        default=c.DEFAULT_GIL_SWITCH_INTERVAL_S * 1000,
+        default=None,
         metavar="MS",
-        help="longest hold of the interpreter lock while another thread waits: small, so the engine thread "
-        "gets it back quickly from the HTTP event loop (default: %(default)s; CPython's own: 5)",
+        help="longest hold of the interpreter lock while another thread waits: short, so an engine thread "
+        "driving a GPU gets it back quickly from the HTTP event loop (default: "
+        f"{c.DEFAULT_GIL_SWITCH_INTERVAL_S * 1000:g} with a CUDA engine in this process, else CPython's own 5)",
     )
     p.add_argument("--world-size", type=int, default=_env_int(c.ENV_WORLD_SIZE) or 1, help="default: $WORLD_SIZE")
     p.add_argument(
@@ -356,7 +357,7 @@ def _serve(args: argparse.Namespace) -> int:
             cuda_graphs=not args.no_cuda_graphs,
             overlap=not args.no_overlap,
             compile=not args.no_compile,
-            gil_switch_interval_s=args.gil_switch_interval_ms / 1000,
+            gil_switch_interval_s=None if args.gil_switch_interval_ms is None else args.gil_switch_interval_ms / 1000,
             engine_process=engine_process,
             threads=args.threads,
             grace_period_s=args.grace_period,

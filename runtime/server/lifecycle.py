@@ -67,9 +67,9 @@ def serve(settings, host: str, port: int, log_level: str = "info") -> int:
     from runtime.server.state import ServiceState
 
     state = ServiceState(settings)
-    # The engine thread gives the interpreter lock up at every CUDA wait; a short interval hands it back
-    # from the busy event loop quickly (see Settings.gil_switch_interval_s).
-    sys.setswitchinterval(settings.gil_switch_interval_s)
+    interval = settings.switch_interval_s()
+    if interval is not None:  # a GPU engine thread shares this interpreter (Settings.gil_switch_interval_s)
+        sys.setswitchinterval(interval)
 
     class DrainingServer(uvicorn.Server):
         """uvicorn, but SIGTERM drains first (and is not re-raised at exit, so the code stays 0)."""

@@ -66,14 +66,24 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # bearer keys the API accepts; empty: open (a warning is logged)
     max_request_bytes: int = c.DEFAULT_MAX_REQUEST_BYTES  # request bodies above this get 413
     #: How long a thread may hold the interpreter lock while another waits for it (CPython's default: 5 ms).
-    #: The engine thread gives up the lock at every CUDA wait and needs it back to launch the next step;
-    #: under load the event loop is always runnable, so each hand-back used to cost up to the whole
-    #: interval, several times per step.
-    gil_switch_interval_s: float = c.DEFAULT_GIL_SWITCH_INTERVAL_S
+    #: An engine thread driving a GPU gives the lock up at every CUDA wait and needs it back to launch the
+    #: next step; under load the event loop is always runnable, so each hand-back can cost the whole
+    #: interval, several times per step. None: c.DEFAULT_GIL_SWITCH_INTERVAL_S when such a thread runs in
+    #: this process (CUDA, engine in-process), else CPython's own (on a CPU the engine thread is busy
+    #: computing, and shorter turns only add switches).
+    gil_switch_interval_s: float | None = None
     #: Run the engine in a child process (runtime.server.engine_process): the event loop and the engine
     #: stop competing for one interpreter lock. One device only (a multi-GPU leader runs it in-process).
     engine_process: bool = False
     threads: int | None = None  # torch intra-op threads of the process that runs the model (CPU)
+
+    def switch_interval_s(self) -> float | None:
+        """The interval ``serve`` sets, or None to leave CPython's."""
+        if self.gil_switch_interval_s is not None:
+            return self.gil_switch_interval_s
+        if self.device.startswith("cuda") and not self.engine_process:
+            return c.DEFAULT_GIL_SWITCH_INTERVAL_S
+        return None
 
     @property
     def model_name(self) -> str:

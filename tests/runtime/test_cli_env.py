@@ -57,8 +57,15 @@ def test_serve_configures_logging_at_the_level(monkeypatch, level):
 
 
 def test_gil_switch_interval_is_milliseconds_above_zero(capsys):
-    assert _serve_args().gil_switch_interval_ms == c.DEFAULT_GIL_SWITCH_INTERVAL_S * 1000
+    from runtime.server.state import Settings
+
+    assert _serve_args().gil_switch_interval_ms is None
     assert _serve_args("--gil-switch-interval-ms", "5").gil_switch_interval_ms == 5.0
+    short = c.DEFAULT_GIL_SWITCH_INTERVAL_S
+    assert Settings("m", device="cuda").switch_interval_s() == short  # a GPU engine thread beside the loop
+    assert Settings("m", device="cuda", engine_process=True).switch_interval_s() is None
+    assert Settings("m", device="cpu").switch_interval_s() is None
+    assert Settings("m", device="cpu", gil_switch_interval_s=0.002).switch_interval_s() == 0.002
     for bad in ("0", "-1", "fast"):
         with pytest.raises(SystemExit):
             _serve_args("--gil-switch-interval-ms", bad)
