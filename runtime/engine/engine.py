@@ -255,9 +255,11 @@ class Engine:
             self.pacer.observe(time.perf_counter() - started, len(batch.decode), batch.num_tokens - len(batch.decode))
         self.steps += 1
         self.stats.count_tokens()
+        # gauges before the events: a client that reads /metrics after its last token sees this step's
+        # (an engine process sends both in one message)
+        self.stats.update_gauges(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.usage())
         if events:
             self.emit(events)
-        self.stats.update_gauges(len(self.scheduler.running), len(self.scheduler.waiting), self.allocator.usage())
 
     # ---- pieces of a step -------------------------------------------------------------------
     def _prefilled(self, sampled: list, events: Events) -> None:
