@@ -303,7 +303,7 @@ class _Outbox:
             pass  # the parent is gone: the command loop reads end-of-file and exits
 
 
-def engine_main(settings, commands: Connection, events: Connection, log_level: int) -> int:
+def engine_main(settings, commands: Connection, events: Connection, log_level: int) -> None:
     """The engine process: load, warm up, answer ``ready``, then serve commands until ``stop`` or the
     parent's end-of-file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains on a signal, then stops this process
@@ -313,10 +313,10 @@ def engine_main(settings, commands: Connection, events: Connection, log_level: i
     recorder = MetricsRecorder()
     try:
         engine = _load(settings, recorder)
-    except Exception as exc:
-        log.exception("engine process: load failed")
+    except Exception as exc:  # the parent logs the reason and exits 1; the traceback only at debug level
+        log.debug("engine process: load failed", exc_info=True)
         out.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return 1
+        raise SystemExit(1) from None
 
     def emit(evs: list[tuple[Sequence, TokenEvent]]) -> None:
         rows = [(s.id, e.token_ids, e.finish_reason, e.text, e.error, e.logprobs) for s, e in evs]
@@ -341,7 +341,6 @@ def engine_main(settings, commands: Connection, events: Connection, log_level: i
         engine.stop()  # unfinished sequences end as aborted; their events still go up the pipe
         out.send(("metrics", recorder.take()))
         gc.unfreeze()  # frozen cycles outliving teardown make Triton's bindings print pages of "leaked" objects
-    return 0
 
 
 def _load(settings, recorder: MetricsRecorder):

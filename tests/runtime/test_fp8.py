@@ -286,20 +286,24 @@ def test_tp_split_off_the_scale_blocks_is_an_error(fp8_pairs, tmp_path: Path) ->
 # ---- quantize, shards, serve ----------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's entry point in this process (a subprocess per call would re-import torch each time)."""
+    from runtime.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def test_quantize_cli_writes_what_make_tiny_fp8_writes(tmp_path: Path) -> None:
+def test_quantize_cli_writes_what_make_tiny_fp8_writes(tmp_path: Path, capsys) -> None:
     """``moe-runtime quantize`` of a plain tiny checkpoint = ``moe-runtime make-tiny --fp8`` of the same seed,
     tensor for tensor (scales included); quantizing an FP8 folder again is refused with exit 2."""
     plain = make_tiny(tmp_path / "plain", arch="v3", seed=5)
     direct = tmp_path / "direct"
-    made = _cli("make-tiny", str(direct), "--arch", "v3", "--seed", "5", "--fp8")
+    made = _cli(capsys, "make-tiny", str(direct), "--arch", "v3", "--seed", "5", "--fp8")
     assert made.returncode == 0 and "fp8 checkpoint" in made.stdout, made.stderr
-    res = _cli("quantize", str(plain), str(tmp_path / "out"))
+    res = _cli(capsys, "quantize", str(plain), str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
@@ -310,7 +314,7 @@ def test_quantize_cli_writes_what_make_tiny_fp8_writes(tmp_path: Path) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
     assert (out / "tokenizer.json").is_file()
-    again = _cli("quantize", str(out), str(tmp_path / "again"))
+    again = _cli(capsys, "quantize", str(out), str(tmp_path / "again"))
     assert again.returncode == 2 and "already has a quantization_config" in again.stderr
 
 

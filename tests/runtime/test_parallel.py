@@ -198,12 +198,14 @@ def test_layout_errors_name_the_flag_the_value_and_what_is_allowed(v2_path: Path
             layout.validate(cfg)
 
 
-def test_serve_rejects_a_bad_layout_with_exit_2(v2_path: Path) -> None:
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(v2_path), "--tp", "3", "--ep", "1"]
-    env = {**os.environ, "WORLD_SIZE": "3", "MOE_SHM_MIN_BYTES": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
-    assert out.returncode == 2, out.stderr
-    assert "--tp 3: the model's num_attention_heads = 4" in out.stderr
+def test_serve_rejects_a_bad_layout_with_exit_2(v2_path: Path, monkeypatch, capsys) -> None:
+    """In this process: the layout is refused before anything loads (the world size from $WORLD_SIZE)."""
+    from runtime.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MOE_SHM_MIN_BYTES", "1")
+    assert main(["serve", "--model", str(v2_path), "--tp", "3", "--ep", "1"]) == 2
+    assert "--tp 3: the model's num_attention_heads = 4" in capsys.readouterr().err
 
 
 if __name__ == "__main__" and sys.argv[1] == "--spmd":

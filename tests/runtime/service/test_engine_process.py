@@ -10,11 +10,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from runtime import contract as c
 from runtime.engine.stats import EngineStats
@@ -112,18 +112,25 @@ def test_a_dead_engine_process_fails_its_requests_and_the_service(server_factory
         assert "engine process exited with code -9" in srv.logs()
 
 
-def test_a_load_failure_in_the_engine_process_exits_1_with_the_reason(v2_path: Path, tmp_path: Path):
+def test_a_load_failure_in_the_engine_process_names_the_file(v2_path: Path, tmp_path: Path):
+    """The child's load error comes back as the reason (``serve`` then exits 1 with it, as for a load in
+    its own process: test_engine.py); the child is gone afterwards."""
+    from runtime.server.engine_process import EngineClient
+    from runtime.server.state import Settings
+
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in v2_path.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     shard = next(broken.glob("*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated download
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(broken), "--port", "0"]
-    cmd += ["--engine-process", "on", "--threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[3])
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "model load failed" in proc.stderr and shard.name in proc.stderr, proc.stderr[-2000:]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated download
+    exits: list[str] = []
+    client = EngineClient.spawn(Settings(str(broken), device="cpu", threads=1), ServiceMetrics("m"), exits.append)
+    with pytest.raises(RuntimeError, match=shard.name):
+        client.wait_ready(timeout=120)
+    client._process.join(10)
+    assert not client._process.is_alive() and client._process.exitcode == 1
+    assert exits == []  # on_exit is for a child that dies while serving
 
 
 def test_engine_process_is_refused_for_a_multi_gpu_replica(v2_path: Path, capsys):
