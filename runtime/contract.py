@@ -248,7 +248,9 @@ ACCURACY_BASELINE = _m("moe_accuracy_baseline", "Configured reference accuracy; 
 GPU_UTILIZATION = _m("moe_gpu_utilization_perc", "GPU utilisation from NVML, 0-100, per device.", "gauge", (LABEL_GPU,))
 GPU_MEMORY_USED = _m("moe_gpu_memory_used_bytes", "GPU memory in use from NVML.", "gauge", (LABEL_GPU,))
 PROCESS_RESIDENT_MEMORY = _m(
-    "moe_process_resident_memory_bytes", "Resident memory of the server process (leak alert).", "gauge"
+    "moe_process_resident_memory_bytes",
+    "Resident memory of the server process and its child processes (leak alert).",
+    "gauge",
 )
 MODEL_READY = _m("moe_model_ready", "1 when the model is loaded, warmed up and admitting.", "gauge")
 

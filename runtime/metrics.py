@@ -144,10 +144,20 @@ class ServiceMetrics:
 
     def refresh_scrape_time(self) -> None:
         if self._proc is not None:
-            self.rss.set(self._proc.memory_info().rss)
+            self.rss.set(self._resident_bytes())
         for i, util, mem in self._nvml.read():
             self.gpu_util.labels(str(i)).set(util)
             self.gpu_mem.labels(str(i)).set(mem)
+
+    def _resident_bytes(self) -> int:
+        """This process and its descendants (the engine process, compile workers): what the pod holds."""
+        import psutil
+
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # gone since it was listed
+                total += child.memory_info().rss
+        return total
 
     def render(self) -> bytes:
         self.refresh_scrape_time()

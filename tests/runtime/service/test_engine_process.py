@@ -57,6 +57,10 @@ def test_engine_metrics_reach_the_service_exposition(shared_server):
     assert m["moe_kv_cache_blocks"] > 0
     ok = 'moe_request_success_total{finish_reason="length"}'
     assert m[ok] >= before.get(ok, 0) + 1
+    # resident memory counts the engine process too (the model lives there)
+    child = _engine_child(shared_server).memory_info().rss
+    parent = psutil.Process(shared_server.proc.pid).memory_info().rss
+    assert m["moe_process_resident_memory_bytes"] >= child + 0.5 * parent
 
 
 def test_recorded_metrics_replay_to_the_same_exposition():
