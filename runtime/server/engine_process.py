@@ -9,7 +9,7 @@ for both. vLLM's engine core and SGLang's scheduler run in their own processes f
 - the child loads the model, builds the :class:`~runtime.engine.Engine`, warms it up, and answers ``ready``
   with the limits (context length, KV pool) that the parent checks requests against; the parent loads its
   own tokenizer and the risk task meanwhile;
-- requests go down one pipe as (id, prompt, sampling parameters). Each step's token events come back up
+- requests go down one pipe as (id, prompt, sampling parameters, arrival time). Each step's token events come back up
   the other pipe as one message, which the event loop reads itself when the pipe turns readable, with no
   thread in between;
 - the parent admits requests. It holds the queue to ``max_queue`` (counting requests that have no token
@@ -179,7 +179,7 @@ class EngineClient:
         for s in seqs:
             self._seqs[s.id] = s
             self._unstarted.add(s.id)
-        self._send(("submit", [(s.id, s.prompt_ids, s.params) for s in seqs]))
+        self._send(("submit", [(s.id, s.prompt_ids, s.params, s.arrival) for s in seqs]))
 
     def score(self, prompts: list[list[int]], token_ids: list[int]) -> Future:
         if self._closed:
@@ -218,7 +218,16 @@ class EngineClient:
             return
         self._stopping = self._closed = True
         self._send(("stop",))
-        self._process.join(timeout)
+        # the child's last events (its unfinished sequences, aborted) are read while it exits: a full pipe
+        # would otherwise hold it until it is terminated
+        deadline = time.monotonic() + timeout
+        while self._process.is_alive() and time.monotonic() < deadline:
+            try:
+                if self._events.poll(0.05):
+                    self._handle(self._events.recv())
+            except (EOFError, OSError):
+                break
+        self._process.join(max(0.0, deadline - time.monotonic()))
         self._terminate()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._detach)
@@ -369,7 +378,8 @@ def _serve_commands(engine, commands: Connection, out: _Outbox) -> None:
             return
         kind = msg[0]
         if kind == "submit":
-            seqs = [Sequence(sid, prompt, params) for sid, prompt, params in msg[1]]
+            # arrival: the HTTP request's (CLOCK_MONOTONIC is one clock for both processes), for TTFT and latency
+            seqs = [Sequence(sid, prompt, params, arrival=t) for sid, prompt, params, t in msg[1]]
             try:
                 engine.submit(seqs, bound_queue=False)  # the parent admitted them
             except Exception as exc:  # closed meanwhile: they end now, as they would have in the queue
