@@ -15,9 +15,10 @@ KV = "moe_kv_cache_usage_perc"
 ABORTED = 'moe_request_success_total{finish_reason="abort"}'
 
 
-@pytest.fixture(scope="module")
-def small_server(server_factory):
-    with server_factory("--max-queue", "4", "--max-num-seqs", "4") as srv:
+@pytest.fixture(scope="module", params=["off", "on"], ids=["engine-thread", "engine-process"])
+def small_server(server_factory, request):
+    """Both engine placements: with the engine in its own process, the server holds the queue itself."""
+    with server_factory("--max-queue", "4", "--max-num-seqs", "4", "--engine-process", request.param) as srv:
         yield srv
 
 
