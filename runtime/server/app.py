@@ -85,8 +85,7 @@ def create_app(state: ServiceState, load: bool = True) -> FastAPI:
         if load:
             state.start_loading(asyncio.get_running_loop())
         yield
-        if state.engine is not None:
-            state.engine.stop()
+        state.stop_engine()
         if state.records is not None:
             await asyncio.to_thread(state.records.close)
 

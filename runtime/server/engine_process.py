@@ -15,20 +15,21 @@ for both. vLLM's engine core and SGLang's scheduler run in their own processes f
 - the parent admits requests. It holds the queue to ``max_queue`` (counting requests that have no token
   yet) and applies the same request checks as the engine, so an accepted request is never refused later;
 - the engine's metrics are recorded in the child and replayed on the service's registry (with each step's
-  events, or within :data:`METRICS_FLUSH_S` when idle), so ``/metrics`` stays one exposition;
+  events, or within :data:`~runtime.server.engine_child.METRICS_FLUSH_S` when idle), so ``/metrics`` stays
+  one exposition;
 - the child ignores SIGINT and SIGTERM, because the parent drains and then stops it. It exits when the
-  parent's end of the pipe closes. If the child dies, every in-flight request ends with an error and
+  parent's end of the pipe closes, and on Linux it is killed with the parent even mid-load. A shutdown
+  during the load kills it at once. If the child dies, every in-flight request ends with an error and
   the service exits 1.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import dataclasses
 import itertools
 import logging
 import multiprocessing
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -37,67 +38,12 @@ from multiprocessing.connection import Connection
 
 from runtime.engine.engine import check_request
 from runtime.engine.sequence import QueueFullError, Sequence, ShuttingDownError, TokenEvent
+from runtime.server.engine_child import engine_main, replay
 
 log = logging.getLogger(__name__)
 
-#: how long metrics recorded in the child wait for a step's events to carry them (idle engine)
-METRICS_FLUSH_S = 0.1
 #: how long ``stop`` waits for the child to finish its loop before it is terminated
 STOP_TIMEOUT_S = 15.0
-
-Record = tuple[str, tuple[str, ...] | None, str, float]  # (attribute, labels, method, value)
-
-
-# ---- metrics across the process boundary ------------------------------------------------------------
-class MetricsRecorder:
-    """Stands in for :class:`~runtime.metrics.ServiceMetrics` in the child: every ``attr[.labels(...)]
-    .inc/.set/.observe(v)`` the engine makes is kept as a record for :func:`replay` in the parent."""
-
-    def __init__(self) -> None:
-        self._records: list[Record] = []
-        self._lock = threading.Lock()
-
-    def __getattr__(self, attr: str) -> _RecordedMetric:
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        return _RecordedMetric(self, attr, None)
-
-    def add(self, record: Record) -> None:
-        with self._lock:
-            self._records.append(record)
-
-    def take(self) -> list[Record]:
-        with self._lock:
-            out, self._records = self._records, []
-        return out
-
-
-class _RecordedMetric:
-    __slots__ = ("_attr", "_labels", "_to")
-
-    def __init__(self, to: MetricsRecorder, attr: str, labels: tuple[str, ...] | None) -> None:
-        self._to, self._attr, self._labels = to, attr, labels
-
-    def labels(self, *values: str) -> _RecordedMetric:
-        return _RecordedMetric(self._to, self._attr, tuple(values))
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._to.add((self._attr, self._labels, "inc", amount))
-
-    def set(self, value: float) -> None:
-        self._to.add((self._attr, self._labels, "set", value))
-
-    def observe(self, value: float) -> None:
-        self._to.add((self._attr, self._labels, "observe", value))
-
-
-def replay(metrics, records: list[Record]) -> None:
-    """Apply the child's records to the service's metrics (same attribute names, same bound labels)."""
-    for attr, labels, method, value in records:
-        target = getattr(metrics, attr)
-        if labels is not None:
-            target = target.labels(*labels)
-        getattr(target, method)(value)
 
 
 # ---- the parent's side ------------------------------------------------------------------------------
@@ -119,6 +65,7 @@ class EngineClient:
         self._job_ids = itertools.count()
         self._closed = False
         self._stopping = False
+        self._ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_model_len = self.block_size = self.kv_blocks = self.vocab_size = 0
 
@@ -129,7 +76,9 @@ class EngineClient:
         events, child_events = ctx.Pipe(duplex=False)
         level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         process = ctx.Process(
-            target=engine_main, args=(settings, child_commands, child_events, level), name="moe-engine-process"
+            target=engine_main,
+            args=(dataclasses.asdict(settings), child_commands, child_events, level),
+            name="moe-engine-process",
         )
         process.start()
         child_commands.close()  # the child's ends: a dead child now reads as end-of-file here
@@ -148,6 +97,7 @@ class EngineClient:
                         continue
                     if msg[0] == "ready":
                         self.__dict__.update(msg[1])
+                        self._ready = True
                         return
                     raise RuntimeError(msg[1])  # "failed"
             except (EOFError, OSError):
@@ -156,6 +106,8 @@ class EngineClient:
                 if self._process.is_alive() and time.monotonic() < deadline:
                     continue
             self._terminate()
+            if self._stopping:
+                raise RuntimeError("the server shut down while the engine process was loading")
             raise RuntimeError(
                 f"the engine process exited with code {self._process.exitcode} before it was ready"
                 if time.monotonic() < deadline
@@ -217,6 +169,9 @@ class EngineClient:
         if self._stopping:
             return
         self._stopping = self._closed = True
+        if not self._ready:  # still loading: nothing to drain, and it reads no commands yet
+            self._terminate(grace_s=0.0)
+            return
         self._send(("stop",))
         # the child's last events (its unfinished sequences, aborted) are read while it exits: a full pipe
         # would otherwise hold it until it is terminated
@@ -287,128 +242,11 @@ class EngineClient:
             fut.set_exception(RuntimeError(message))
         self._on_exit(message)
 
-    def _terminate(self) -> None:
-        if self._process.is_alive():
+    def _terminate(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, which the child ignores while serving, then SIGKILL after ``grace_s``."""
+        if self._process.is_alive() and grace_s > 0:
             self._process.terminate()
-            self._process.join(5)
+            self._process.join(grace_s)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-
-
-# ---- the child's side ----------------------------------------------------------------------------
-class _Outbox:
-    """The child's end of the event pipe: sends come from the engine thread, the command loop (score
-    results) and the metrics flusher."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn, self.lock = conn, threading.Lock()
-
-    def send(self, msg: tuple) -> None:
-        try:
-            with self.lock:
-                self.conn.send(msg)
-        except (OSError, ValueError):
-            pass  # the parent is gone: the command loop reads end-of-file and exits
-
-
-def engine_main(settings, commands: Connection, events: Connection, log_level: int) -> None:
-    """The engine process: load, warm up, answer ``ready``, then serve commands until ``stop`` or the
-    parent's end-of-file."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains on a signal, then stops this process
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = _Outbox(events)
-    recorder = MetricsRecorder()
-    try:
-        engine = _load(settings, recorder)
-    except Exception as exc:  # the parent logs the reason and exits 1; the traceback only at debug level
-        log.debug("engine process: load failed", exc_info=True)
-        out.send(("failed", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(1) from None
-
-    def emit(evs: list[tuple[Sequence, TokenEvent]]) -> None:
-        rows = [(s.id, e.token_ids, e.finish_reason, e.text, e.error, e.logprobs) for s, e in evs]
-        out.send(("events", rows, recorder.take()))
-
-    engine.emit = emit
-    info = {
-        "max_model_len": engine.max_model_len,
-        "block_size": engine.block_size,
-        "kv_blocks": engine.kv_blocks,
-        "vocab_size": engine.vocab_size,
-    }
-    gc.collect()
-    gc.freeze()  # as in one process: start-up objects live for good, out of the collector's scans
-    out.send(("ready", info))
-    stopped = threading.Event()
-    threading.Thread(target=_flush_metrics, args=(recorder, out, stopped), name="moe-metrics", daemon=True).start()
-    try:
-        _serve_commands(engine, commands, out)
-    finally:
-        stopped.set()
-        engine.stop()  # unfinished sequences end as aborted; their events still go up the pipe
-        out.send(("metrics", recorder.take()))
-        gc.unfreeze()  # frozen cycles outliving teardown make Triton's bindings print pages of "leaked" objects
-
-
-def _load(settings, recorder: MetricsRecorder):
-    import torch
-
-    from runtime.engine import Engine
-    from runtime.loader import load_model, load_tokenizer
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    model = load_model(settings.model_path, dtype=settings.dtype, device=settings.device)
-    tok = load_tokenizer(settings.tokenizer_path or settings.model_path)  # stop strings are matched here
-    engine = Engine(model, tok, settings.engine_config(), metrics=recorder)
-    engine.start()
-    if settings.warmup:
-        engine.warm_up()
-    return engine
-
-
-def _serve_commands(engine, commands: Connection, out: _Outbox) -> None:
-    while True:
-        try:
-            msg = commands.recv()
-        except (EOFError, OSError):
-            log.warning("engine process: the server process is gone; stopping")
-            return
-        kind = msg[0]
-        if kind == "submit":
-            # arrival: the HTTP request's (CLOCK_MONOTONIC is one clock for both processes), for TTFT and latency
-            seqs = [Sequence(sid, prompt, params, arrival=t) for sid, prompt, params, t in msg[1]]
-            try:
-                engine.submit(seqs, bound_queue=False)  # the parent admitted them
-            except Exception as exc:  # closed meanwhile: they end now, as they would have in the queue
-                reason = "abort" if isinstance(exc, ShuttingDownError) else "error"
-                out.send(("events", [(s.id, [], reason, None, str(exc), None) for s in seqs], []))
-        elif kind == "abort":
-            engine.abort(msg[1])
-        elif kind == "score":
-            _, job_id, prompts, token_ids = msg
-            try:
-                fut = engine.score(prompts, token_ids, bound_queue=False)
-            except Exception as exc:
-                out.send(("score", job_id, False, str(exc)))
-                continue
-            fut.add_done_callback(lambda f, j=job_id: out.send(_score_reply(j, f)))
-        elif kind == "close":
-            engine.close_admission()
-        elif kind == "stop":
-            return
-
-
-def _score_reply(job_id: int, fut: Future) -> tuple:
-    exc = fut.exception()
-    return ("score", job_id, False, f"{type(exc).__name__}: {exc}") if exc else ("score", job_id, True, fut.result())
-
-
-def _flush_metrics(recorder: MetricsRecorder, out: _Outbox, stopped: threading.Event) -> None:
-    """Records made after a step's events left (its gauges) or while idle reach the parent within a tick."""
-    while not stopped.wait(METRICS_FLUSH_S):
-        records = recorder.take()
-        if records:
-            out.send(("metrics", records))

@@ -126,6 +126,7 @@ class ServiceState:
     loop: asyncio.AbstractEventLoop | None = None
     on_fatal: object | None = None  # callable() asking the server to exit
     leader: object | None = None  # runtime.parallel.lockstep.Leader (multi-GPU)
+    engine_client: object | None = None  # runtime.server.engine_process.EngineClient, from its spawn on
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -139,6 +140,12 @@ class ServiceState:
     # ---- start-up ---------------------------------------------------------------------------
     def start_loading(self, loop: asyncio.AbstractEventLoop) -> threading.Thread:
         self.loop = loop
+        if self.settings.engine_process:
+            # spawned from this (the main) thread: the child is tied to a thread that lives as long as the
+            # process (a child's parent-death signal follows the thread that spawned it)
+            from runtime.server.engine_process import EngineClient
+
+            self.engine_client = EngineClient.spawn(self.settings, self.metrics, on_exit=self.fail)
         t = threading.Thread(target=self._load, name="moe-load", daemon=True)
         t.start()
         return t
@@ -211,9 +218,7 @@ class ServiceState:
 
     def _start_engine_process(self):
         """The engine in a child process; the tokenizer and the risk task load here while it loads there."""
-        from runtime.server.engine_process import EngineClient
-
-        engine = EngineClient.spawn(self.settings, self.metrics, on_exit=self.fail)
+        engine = self.engine_client
         try:
             tok = self._load_tokenizer()
             self._setup_risk(tok)
@@ -276,6 +281,12 @@ class ServiceState:
         self.metrics.ready.set(0)
         if self.engine is not None:
             self.engine.close_admission()
+
+    def stop_engine(self) -> None:
+        """At exit: the engine's thread, or its process (still loading, or serving)."""
+        engine = self.engine if self.engine is not None else self.engine_client
+        if engine is not None:
+            engine.stop()
 
     def inflight(self) -> int:
         return 0 if self.engine is None else self.engine.num_inflight()

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,7 @@ import pytest
 from runtime import contract as c
 from runtime.engine.stats import EngineStats
 from runtime.metrics import ServiceMetrics
-from runtime.server.engine_process import MetricsRecorder, replay
+from runtime.server.engine_child import MetricsRecorder, replay
 
 
 def _engine_child(srv) -> psutil.Process:
@@ -143,3 +145,34 @@ def test_engine_process_is_refused_for_a_multi_gpu_replica(v2_path: Path, capsys
     argv = ["serve", "--model", str(v2_path), "--engine-process", "on", "--world-size", "2", "--shm-min-bytes", "1"]
     assert main(argv) == 2
     assert "--engine-process on: multi-GPU replicas run the engine in the leader's process" in capsys.readouterr().err
+
+
+def test_the_engine_process_dies_with_its_parent_even_mid_load(v2_path: Path, tmp_path: Path):
+    """A server killed outright (OOM killer, SIGKILL) leaves no engine process behind, even one still
+    loading, which reads no pipe yet; a shutdown during the load stops it at once."""
+    script = f"""
+import os, signal, sys, time
+from runtime.metrics import ServiceMetrics
+from runtime.server.engine_process import EngineClient
+from runtime.server.state import Settings
+client = EngineClient.spawn(Settings({str(v2_path)!r}, device="cpu", threads=1), ServiceMetrics("m"), print)
+print(client._process.pid, flush=True)
+time.sleep(1.5)  # the child is past its start-up, importing torch or loading
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+client.stop()
+print("stopped", client._process.exitcode, flush=True)
+"""
+    repo = Path(__file__).resolve().parents[3]
+    for how in ("kill", "stop"):
+        out = tmp_path / f"{how}.out"
+        with out.open("w") as fh:  # a file, not a pipe: the child inherits it, and a pipe would wait for it
+            subprocess.run([sys.executable, "-c", script, how], stdout=fh, stderr=fh, timeout=60, cwd=repo)
+        words = out.read_text().split()
+        child = int(words[0])
+        deadline = time.monotonic() + 1.0  # a load alone takes longer: torch's import
+        while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"{how}: the engine process {child} outlived its parent"
+            time.sleep(0.05)
+        if how == "stop":
+            assert words[1:3] == ["stopped", "-9"], out.read_text()
