@@ -1,7 +1,7 @@
 """The engine process's own side: what runs in the child that :mod:`runtime.server.engine_process` spawns.
 
-This module imports nothing heavy at the top, and neither does what is pickled to start it (the settings go
-as a plain dict): the child's first act is to tie its life to the parent's (Linux), before importing torch
+This module imports nothing heavy at the top, and neither does what is pickled to start it (a plain dict,
+:class:`EngineSpec`): the child's first act is to tie its life to the parent's (Linux), before importing torch
 and loading the model, which take seconds to minutes. It also holds the metrics recorder, which the parent
 replays (:func:`replay`).
 """
@@ -16,6 +16,7 @@ import sys
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from typing import TypedDict
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,18 @@ log = logging.getLogger(__name__)
 METRICS_FLUSH_S = 0.1
 
 Record = tuple[str, tuple[str, ...] | None, str, float]  # (attribute, labels, method, value)
+
+
+class EngineSpec(TypedDict):
+    """What the child needs of the service's settings: plain values, so unpickling them imports nothing."""
+
+    model_path: str
+    tokenizer_path: str
+    device: str
+    dtype: str
+    threads: int | None
+    warmup: bool
+    engine: dict  # runtime.engine.config.EngineConfig's fields
 
 
 # ---- metrics across the process boundary ------------------------------------------------------------
@@ -93,20 +106,17 @@ class _Outbox:
             pass  # the parent is gone: the command loop reads end-of-file and exits
 
 
-def engine_main(settings_fields: dict, commands: Connection, events: Connection, log_level: int) -> None:
+def engine_main(spec: EngineSpec, commands: Connection, events: Connection, log_level: int) -> None:
     """The engine process: load, warm up, answer ``ready``, then serve commands until ``stop`` or the
-    parent's end-of-file. ``settings_fields``: the parent's :class:`~runtime.server.state.Settings`, as a dict."""
+    parent's end-of-file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains on a signal, then stops this process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
-    from runtime.server.state import Settings  # imports torch: only now
-
-    settings = Settings(**settings_fields)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = _Outbox(events)
     recorder = MetricsRecorder()
     try:
-        engine = _load(settings, recorder)
+        engine = _load(spec, recorder)
     except Exception as exc:  # the parent logs the reason and exits 1; the traceback only at debug level
         log.debug("engine process: load failed", exc_info=True)
         out.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -149,19 +159,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _load(settings, recorder: MetricsRecorder):
+def _load(spec: EngineSpec, recorder: MetricsRecorder):
     import torch
 
     from runtime.engine import Engine
+    from runtime.engine.config import EngineConfig
     from runtime.loader import load_model, load_tokenizer
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    model = load_model(settings.model_path, dtype=settings.dtype, device=settings.device)
-    tok = load_tokenizer(settings.tokenizer_path or settings.model_path)  # stop strings are matched here
-    engine = Engine(model, tok, settings.engine_config(), metrics=recorder)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    model = load_model(spec["model_path"], dtype=spec["dtype"], device=spec["device"])
+    tok = load_tokenizer(spec["tokenizer_path"])  # stop strings are matched here
+    engine = Engine(model, tok, EngineConfig(**spec["engine"]), metrics=recorder)
     engine.start()
-    if settings.warmup:
+    if spec["warmup"]:
         engine.warm_up()
     return engine
 

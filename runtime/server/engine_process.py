@@ -38,12 +38,25 @@ from multiprocessing.connection import Connection
 
 from runtime.engine.engine import check_request
 from runtime.engine.sequence import QueueFullError, Sequence, ShuttingDownError, TokenEvent
-from runtime.server.engine_child import engine_main, replay
+from runtime.server.engine_child import EngineSpec, engine_main, replay
 
 log = logging.getLogger(__name__)
 
 #: how long ``stop`` waits for the child to finish its loop before it is terminated
 STOP_TIMEOUT_S = 15.0
+
+
+def engine_spec(settings) -> EngineSpec:
+    """The child's share of ``settings`` (runtime.server.state.Settings)."""
+    return EngineSpec(
+        model_path=settings.model_path,
+        tokenizer_path=settings.tokenizer_path or settings.model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        warmup=settings.warmup,
+        engine=dataclasses.asdict(settings.engine_config()),
+    )
 
 
 # ---- the parent's side ------------------------------------------------------------------------------
@@ -77,7 +90,7 @@ class EngineClient:
         level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
         process = ctx.Process(
             target=engine_main,
-            args=(dataclasses.asdict(settings), child_commands, child_events, level),
+            args=(engine_spec(settings), child_commands, child_events, level),
             name="moe-engine-process",
         )
         process.start()
