@@ -24,6 +24,10 @@ _addons: dict[tuple[str, str, str], dict[str, Any]] = {}
 _access_entries: dict[tuple[str, str, str], dict[str, Any]] = {}
 _access_policies: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
 _pod_identities: dict[tuple[str, str, str], dict[str, Any]] = {}
+#: Creates that carry an idempotency token (the SDKs fill ``clientRequestToken`` and keep it across their
+#: retries): a retried request whose first answer was lost gets that answer again, as from EKS, not a 409.
+_IDEMPOTENT = ("addons", "access_entries", "pod_identities")
+_answered: dict[tuple[str, str, str, str], tuple[int, dict]] = {}
 _updates: dict[str, dict[str, Any]] = {}
 
 _ROUTES = [
@@ -53,7 +57,7 @@ _ROUTES = [
 
 def reset() -> None:
     with _lock:
-        for store in (_addons, _access_entries, _access_policies, _pod_identities, _updates):
+        for store in (_addons, _access_entries, _access_policies, _pod_identities, _updates, _answered):
             store.clear()
 
 
@@ -87,7 +91,13 @@ def handle(kind: str, params: dict[str, str], method: str, region: str, body: di
         raise _not_found(f"cluster found for name: {cluster}")
     now = time.time()
     with _lock:
-        return _dispatch(kind, params, method, region, body, cluster, now)
+        token = body.get("clientRequestToken") if method == "POST" and kind in _IDEMPOTENT else None
+        if token is not None and (kind, region, cluster, token) in _answered:
+            return _answered[(kind, region, cluster, token)]
+        answer = _dispatch(kind, params, method, region, body, cluster, now)
+        if token is not None:
+            _answered[(kind, region, cluster, token)] = answer
+        return answer
 
 
 def _dispatch(kind, params, method, region, body, cluster, now) -> tuple[int, dict]:
