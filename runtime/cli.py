@@ -60,27 +60,26 @@ def _env_int(name: str) -> int | None:
     return int(v) if v else None
 
 
-def _positive_float(text: str) -> float:
+def _number_above(text: str, bound: float, also: str = "") -> float:
+    """A float above ``bound`` (NaN and non-numbers fail the comparison), else an argparse error."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not value > bound:
+        raise argparse.ArgumentTypeError(f"expected a number > {bound:g}{also}, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _number_above(text, 0)
 
 
 def _stall_factor(text: str) -> float | None:
     """``--max-decode-stall``: a factor above 1, or ``off``."""
     if text.strip().lower() == "off":
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 1:
-        raise argparse.ArgumentTypeError(f"expected a number > 1 or 'off', got {text!r}")
-    return value
+    return _number_above(text, 1, " or 'off'")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
