@@ -105,14 +105,14 @@ class EngineClient:
             try:
                 if self._events.poll(0.5):
                     msg = self._events.recv()
-                    if msg[0] == "metrics":
-                        replay(self.metrics, msg[1])
-                        continue
                     if msg[0] == "ready":
                         self.__dict__.update(msg[1])
                         self._ready = True
                         return
-                    raise RuntimeError(msg[1])  # "failed"
+                    if msg[0] == "failed":
+                        raise RuntimeError(msg[1])
+                    self._handle(msg)  # the warm-up's metrics
+                    continue
             except (EOFError, OSError):
                 pass
             else:

@@ -335,7 +335,9 @@ def test_ctrl_c_mid_upload_leaves_no_manifest_and_the_rerun_resumes(emulator: st
     prefix = "models/big/r1/"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
     assert prefix + "moefleet-manifest.json" not in keys
-    assert prefix + "config.json" in keys and len(keys) < 4
+    # the shards upload in parallel with config.json: on a fast box some (or all) land before the signal
+    # does, and what counts is that no manifest claims the revision and that the rerun uploads the rest
+    assert prefix + "config.json" in keys
     resumed = moefleet(*args[1:], endpoint=emulator)
     assert f"{4 - len(keys)} uploaded, {len(keys)} already there (resumed)" in resumed.stdout
     moefleet("weights", "verify", "local", "--model", "big", "--revision", "r1", "--bucket", bucket, endpoint=emulator)
