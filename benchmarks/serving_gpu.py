@@ -349,6 +349,7 @@ def summarize(results: list[dict]) -> dict:
         "output_tok_s": tokens / (end - start),
         "ttft_p50_ms": 1e3 * pct(ttft, 50),
         "ttft_p99_ms": 1e3 * pct(ttft, 99),
+        "ttft_mean_ms": 1e3 * sum(ttft) / len(ttft),
         "itl_p50_ms": 1e3 * pct(itl, 50),
         "itl_p99_ms": 1e3 * pct(itl, 99),
         "decode_tok_s": len(results) / pct(itl, 50),
@@ -481,6 +482,35 @@ def counter(url: str, name: str) -> float:
     return sum(scrape(url, (name + "{",)).values())
 
 
+#: histograms whose sum and count over a level split its time to first token, and give its steps
+SERVER_SIDE = (c.REQUEST_QUEUE_TIME, c.REQUEST_PREFILL_TIME, c.TIME_TO_FIRST_TOKEN, c.ITERATION_TOKENS)
+
+
+def server_side(url: str) -> dict[str, float]:
+    """The sums and counts of :data:`SERVER_SIDE` now (subtract two readings for a level's share)."""
+    return {f"{d.name}_{part}": counter(url, f"{d.name}_{part}") for d in SERVER_SIDE for part in ("sum", "count")}
+
+
+def server_breakdown(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
+    """What the server saw of a level: mean queue, prefill and first-token times (ms, from its own clock:
+    HTTP parsing and the client are outside them), its steps, their mean tokens and mean wall time."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+
+    def mean_ms(m) -> float:
+        n = d[f"{m.name}_count"]
+        return 1e3 * d[f"{m.name}_sum"] / n if n else math.nan
+
+    steps = d[f"{c.ITERATION_TOKENS.name}_count"]
+    return {
+        "server_queue_ms": mean_ms(c.REQUEST_QUEUE_TIME),
+        "server_prefill_ms": mean_ms(c.REQUEST_PREFILL_TIME),
+        "server_ttft_ms": mean_ms(c.TIME_TO_FIRST_TOKEN),
+        "steps": steps,
+        "tokens_per_step": d[f"{c.ITERATION_TOKENS.name}_sum"] / steps if steps else math.nan,
+        "ms_per_step": 1e3 * wall_s / steps if steps else math.nan,
+    }
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def copy_bandwidth(device: str) -> float:
     n = (1 << 30) if device == "cuda" else (64 << 20)
@@ -598,11 +628,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     prompts = [random_prompt(rng, PROMPT_LEN, vocab) for _ in range(n)]
                     procs = a.clients or client_procs(n, per_client, most_clients)
-                    paced0 = counter(url, c.PACED_STEPS.name)
+                    paced0, side0 = counter(url, c.PACED_STEPS.name), server_side(url)
                     cpu0 = thread_cpu_s(pid)  # the server idles while the clients start: the level's wall is
                     s = summarize(run_level(url, prompts, max_tokens, procs))  # from its first send
                     s.update(server_cpu(cpu0, thread_cpu_s(pid), s["wall_s"], s["tokens"]))
                     s["paced_steps"] = counter(url, c.PACED_STEPS.name) - paced0
+                    s.update(server_breakdown(side0, server_side(url), s["wall_s"]))
                     s["roofline_tok_s"] = roofline(n)
                     s["client_procs"] = procs
                     res["levels"][n] = s
@@ -654,6 +685,19 @@ def report(res: dict, big: int, small: int) -> None:
             f"{s['itl_p99_ms'] / s['itl_p50_ms']:.2f} | {s.get('paced_steps', math.nan):.0f} | "
             f"{s.get('server_cores', math.nan):.2f} ({s.get('server_busiest_thread_cores', math.nan):.2f}) | "
             f"{s.get('server_cpu_us_per_token', math.nan):.0f} |"
+        )
+    print("\nWhat the server saw of each level (means over its requests, from admission; steps over the level's wall):")
+    print(
+        "| streams | TTFT mean ms (client) | server TTFT mean ms | queue ms | prefill ms | steps | tokens/step "
+        "| ms/step |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, s in res["levels"].items():
+        print(
+            f"| {n} | {s.get('ttft_mean_ms', math.nan):.0f} | {s.get('server_ttft_ms', math.nan):.0f} | "
+            f"{s.get('server_queue_ms', math.nan):.0f} | {s.get('server_prefill_ms', math.nan):.0f} | "
+            f"{s.get('steps', math.nan):.0f} | {s.get('tokens_per_step', math.nan):.0f} | "
+            f"{s.get('ms_per_step', math.nan):.1f} |"
         )
     if "long_prompt" in res:
         lp = res["long_prompt"]

@@ -128,6 +128,8 @@ MetricType = Literal["counter", "gauge", "histogram"]
 
 #: Latency buckets (seconds) fine enough around the 500 ms P99 threshold to tell 0.4 from 0.6.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Tokens per engine step: a decode batch's size up to a full prompt budget and beyond.
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -164,6 +166,27 @@ TIME_PER_OUTPUT_TOKEN = _m(
     "Mean time between generated tokens after the first, per request.",
     "histogram",
     buckets=TPOT_BUCKETS,
+)
+REQUEST_QUEUE_TIME = _m(
+    "moe_request_queue_time_seconds",
+    "Time from admission to the request's first engine step (waiting for room in the batch or the step's "
+    "token budget); time to first token = this + moe_request_prefill_time_seconds.",
+    "histogram",
+    buckets=LATENCY_BUCKETS,
+)
+REQUEST_PREFILL_TIME = _m(
+    "moe_request_prefill_time_seconds",
+    "Time from the request's first engine step to its first token (its prompt's chunks, and the steps they "
+    "share with other work).",
+    "histogram",
+    buckets=LATENCY_BUCKETS,
+)
+ITERATION_TOKENS = _m(
+    "moe_iteration_tokens",
+    "Tokens per engine step (one per decoding sequence plus the step's prompt tokens); count / time = steps "
+    "per second.",
+    "histogram",
+    buckets=ITERATION_TOKEN_BUCKETS,
 )
 REQUESTS_RUNNING = _m("moe_num_requests_running", "Sequences in the running batch.", "gauge")
 REQUESTS_WAITING = _m("moe_num_requests_waiting", "Sequences admitted but waiting to start.", "gauge")
@@ -258,6 +281,9 @@ METRICS: tuple[MetricDef, ...] = (
     E2E_LATENCY,
     TIME_TO_FIRST_TOKEN,
     TIME_PER_OUTPUT_TOKEN,
+    REQUEST_QUEUE_TIME,
+    REQUEST_PREFILL_TIME,
+    ITERATION_TOKENS,
     REQUESTS_RUNNING,
     REQUESTS_WAITING,
     QUEUE_CAPACITY,

@@ -254,6 +254,9 @@ class Engine:
         if self.pacer is not None:
             self.pacer.observe(time.perf_counter() - started, len(batch.decode), batch.num_tokens - len(batch.decode))
         self.steps += 1
+        scheduled = batch.decode or [c.seq for g in batch.prefill_groups for c in g]
+        if not all(s.warmup for s in scheduled):  # the engine's own warm-up is no traffic
+            self.stats.step(batch.num_tokens)
         self.stats.count_tokens()
         # gauges before the events: a client that reads /metrics after its last token sees this step's
         # (an engine process sends both in one message)

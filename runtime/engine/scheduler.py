@@ -27,6 +27,7 @@ The grouping functions (:func:`group_by_length`, :func:`padded_slots`) work on a
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -178,6 +179,7 @@ class Scheduler:
 
     def _admit(self, budget: int, chunks: list[PrefillChunk], step: ScheduledStep) -> int:
         bs, alloc = self.block_size, self.allocator
+        now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
             tokens = s.token_ids
@@ -195,6 +197,8 @@ class Scheduler:
             s.blocks.reserve(n)
             s.prefill_len, s.num_computed = target, cached
             self.running.append(s)
+            if s.scheduled_at is None:
+                s.scheduled_at = now
             chunks.append(PrefillChunk(s, cached, n))
             budget -= n
             if not s.warmup:

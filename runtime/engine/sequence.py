@@ -75,6 +75,7 @@ class Sequence:
     # the tokens generated so far (recomputed, not swapped); set when the sequence (re)joins the batch
     prefill_len: int = 0
     preemptions: int = 0
+    scheduled_at: float | None = None  # its first engine step (a preempted sequence keeps the first)
     first_token_at: float | None = None
     finish_reason: str | None = None
     # (runtime.sampling.token_logprobs row, its k) for each sampled token not yet accepted, oldest first;

@@ -49,6 +49,11 @@ class EngineStats:
             m.prefix_cache_queries.inc(cache_queries)
             m.prefix_cache_hits.inc(cache_hits)
 
+    def step(self, tokens: int) -> None:
+        """A step ran ``tokens`` tokens (decodes and prompt chunks)."""
+        if self.metrics is not None and tokens:
+            self.metrics.iteration_tokens.observe(tokens)
+
     def decode(self, batch: int, rows: int) -> None:
         """A decode step of ``batch`` sequences over ``rows`` rows (a CUDA graph's bucket, or the batch)."""
         self._pad_window.append((rows - batch, rows))
@@ -69,8 +74,12 @@ class EngineStats:
             m.success.labels(reason).inc()
         if reason != "abort":
             m.e2e_latency.observe(now - s.arrival)
+            if s.scheduled_at is not None:
+                m.queue_time.observe(s.scheduled_at - s.arrival)
             if s.first_token_at is not None:
                 m.ttft.observe(s.first_token_at - s.arrival)
+                if s.scheduled_at is not None:
+                    m.prefill_time.observe(s.first_token_at - s.scheduled_at)
                 if len(s.output_ids) > 1:
                     m.tpot.observe((now - s.first_token_at) / (len(s.output_ids) - 1))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime import contract as c
 from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash
 
 
@@ -115,6 +116,42 @@ def test_preempted_sequences_give_their_uninterrupted_greedy_output(tiny, cachin
     assert engine.scheduler.num_preemptions > 0
     assert m.preemptions._value.get() == engine.scheduler.num_preemptions
     assert not engine.scheduler.waiting and not engine.scheduler.running
+
+
+def test_queue_and_prefill_times_split_each_time_to_first_token(tiny):
+    """Two places in the batch for four requests: the last two wait for a place (their queue time covers the
+    first two's whole run); a sequence preempted and readmitted keeps the time of its first step; and the
+    exposed queue and prefill times add up to the time to first token, request by request."""
+    from runtime.engine import Sequence
+    from runtime.metrics import ServiceMetrics
+    from runtime.sampling import SamplingParams
+
+    model, tok = tiny
+    m = ServiceMetrics()
+    engine = make_engine(model, tok, m, block_size=4, kv_blocks=25, max_num_seqs=2)
+    seqs = [
+        Sequence(f"s{i}", prompt(i, 18 + 3 * i), SamplingParams(max_new_tokens=30, ignore_eos=True)) for i in range(4)
+    ]
+    engine.submit(seqs)
+    engine.step()
+    first_steps = [s.scheduled_at for s in seqs[:2]]
+    for _ in range(5000):
+        if all(s.finish_reason for s in seqs):
+            break
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0  # 12 + 13 blocks of 4 tokens for the first two: one is preempted
+    assert [s.scheduled_at for s in seqs[:2]] == first_steps
+    assert min(s.scheduled_at for s in seqs[2:]) > seqs[0].first_token_at  # no place at the first steps
+    for s in seqs:
+        assert s.arrival <= s.scheduled_at <= s.first_token_at
+
+    def total(name: str) -> float:
+        return m.registry.get_sample_value(name, {c.LABEL_MODEL_NAME: ""})
+
+    assert total("moe_request_queue_time_seconds_count") == total("moe_request_prefill_time_seconds_count") == 4
+    assert total("moe_request_queue_time_seconds_sum") == pytest.approx(sum(s.scheduled_at - s.arrival for s in seqs))
+    prefill = sum(s.first_token_at - s.scheduled_at for s in seqs)
+    assert total("moe_request_prefill_time_seconds_sum") == pytest.approx(prefill)
 
 
 def test_max_tokens_reserves_nothing_up_front(tiny):

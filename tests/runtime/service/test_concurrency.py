@@ -66,5 +66,13 @@ def test_concurrent_greedy_outputs_equal_single_request_outputs(shared_server):
 
     assert delta("moe_e2e_request_latency_seconds_count") == 48 + 6
     assert delta("moe_time_to_first_token_seconds_count") == 48 + 6
+    # time to first token splits into the wait for a first step and the prefill from it
+    assert delta("moe_request_queue_time_seconds_count") == delta("moe_request_prefill_time_seconds_count") == 54
+    split = delta("moe_request_queue_time_seconds_sum") + delta("moe_request_prefill_time_seconds_sum")
+    assert abs(split - delta("moe_time_to_first_token_seconds_sum")) < 1e-6, split
+    # every prompt token is in one step, and each generated token after a sequence's first is a decode row
+    steps, tokens = delta("moe_iteration_tokens_count"), delta("moe_iteration_tokens_sum")
+    assert tokens >= delta("moe_prompt_tokens_total") + delta("moe_generation_tokens_total") - 54
+    assert 0 < steps < tokens
     assert delta("moe_generation_tokens_total") == 8 * sum(lengths) + sum(lengths)
     assert delta('moe_request_success_total{finish_reason="length"}') == 48 + 6
