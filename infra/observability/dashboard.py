@@ -41,6 +41,10 @@ def _q(quantile: float, metric: str, by: str = "le") -> str:
     return f"histogram_quantile({quantile}, sum by ({by}) (rate({metric}_bucket{SEL}[{W}])))"
 
 
+def _mean(metric: str) -> str:
+    return f"sum(rate({metric}_sum{SEL}[{W}])) / sum(rate({metric}_count{SEL}[{W}]))"
+
+
 def panels(t: Thresholds) -> list[Panel]:
     lat, ttft, tpot = c.E2E_LATENCY.name, c.TIME_TO_FIRST_TOKEN.name, c.TIME_PER_OUTPUT_TOKEN.name
     return [
@@ -56,6 +60,33 @@ def panels(t: Thresholds) -> list[Panel]:
             ),
             threshold=t.p99_latency_seconds,
             description="The line is the P99 alert threshold (MoeP99LatencyHigh).",
+        ),
+        Panel(
+            "Time to first token: queue and prefill",
+            "s",
+            (
+                (_mean(c.REQUEST_QUEUE_TIME.name), "mean queue time"),
+                (_mean(c.REQUEST_PREFILL_TIME.name), "mean prefill time"),
+                (_q(0.99, c.REQUEST_QUEUE_TIME.name), "P99 queue time"),
+                (_q(0.99, c.REQUEST_PREFILL_TIME.name), "P99 prefill time"),
+            ),
+            description="Time to first token = the wait for a first engine step (room in the batch, the step's "
+            "token budget) + the prompt's prefill from there. Queue time growing while prefill stays flat: the "
+            "replica is full (scale out). Prefill time growing: its steps are slow or crowded by long prompts.",
+        ),
+        Panel(
+            "Engine steps",
+            "short",
+            (
+                (f"sum by (pod) (rate({c.ITERATION_TOKENS.name}_count{SEL}[{W}]))", "steps/s {{pod}}"),
+                (
+                    f"sum by (pod) (rate({c.ITERATION_TOKENS.name}_sum{SEL}[{W}])) / "
+                    f"sum by (pod) (rate({c.ITERATION_TOKENS.name}_count{SEL}[{W}]))",
+                    "tokens per step {{pod}}",
+                ),
+            ),
+            description="Tokens per step: one per decoding sequence plus the step's prompt tokens (at most "
+            "--max-num-batched-tokens).",
         ),
         Panel(
             "Throughput",
