@@ -487,8 +487,11 @@ SERVER_SIDE = (c.REQUEST_QUEUE_TIME, c.REQUEST_PREFILL_TIME, c.TIME_TO_FIRST_TOK
 
 
 def server_side(url: str) -> dict[str, float]:
-    """The sums and counts of :data:`SERVER_SIDE` now (subtract two readings for a level's share)."""
-    return {f"{d.name}_{part}": counter(url, f"{d.name}_{part}") for d in SERVER_SIDE for part in ("sum", "count")}
+    """The sums and counts of :data:`SERVER_SIDE` now (subtract two readings for a level's share), from one
+    /metrics fetch, each summed over its series."""
+    keys = [f"{d.name}_{part}" for d in SERVER_SIDE for part in ("sum", "count")]
+    samples = scrape(url, tuple(k + "{" for k in keys))
+    return {k: sum(v for series, v in samples.items() if series.startswith(k + "{")) for k in keys}
 
 
 def server_breakdown(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:

@@ -97,6 +97,7 @@ class Engine:
         self._closed = False  # no admission (draining or stopped)
         self._stop = False
         self.steps = 0
+        self._warming_up = False  # its steps are not traffic: left out of the step metrics
         self.emit: Emit = _emit_direct
         self._thread: threading.Thread | None = None
 
@@ -125,11 +126,15 @@ class Engine:
         ]
         for seq in seqs:
             seq.on_event = lambda ev: finished.release() if ev.finish_reason else None
-        self.submit(seqs)
-        self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
-        for _ in seqs:
-            if not finished.acquire(timeout=600):
-                raise RuntimeError("warm-up generation did not finish")
+        self._warming_up = True
+        try:
+            self.submit(seqs)
+            self.score([[0] * prompt_len, [0] * (prompt_len // 2)], [0]).result(timeout=600)
+            for _ in seqs:
+                if not finished.acquire(timeout=600):
+                    raise RuntimeError("warm-up generation did not finish")
+        finally:
+            self._warming_up = False
         with self._lock:
             self.model.reset_expert_load()
             self.allocator.reset_cache()
@@ -254,8 +259,7 @@ class Engine:
         if self.pacer is not None:
             self.pacer.observe(time.perf_counter() - started, len(batch.decode), batch.num_tokens - len(batch.decode))
         self.steps += 1
-        scheduled = batch.decode or [c.seq for g in batch.prefill_groups for c in g]
-        if not all(s.warmup for s in scheduled):  # the engine's own warm-up is no traffic
+        if not self._warming_up:
             self.stats.step(batch.num_tokens)
         self.stats.count_tokens()
         # gauges before the events: a client that reads /metrics after its last token sees this step's

@@ -279,9 +279,13 @@ def test_a_mixed_forward_equals_a_decode_step_and_a_prefill_apart(tiny):
 
 def test_warm_up_runs_a_long_step_a_cached_chunk_and_a_mixed_step(tiny):
     """What serving will run is run once before readiness: a full-budget prefill, a chunk attending to
-    cached context, and a mixed forward (decode rows beside a prompt chunk); nothing is left behind."""
+    cached context, and a mixed forward (decode rows beside a prompt chunk); nothing is left behind, in the
+    cache or in the metrics (its steps and requests are not traffic; the first request after it is)."""
+    from runtime.metrics import ServiceMetrics
+
     model, tok = tiny
-    engine = make_engine(model, tok, max_num_batched_tokens=64)
+    m = ServiceMetrics()
+    engine = make_engine(model, tok, m, max_num_batched_tokens=64)
     seen = []
     hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[2]))
     engine.start()
@@ -294,6 +298,17 @@ def test_warm_up_runs_a_long_step_a_cached_chunk_and_a_mixed_step(tiny):
     assert max(prompt_rows) >= 64 - 8  # the long prompt's first chunk: the budget less the short prompt
     assert any(m.num_decode and m.context_lens_cpu[-1] > m.query_lens[-1] for m in seen)  # mixed, cached chunk
     assert engine.allocator.usage() == 0.0 and engine.num_inflight() == 0
+
+    def total(name: str) -> float:
+        return m.registry.get_sample_value(name, {c.LABEL_MODEL_NAME: ""})
+
+    assert len(seen) > 3
+    assert total("moe_iteration_tokens_count") == total("moe_time_to_first_token_seconds_count") == 0
+    engine._closed = engine._stop = False  # the same engine, stepped by hand from here
+    run(engine, [prompt(1, 10)], 3)
+    # the prompt's step, then one row per decode step (two, and one more overlapped step that the length ends)
+    steps = total("moe_iteration_tokens_count")
+    assert steps in (3, 4) and total("moe_iteration_tokens_sum") == 10 + steps - 1
 
 
 def test_the_engine_paces_prompts_from_its_own_step_times(tiny):
