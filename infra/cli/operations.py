@@ -106,9 +106,11 @@ def add_adopt(sub: Subparsers) -> None:
         description=(
             "An interrupted `cdktf deploy` can leave objects it was creating in AWS but not in the state (the "
             "interrupt cancels the provider's calls in flight); deploying again would create copies. This "
-            "lists the stack's untracked network objects (by its default tags and each resource's Name tag) "
-            "and imports each one that matches exactly one resource the state lacks. Ambiguous copies are "
-            f"listed, never deleted, with exit {int(ExitCode.CHECK_FAILED)}."
+            "lists the stack's untracked objects (network objects by its default tags and each resource's "
+            "Name tag; log groups, KMS aliases, IAM roles, tables, repositories and the cluster by name, "
+            "when they carry the stack's tags) and imports each one that matches exactly one resource the "
+            "state lacks. Ambiguous copies, and named objects without the stack's tags, are listed, never "
+            f"deleted, with exit {int(ExitCode.CHECK_FAILED)}."
         ),
     )
     parser.add_argument("env", help="environment name")

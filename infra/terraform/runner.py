@@ -186,8 +186,9 @@ class Terraform:
             adopt.unlink(missing_ok=True)
 
     def untracked(self) -> Untracked:
-        """The stack's live EC2 objects that the state does not hold (see infra/terraform/untracked.py). A
-        working directory without a synthesized stack (hand-written configuration) has nothing to compare."""
+        """The stack's live objects (EC2 ones by their tags, named ones by name) that the state does not hold
+        (see infra/terraform/untracked.py). A working directory without a synthesized stack (hand-written
+        configuration) has nothing to compare."""
         stack = self.workdir / "cdk.tf.json"
         if not stack.is_file():
             return Untracked()

@@ -1,4 +1,4 @@
-"""Find the network objects an interrupted apply created in AWS but never recorded in the state.
+"""Find the objects an interrupted apply created in AWS but never recorded in the state.
 
 Terraform's first interrupt (Ctrl-C, SIGINT) stops gracefully at the graph level, but it also tells the
 providers to stop, and the AWS provider then cancels every API call in flight. A create call that AWS had
@@ -12,16 +12,24 @@ resources, and that no resource of the state holds. An object that matches exact
 not in the state yet is adopted with an `import` block (the apply then owns it instead of creating a
 second one); anything else (two candidates for one resource, or a copy of a resource already in the state)
 is reported, never deleted.
+
+Named types (a log group, a KMS alias, an IAM role, a table, a repository, the cluster) cannot be
+duplicated: the second create fails with "already exists" and stops every later apply. For each of the
+stack's named resources that the state lacks, the runner asks whether an object of that name is live; one
+that carries the stack's default tags (for an alias: its key does) is adopted the same way, and one that
+does not is reported (it may be someone else's: never imported, never deleted).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 #: Terraform type -> (EC2 describe call, its filter parameter, result key, ID field). Every one of these
 #: carries a unique `Name` tag in our stacks (infra/constructs/network.py).
@@ -64,17 +72,94 @@ def state_ids(state: dict[str, Any]) -> dict[str, set[str]]:
     return out
 
 
-def _ec2_client(config: dict[str, Any]) -> Any:
-    """EC2 the way the stack's AWS provider reaches it: its region, endpoint and static keys (the emulator's
-    dummy ones), otherwise the caller's default credentials."""
+def _client(config: dict[str, Any], service: str) -> Any:
+    """A service the way the stack's AWS provider reaches it: its region, endpoint and static keys (the
+    emulator's dummy ones), otherwise the caller's default credentials."""
     provider = (config.get("provider", {}).get("aws") or [{}])[0]
-    endpoint = (provider.get("endpoints") or [{}])[0].get("ec2")
+    endpoint = (provider.get("endpoints") or [{}])[0].get(service)
     keys = {}
     if provider.get("access_key") and provider.get("secret_key"):
         keys = {"aws_access_key_id": provider["access_key"], "aws_secret_access_key": provider["secret_key"]}
     session = boto3.session.Session(region_name=provider.get("region"), **keys)
     retries = {"max_attempts": 2 if endpoint else 8, "mode": "standard"}
-    return session.client("ec2", endpoint_url=endpoint, config=Config(retries=retries, read_timeout=60))
+    return session.client(service, endpoint_url=endpoint, config=Config(retries=retries, read_timeout=60))
+
+
+# ---- named types: one live object per name, found by the name and checked by its tags ----------------
+#: A lookup's answer: None when no object has the name, else the object's tags.
+Lookup = Callable[[Any, str], "dict[str, str] | None"]
+
+
+def _pairs(tags: list[dict[str, str]], key: str = "Key", value: str = "Value") -> dict[str, str]:
+    return {t[key]: t[value] for t in tags}
+
+
+def _absent(err: ClientError, *codes: str) -> None:
+    """Re-raise unless the error says the object does not exist."""
+    if err.response.get("Error", {}).get("Code") not in codes:
+        raise err
+
+
+def _log_group(logs: Any, name: str) -> dict[str, str] | None:
+    groups = logs.describe_log_groups(logGroupNamePrefix=name)["logGroups"]
+    if not any(g["logGroupName"] == name for g in groups):
+        return None
+    return logs.list_tags_log_group(logGroupName=name).get("tags", {})
+
+
+def _kms_alias(kms: Any, name: str) -> dict[str, str] | None:
+    aliases = kms.get_paginator("list_aliases").paginate()
+    alias = next((a for page in aliases for a in page["Aliases"] if a["AliasName"] == name), None)
+    if alias is None:
+        return None
+    key = alias.get("TargetKeyId")  # an alias has no tags: its key's stand for it
+    return _pairs(kms.list_resource_tags(KeyId=key)["Tags"], "TagKey", "TagValue") if key else {}
+
+
+def _iam_role(iam: Any, name: str) -> dict[str, str] | None:
+    try:
+        return _pairs(iam.list_role_tags(RoleName=name)["Tags"])
+    except ClientError as err:
+        _absent(err, "NoSuchEntity")
+        return None
+
+
+def _dynamodb_table(dynamodb: Any, name: str) -> dict[str, str] | None:
+    try:
+        arn = dynamodb.describe_table(TableName=name)["Table"]["TableArn"]
+    except ClientError as err:
+        _absent(err, "ResourceNotFoundException")
+        return None
+    return _pairs(dynamodb.list_tags_of_resource(ResourceArn=arn).get("Tags", []))
+
+
+def _ecr_repository(ecr: Any, name: str) -> dict[str, str] | None:
+    try:
+        arn = ecr.describe_repositories(repositoryNames=[name])["repositories"][0]["repositoryArn"]
+    except ClientError as err:
+        _absent(err, "RepositoryNotFoundException")
+        return None
+    return _pairs(ecr.list_tags_for_resource(resourceArn=arn).get("tags", []))
+
+
+def _eks_cluster(eks: Any, name: str) -> dict[str, str] | None:
+    try:
+        cluster = eks.describe_cluster(name=name)["cluster"]
+    except ClientError as err:
+        _absent(err, "ResourceNotFoundException")
+        return None
+    return None if cluster.get("status") == "DELETING" else cluster.get("tags", {})
+
+
+#: Terraform type -> (service, lookup by name). The import ID of each is its name.
+NAMED_TYPES: dict[str, tuple[str, Lookup]] = {
+    "aws_cloudwatch_log_group": ("logs", _log_group),
+    "aws_kms_alias": ("kms", _kms_alias),
+    "aws_iam_role": ("iam", _iam_role),
+    "aws_dynamodb_table": ("dynamodb", _dynamodb_table),
+    "aws_ecr_repository": ("ecr", _ecr_repository),
+    "aws_eks_cluster": ("eks", _eks_cluster),
+}
 
 
 def _default_tags(config: dict[str, Any]) -> dict[str, str]:
@@ -83,14 +168,16 @@ def _default_tags(config: dict[str, Any]) -> dict[str, str]:
 
 
 def find_untracked(config: dict[str, Any], state: dict[str, Any], ec2: Any | None = None) -> Untracked:
-    """Compare the stack's EC2 objects, found live by the stack's default tags and each resource's `Name`,
-    with the state. `config` is the stack's cdk.tf.json, `state` the raw state (empty before a first apply)."""
+    """Compare the stack's objects, found live by the stack's default tags and each resource's `Name` tag
+    (EC2) or name (named types), with the state. `config` is the stack's cdk.tf.json, `state` the raw state
+    (empty before a first apply)."""
     found = Untracked()
     default_tags = _default_tags(config)
     if not default_tags:  # nothing identifies the stack's objects: never guess
         return found
     tracked = state_ids(state)
-    ec2 = ec2 or _ec2_client(config)
+    _find_named(config, tracked, default_tags, found)
+    ec2 = ec2 or _client(config, "ec2")
     for rtype, (call, param, key, id_field) in EC2_TYPES.items():
         by_name = {
             body["tags"]["Name"]: f"{rtype}.{name}"
@@ -126,6 +213,31 @@ def find_untracked(config: dict[str, Any], state: dict[str, Any], ec2: Any | Non
                     f"import the one to keep (terraform import {address} ID) and delete the others"
                 )
     return found
+
+
+def _find_named(
+    config: dict[str, Any], tracked: dict[str, set[str]], default_tags: dict[str, str], found: Untracked
+) -> None:
+    """Named resources the state lacks whose name is taken live: adopted when tagged as the stack's,
+    reported otherwise. Resources the state holds are not looked up (a name cannot have a copy)."""
+    clients: dict[str, Any] = {}
+    for rtype, (service, lookup) in NAMED_TYPES.items():
+        for name, body in sorted(config.get("resource", {}).get(rtype, {}).items()):
+            address, live_name = f"{rtype}.{name}", body.get("name")
+            if address in tracked or not isinstance(live_name, str) or "${" in live_name:
+                continue
+            client = clients.get(service) or clients.setdefault(service, _client(config, service))
+            tags = lookup(client, live_name)
+            if tags is None:
+                continue
+            if all(tags.get(k) == v for k, v in default_tags.items()):
+                found.imports[address] = live_name
+            else:
+                found.conflicts.append(
+                    f"{live_name}: a {rtype} of the name {address} creates exists without the stack's tags; "
+                    f"if it is this stack's, import it (terraform import {address} {live_name}), else rename "
+                    "or delete it"
+                )
 
 
 def raw_state(text: str) -> dict[str, Any]:

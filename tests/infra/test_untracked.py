@@ -1,5 +1,6 @@
 """The runner's search for objects an interrupted apply left in AWS but not in the state
-(infra/terraform/untracked.py), against the embedded AWS: real EC2 objects, real tag filters."""
+(infra/terraform/untracked.py), against the embedded AWS: real EC2 objects, real tag filters, real named
+objects and their tags."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _tags(**tags: str) -> list[dict]:
 def emulated_provider(emulator: str, default_tags: dict[str, str]) -> dict:
     """A stack's provider block as the search reads it: the emulator's EC2, its dummy keys, default tags."""
     provider = {"region": "us-east-1", "access_key": "emulated", "secret_key": "emulated"}
-    return {"aws": [{**provider, "endpoints": [{"ec2": emulator}], "default_tags": [{"tags": default_tags}]}]}
+    endpoints = {service: emulator for service in ("ec2", "logs", "kms", "iam", "dynamodb", "ecr", "eks")}
+    return {"aws": [{**provider, "endpoints": [endpoints], "default_tags": [{"tags": default_tags}]}]}
 
 
 def test_adopts_one_untracked_copy_and_reports_the_ambiguous(emulator: str, ec2) -> None:  # type: ignore[no-untyped-def]
@@ -89,3 +91,55 @@ def test_objects_of_other_stacks_are_ignored_where_the_endpoint_ignores_tag_filt
         ec2.release_address(AllocationId=eip)
         ec2.delete_subnet(SubnetId=subnet)
         ec2.delete_vpc(VpcId=vpc)
+
+
+def test_named_objects_an_interrupt_left_are_adopted_when_tagged_as_the_stacks(emulator: str) -> None:
+    """A log group, a KMS alias (its key carries the tags) and a repository that the state lacks and AWS holds
+    with the stack's tags are adopted by name; a role of the stack's name without its tags is reported; a
+    name nobody holds, and a resource the state holds, are neither."""
+    env = f"untracked-{uuid.uuid4().hex[:8]}"
+    ours = {"environment": env, "project": "moe-fleet"}
+    logs, kms, iam, ecr = (aws(service, emulator) for service in ("logs", "kms", "iam", "ecr"))
+    logs.create_log_group(logGroupName=f"/{env}/flow", tags=ours)
+    key = kms.create_key(Tags=[{"TagKey": k, "TagValue": v} for k, v in ours.items()])["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName=f"alias/{env}-logs", TargetKeyId=key)
+    ecr.create_repository(repositoryName=f"{env}/runtime", tags=[{"Key": k, "Value": v} for k, v in ours.items()])
+    trust = '{"Version": "2012-10-17", "Statement": []}'
+    iam.create_role(RoleName=f"{env}-node", AssumeRolePolicyDocument=trust, Tags=[{"Key": "owner", "Value": "x"}])
+    iam.create_role(RoleName=f"{env}-held", AssumeRolePolicyDocument=trust)
+    try:
+        config = {
+            "provider": emulated_provider(emulator, ours),
+            "resource": {
+                "aws_cloudwatch_log_group": {"flow": {"name": f"/{env}/flow"}, "gone": {"name": f"/{env}/gone"}},
+                "aws_kms_alias": {"logs": {"name": f"alias/{env}-logs"}},
+                "aws_ecr_repository": {"runtime": {"name": f"{env}/runtime"}},
+                "aws_iam_role": {
+                    "node": {"name": f"{env}-node"},
+                    "held": {"name": f"{env}-held"},
+                    "later": {"name": "${aws_eks_cluster.c.name}-x"},  # known after apply: not looked up
+                },
+                "aws_eks_cluster": {"cluster": {"name": env}},
+            },
+        }
+        state = {
+            "resources": [
+                {"mode": "managed", "type": "aws_iam_role", "name": "held", "instances": [{"attributes": {"id": "x"}}]}
+            ]
+        }
+        found = find_untracked(config, state)
+        assert found.imports == {
+            "aws_cloudwatch_log_group.flow": f"/{env}/flow",
+            "aws_kms_alias.logs": f"alias/{env}-logs",
+            "aws_ecr_repository.runtime": f"{env}/runtime",
+        }
+        assert len(found.conflicts) == 1, found.conflicts
+        assert f"{env}-node" in found.conflicts[0] and "aws_iam_role.node" in found.conflicts[0]
+        assert "without the stack's tags" in found.conflicts[0]
+    finally:
+        logs.delete_log_group(logGroupName=f"/{env}/flow")
+        kms.delete_alias(AliasName=f"alias/{env}-logs")
+        kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+        ecr.delete_repository(repositoryName=f"{env}/runtime")
+        for role in (f"{env}-node", f"{env}-held"):
+            iam.delete_role(RoleName=role)
