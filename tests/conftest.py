@@ -128,6 +128,7 @@ BACKGROUND_FIXTURES = (
     "lifecycles",
     "plan_summary_job",
     "infra_faults",
+    "adopt_job",
 )
 
 
@@ -173,6 +174,18 @@ def infra_faults(
     workdir = tmp_path_factory.mktemp("faults") / ENV
     with ThreadPoolExecutor(max_workers=1) as pool:
         yield pool.submit(run_fault_sequence, synth_dir / ENV, workdir, stacks[ENV], emulator)
+
+
+@pytest.fixture(scope="session")
+def adopt_job(
+    emulator: str, stacks: dict[str, dict], environments_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Future[dict]]:
+    """`moefleet adopt` on a one-VPC stack (tests/infra/test_adopt.py)."""
+    from tests.infra.test_adopt import adopt_scenario
+
+    workdir = tmp_path_factory.mktemp("adopt") / "stack"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(adopt_scenario, emulator, stacks, environments_file, workdir)
 
 
 @pytest.fixture(scope="session")
