@@ -255,9 +255,13 @@ class AttentionMetadata:
     query_lens: list[int] | None = None  # prefill only
     context_lens_cpu: list[int] | None = None  # prefill only (drives a per-sequence loop)
     num_decode: int = 0  # a mixed step: its first sequences each decode one token
+    # sizes, in sequences, of consecutive groups of the prompt chunks that attention runs apart (each one
+    # padded when its lengths are close, else looped: :meth:`prompt_parts`); None: all in one group
+    prompt_groups: tuple[int, ...] | None = None
 
     _padded: torch.Tensor | None = field(default=None, repr=False)
     _parts: tuple[AttentionMetadata, AttentionMetadata] | None = field(default=None, repr=False)
+    _groups: list[tuple[int, int, AttentionMetadata]] | None = field(default=None, repr=False)
 
     @property
     def is_decode(self) -> bool:
@@ -278,9 +282,34 @@ class AttentionMetadata:
                 slot_mapping=slots[n:],
                 query_lens=self.query_lens[n:],
                 context_lens_cpu=self.context_lens_cpu[n:],
+                prompt_groups=self.prompt_groups,
             )
             self._parts = decode, prompts
         return self._parts
+
+    def prompt_parts(self) -> list[tuple[int, int, AttentionMetadata]]:
+        """A prefill's groups (:attr:`prompt_groups`) as (first row, end row, metadata of their own), built
+        once a step and shared by every layer: one forward runs all of a step's prompt chunks (one launch
+        of each layer's other kernels), and only attention treats the groups apart."""
+        if self._groups is None:
+            sizes = self.prompt_groups or (len(self.query_lens),)
+            if sum(sizes) != len(self.query_lens):
+                raise ValueError(f"prompt_groups {sizes} do not cover the {len(self.query_lens)} sequences")
+            if len(sizes) == 1:
+                self._groups = [(0, sum(self.query_lens), self)]
+            else:
+                self._groups, seq, row = [], 0, 0
+                for size in sizes:
+                    ql = self.query_lens[seq : seq + size]
+                    part = AttentionMetadata(
+                        context_lens=self.context_lens[seq : seq + size],
+                        block_tables=None if self.block_tables is None else self.block_tables[seq : seq + size],
+                        query_lens=ql,
+                        context_lens_cpu=self.context_lens_cpu[seq : seq + size],
+                    )
+                    self._groups.append((row, row + sum(ql), part))
+                    seq, row = seq + size, row + sum(ql)
+        return self._groups
 
     def padded_index(self) -> torch.Tensor | None:
         """For a prefill of several fresh sequences whose lengths are close (≥ 75% of a right-padded
@@ -313,15 +342,18 @@ def prefill_metadata(
     slots: Sequence[int] | None,
     device: torch.device | str = "cpu",
     num_decode: int = 0,
+    prompt_groups: Sequence[int] | None = None,
 ) -> AttentionMetadata:
     """Metadata for packed prefill (``context_lens[i] > query_lens[i]`` means a cached prefix).
 
     With ``block_tables=None`` the forward runs without a cache (scoring only, fresh sequences).
-    ``num_decode``: the first sequences are decode rows of a mixed step (query length 1 each)."""
+    ``num_decode``: the first sequences are decode rows of a mixed step (query length 1 each).
+    ``prompt_groups``: see :attr:`AttentionMetadata.prompt_groups`."""
     if any(q != 1 for q in query_lens[:num_decode]):
         raise ValueError(f"a mixed step's {num_decode} decode rows must have query length 1: {query_lens[:num_decode]}")
     return AttentionMetadata(
         num_decode=num_decode,
+        prompt_groups=None if prompt_groups is None else tuple(prompt_groups),
         context_lens=torch.tensor(list(context_lens), dtype=torch.int64, device=device),
         block_tables=None if block_tables is None else _pad_tables(block_tables, None, device),
         slot_mapping=None if slots is None else torch.tensor(list(slots), dtype=torch.int64, device=device),

@@ -366,6 +366,14 @@ class MLAttention(nn.Module):
         return cache[block_tables].view(B, -1, cache.shape[-1])
 
     def _prefill(self, q_nope, q_pe, kv_new, meta: AttentionMetadata, cache) -> torch.Tensor:
+        parts = meta.prompt_parts()
+        if len(parts) == 1:
+            return self._prefill_group(q_nope, q_pe, kv_new, meta, cache)
+        return torch.cat([self._prefill_group(q_nope[a:b], q_pe[a:b], kv_new[a:b], m, cache) for a, b, m in parts])
+
+    def _prefill_group(self, q_nope, q_pe, kv_new, meta: AttentionMetadata, cache) -> torch.Tensor:
+        """One group of prompt chunks: one padded SDPA when they are fresh and close in length, else one
+        per sequence (a cached prefix is read back from the pool)."""
         q = torch.cat([q_nope, q_pe], dim=-1)
         padded = meta.padded_index()
         if padded is not None:

@@ -246,12 +246,11 @@ class Engine:
             batch = self.scheduler.schedule(self.pacer)
         self.stats.scheduled(len(batch.preempted), batch.cache_queries, batch.cache_hits, batch.paced)
         groups, decoded = batch.prefill_groups, None
-        if self.cfg.mixed_steps and groups and batch.decode:  # the decodes ride along with the first group
-            sampled, decoded = self.runner.mixed(groups[0], batch.decode)
+        if self.cfg.mixed_steps and groups and batch.decode:  # the decodes ride along with the prompt chunks
+            sampled, decoded = self.runner.mixed(groups, batch.decode)
             self._prefilled(sampled, events)
-            groups = groups[1:]
-        for group in groups:
-            self._prefilled(self.runner.prefill(group), events)
+        elif groups:
+            self._prefilled(self.runner.prefill(groups), events)
         if decoded is not None:
             self.post.accept(decoded, events)
         elif batch.decode or self.runner.inflight is not None:

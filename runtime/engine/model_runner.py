@@ -94,20 +94,24 @@ class ModelRunner:
         return PagedKVCache(mc, n, cfg.block_size, dtype=dtype, device=self.device)
 
     # ---- prefill ----------------------------------------------------------------------------
-    def prefill(self, group: list[PrefillChunk]) -> list[tuple[Sequence, Sampled]]:
-        """One packed forward over the chunks (fresh prompts, continued chunked ones, prompts after a cached
-        prefix) → the next token of each sequence whose prefill this chunk completes. The scheduler already
-        holds the blocks; chunks after the first attend to the earlier ones through the cache."""
+    def prefill(self, groups: list[list[PrefillChunk]]) -> list[tuple[Sequence, Sampled]]:
+        """One packed forward over a step's chunks (fresh prompts, continued chunked ones, prompts after a
+        cached prefix), in the scheduler's groups, which attention treats apart → the next token of each
+        sequence whose prefill this chunk completes. The scheduler already holds the blocks; chunks after
+        the first attend to the earlier ones through the cache. One forward, not one per group: a prefill
+        forward's launches cost about as much as its compute at a step's budget, whatever its tokens."""
         dev = self.device
+        group = [c for g in groups for c in g]
         qlens = [c.length for c in group]
         ctx = [c.start + c.length for c in group]
         slots = [slot for c in group for slot in c.seq.blocks.append(c.length)]
         ids = torch.tensor([t for c in group for t in c.seq.token_ids[c.start : c.start + c.length]], device=dev)
         pos = torch.cat([torch.arange(c.start, c.start + c.length) for c in group]).to(dev)
         last = torch.tensor(qlens, device=dev).cumsum(0) - 1
-        meta = prefill_metadata(qlens, ctx, [c.seq.blocks.blocks for c in group], slots, device=dev)
+        tables = [c.seq.blocks.blocks for c in group]
+        meta = prefill_metadata(qlens, ctx, tables, slots, device=dev, prompt_groups=[len(g) for g in groups])
         logits = self.model(ids, pos, meta, self.cache, logits_indices=last)
-        self.stats.prefill(sum(qlens), padded_slots(qlens, ctx))
+        self.stats.prefill(sum(qlens), _padding(groups))
         done = [i for i, c in enumerate(group) if c.seq.prefilled]
         if not done:
             return []
@@ -117,10 +121,10 @@ class ModelRunner:
 
     # ---- a step of both ---------------------------------------------------------------------
     def mixed(
-        self, group: list[PrefillChunk], seqs: list[Sequence]
+        self, groups: list[list[PrefillChunk]], seqs: list[Sequence]
     ) -> tuple[list[tuple[Sequence, Sampled]], list[tuple[Sequence, Sampled]]]:
-        """One forward for a step's decodes and one group of its prompt chunks → (the prompts' first tokens,
-        as :meth:`prefill` returns them; the decoded tokens, as :meth:`decode` returns them).
+        """One forward for a step's decodes and its prompt chunks → (the prompts' first tokens, as
+        :meth:`prefill` returns them; the decoded tokens, as :meth:`decode` returns them).
 
         Run apart, a decode step and a prefill forward each read every weight: a mixed step then costs about
         two decode steps, and with bursts of prompts that is most steps. In one forward the decode rows
@@ -130,8 +134,9 @@ class ModelRunner:
         pending, rows, seqs = self._take_pending(seqs)
         if not seqs:  # every decode row was the unread token's last: a plain prefill
             self.inflight = pending
-            return self.prefill(group), self.decode([])
+            return self.prefill(groups), self.decode([])
         dev, n = self.device, len(seqs)
+        group = [c for g in groups for c in g]
         feed_rows, toks, dec_slots, dec_ctx, dec_tables = self._decode_inputs(seqs, rows)
         qlens = [c.length for c in group]
         ctx = [c.start + c.length for c in group]
@@ -143,10 +148,11 @@ class ModelRunner:
             ids = torch.cat([head, ids[n:]])
         pos = torch.cat([torch.tensor(dec_ctx) - 1, *(torch.arange(c.start, c.start + c.length) for c in group)])
         tables = dec_tables + [c.seq.blocks.blocks for c in group]
-        meta = prefill_metadata([1] * n + qlens, dec_ctx + ctx, tables, slots, device=dev, num_decode=n)
+        sizes = [len(g) for g in groups]
+        meta = prefill_metadata([1] * n + qlens, dec_ctx + ctx, tables, slots, dev, num_decode=n, prompt_groups=sizes)
         last = torch.cat([torch.arange(n), n + torch.tensor(qlens).cumsum(0) - 1]).to(dev)
         logits = self.model(ids, pos.to(dev), meta, self.cache, logits_indices=last)
-        self.stats.prefill(sum(qlens), padded_slots(qlens, ctx))
+        self.stats.prefill(sum(qlens), _padding(groups))
         self.stats.decode(n, n)
         read = self._launch(logits[:n], seqs, pending)
         done = [i for i, c in enumerate(group) if c.seq.prefilled]
@@ -292,3 +298,8 @@ class ModelRunner:
         logits = self.model(ids, pos, meta, None, logits_indices=last)
         lp = logprobs(logits)[:, torch.tensor(list(token_ids), device=dev)]
         return lp.cpu().tolist()
+
+
+def _padding(groups: list[list[PrefillChunk]]) -> int:
+    """Padding slots the forward's attention adds, group by group."""
+    return sum(padded_slots([c.length for c in g], [c.start + c.length for c in g]) for g in groups)

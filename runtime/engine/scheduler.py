@@ -89,7 +89,8 @@ WATERMARK = 0.01
 
 @dataclass
 class ScheduledStep:
-    """What one engine step runs: prefill chunks grouped into forwards, then one decode step."""
+    """What one engine step runs: prefill chunks, grouped for attention (one forward for all of them), and
+    the decodes (in the same forward with mixed steps, else one decode step after it)."""
 
     prefill_groups: list[list[PrefillChunk]]
     decode: list[Sequence]

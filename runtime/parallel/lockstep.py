@@ -100,6 +100,7 @@ def _pack(ids, pos, meta: AttentionMetadata, logits_indices) -> tuple[dict[str, 
         "query_lens": meta.query_lens,
         "context_lens_cpu": meta.context_lens_cpu,
         "num_decode": meta.num_decode,
+        "prompt_groups": meta.prompt_groups,
     }
     return spec, flat
 
@@ -121,6 +122,7 @@ def _unpack(spec: dict[str, Any], flat: torch.Tensor):
         query_lens=spec["query_lens"],
         context_lens_cpu=spec["context_lens_cpu"],
         num_decode=spec["num_decode"],
+        prompt_groups=None if spec["prompt_groups"] is None else tuple(spec["prompt_groups"]),
     )
     return out["input_ids"], out["positions"], meta, out["logits_indices"]
 

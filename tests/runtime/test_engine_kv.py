@@ -6,6 +6,7 @@ alone, caching off): the mechanisms may change when tokens are computed, never w
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -275,6 +276,65 @@ def test_a_mixed_forward_equals_a_decode_step_and_a_prefill_apart(tiny):
     torch.testing.assert_close(cache.tensor, after_apart, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="decode rows must have query length 1"):
         prefill_metadata([2, 5], [9, 5], [[1], [2]], list(range(7)), num_decode=1)
+
+
+def test_a_steps_prompt_groups_run_in_one_forward_with_the_logits_of_each_group_apart(tiny):
+    """Chunks that attention treats apart (two fresh prompts of close length: one padded call; a much longer
+    fresh one; a chunk after a cached prefix: read back from the pool) in one forward give each group's
+    logits run apart (fp32, 1e-5); and the engine runs such a step as one forward, tokens as alone."""
+    import torch
+
+    from runtime.kv_cache import PagedKVCache, prefill_metadata
+
+    model, tok = tiny
+    bs = 16
+    cache = PagedKVCache(model.config, 64, bs)
+
+    def table(i: int, n: int) -> list[int]:
+        return list(range(1 + 8 * i, 1 + 8 * i - (-n // bs)))
+
+    def slots(tab: list[int], start: int, n: int) -> list[int]:
+        return [tab[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    groups = [[(0, 20, 0), (1, 18, 0)], [(2, 60, 0)], [(3, 30, 18)]]  # (sequence, context after, cached)
+    tabs = {i: table(i, n) for g in groups for i, n, _ in g}
+    with torch.inference_mode():
+        cached = prefill_metadata([18], [18], [tabs[3]], slots(tabs[3], 0, 18))
+        model(torch.tensor(prompt(3, 18)), torch.arange(18), cached, cache)
+        before = cache.tensor.clone()
+
+        def forward(gs: list, sizes: list[int] | None) -> torch.Tensor:
+            chunks = [c for g in gs for c in g]
+            qlens = [n - k for _, n, k in chunks]
+            ids = torch.tensor([t for i, n, k in chunks for t in prompt(i, n)[k:]])
+            pos = torch.cat([torch.arange(k, n) for _, n, k in chunks])
+            sl = [x for i, n, k in chunks for x in slots(tabs[i], k, n - k)]
+            meta = prefill_metadata(qlens, [n for _, n, _ in chunks], [tabs[i] for i, _, _ in chunks], sl)
+            meta = dataclasses.replace(meta, prompt_groups=None if sizes is None else tuple(sizes))
+            return model(ids, pos, meta, cache, logits_indices=torch.tensor(qlens).cumsum(0) - 1)
+
+        apart = torch.cat([forward([g], None) for g in groups])
+        cache.tensor.copy_(before)
+        together = forward(groups, [len(g) for g in groups])
+        cache.tensor.copy_(before)
+        looped = forward(groups, None)  # one ragged group: attention loops over the sequences
+    for got in (together, looped):
+        assert (got - apart).abs().max() <= 1e-5 * apart.abs().max()
+    with pytest.raises(ValueError, match="do not cover"):
+        prefill_metadata([3, 4], [3, 4], None, None, prompt_groups=[1]).prompt_parts()
+
+    lengths = (20, 18, 40)
+    alone = [run(make_engine(model, tok), [prompt(i, n)], 6)[0] for i, n in enumerate(lengths)]
+    engine = make_engine(model, tok, max_num_batched_tokens=64)
+    forwards: list = []
+    hook = model.register_forward_pre_hook(lambda _, args: forwards.append(args[2]))
+    try:
+        together_tokens = run(engine, [prompt(i, n) for i, n in enumerate(lengths)], 6)
+    finally:
+        hook.remove()
+    first = forwards[0]  # 20 + 18 fresh, then the 40-token prompt's first 26: two groups, one forward
+    assert first.query_lens == [20, 18, 26] and first.prompt_groups == (2, 1)
+    assert together_tokens == alone
 
 
 def test_warm_up_runs_a_long_step_a_cached_chunk_and_a_mixed_step(tiny):
