@@ -84,7 +84,7 @@ def _stall_factor(text: str) -> float | None:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from runtime import contract as c
-    from runtime.engine.config import EngineConfig
+    from runtime.engine.config import CUDA_BATCHED_TOKENS, EngineConfig
 
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI API, risk score, metrics)")
     p.add_argument(
@@ -135,8 +135,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         dest="max_num_batched_tokens",
         type=int,
         default=None,
-        help="tokens per engine step: one per running decode, prompt chunks fill the rest (default: 2048 on GPU, "
-        "512 on CPU)",
+        help="tokens per engine step: one per running decode, prompt chunks fill the rest (default: "
+        f"{CUDA_BATCHED_TOKENS} on GPU, 512 on CPU)",
     )
     p.add_argument(
         "--max-decode-stall",

@@ -9,11 +9,19 @@ from dataclasses import dataclass
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+#: A step's token budget on CUDA. A prefill forward's launches cost about as much as its compute at 2,048
+#: tokens on an H100 (V2-Lite), so a burst of prompts pays that fixed cost once per step: 8,192 takes 64
+#: prompts of 128 tokens in one step (docs/benchmarks.md: 64 streams' inter-token P99 1.35× its P50 instead
+#: of 2.1×, 256 streams 10.1k output tok/s). The serving engines we compare with default to the same.
+CUDA_BATCHED_TOKENS = 8192
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64  # running batch cap (largest decode batch)
     max_queue: int = 256  # waiting sequences + scoring jobs; beyond this, QueueFullError (429)
-    # tokens per engine step (decodes first, prompt chunks fill the rest); None: 2048 on CUDA, 512 on CPU
+    # tokens per engine step (decodes first, prompt chunks fill the rest); None: CUDA_BATCHED_TOKENS on
+    # CUDA, 512 on CPU
     max_num_batched_tokens: int | None = None
     # while sequences decode, a step's prompt chunks are sized so that it takes at most this many times a
     # decode-only step (stall-free batching, runtime.engine.pacing): inter-token P99 within 2× its P50,
@@ -50,4 +58,4 @@ class EngineConfig:
         """The step's token budget on this device (``max_num_batched_tokens`` or its default)."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return 2048 if device_type == "cuda" else 512
+        return CUDA_BATCHED_TOKENS if device_type == "cuda" else 512
