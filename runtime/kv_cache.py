@@ -316,13 +316,45 @@ class AttentionMetadata:
         [B, max_len] batch is real tokens): each packed token's row in that padded batch, so attention
         runs as one batched call. None otherwise (attention then loops over sequences)."""
         ql, cl = self.query_lens, self.context_lens_cpu
-        if ql is None or len(ql) < 2 or ql != cl or sum(ql) < 0.75 * len(ql) * max(ql):
+        if ql is None or len(ql) < 2 or ql != cl or not _close(ql):
             return None
+        return self._padded_rows()
+
+    def cached_padded_index(self) -> torch.Tensor | None:
+        """The same for chunks that attend to context in the cache (a cached prefix, or earlier chunks): when
+        both their chunk lengths and their context lengths are close, and the padded context (sequences ×
+        longest context) is at most :data:`CACHED_BATCH_MAX_CONTEXT_ROWS`, they attend as one batched call
+        over the context gathered from the pool. Prompts that share a cached system prompt arrive so."""
+        ql, cl = self.query_lens, self.context_lens_cpu
+        if ql is None or not cached_batch(ql, cl):
+            return None
+        return self._padded_rows()
+
+    def _padded_rows(self) -> torch.Tensor:
         if self._padded is None:
-            L = max(ql)
-            rows = [torch.arange(n) + i * L for i, n in enumerate(ql)]
+            L = max(self.query_lens)
+            rows = [torch.arange(n) + i * L for i, n in enumerate(self.query_lens)]
             self._padded = torch.cat(rows).to(self.context_lens.device)
         return self._padded
+
+
+#: Chunks over cached context attend as one batched call only while their padded contexts stay within this many
+#: rows (keys and values are expanded per head for them: about 10 KB a row at V2/V3's heads per GPU, 320 MB).
+CACHED_BATCH_MAX_CONTEXT_ROWS = 32768
+
+
+def cached_batch(query_lens: Sequence[int], context_lens: Sequence[int]) -> bool:
+    """Whether these chunks, some over cached context, attend as one padded batch
+    (:meth:`AttentionMetadata.cached_padded_index`)."""
+    ql, cl = list(query_lens), list(context_lens)
+    if len(ql) < 2 or ql == cl or not (_close(ql) and _close(cl)):
+        return False
+    return len(cl) * max(cl) <= CACHED_BATCH_MAX_CONTEXT_ROWS
+
+
+def _close(lengths: Sequence[int]) -> bool:
+    """Right-padding these lengths to the longest leaves at least 75% real rows."""
+    return sum(lengths) >= 0.75 * len(lengths) * max(lengths)
 
 
 def _pad_tables(tables: Sequence[Sequence[int]], max_blocks: int | None, device) -> torch.Tensor:

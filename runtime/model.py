@@ -378,6 +378,9 @@ class MLAttention(nn.Module):
         padded = meta.padded_index()
         if padded is not None:
             return self._prefill_padded(q, kv_new, meta, padded)
+        padded = meta.cached_padded_index()
+        if padded is not None:
+            return self._prefill_cached_padded(q, meta, cache, padded)
         outs, start = [], 0
         for i, ql in enumerate(meta.query_lens):
             cl = meta.context_lens_cpu[i]
@@ -412,6 +415,23 @@ class MLAttention(nn.Module):
 
         o = prefill_sdpa(pad(q), pad(k), pad(v), is_causal=True, scale=self.scale)
         return o.transpose(1, 2).reshape(B * L, self.n_heads, self.v_dim).index_select(0, idx)
+
+    def _prefill_cached_padded(self, q, meta: AttentionMetadata, cache, idx: torch.Tensor) -> torch.Tensor:
+        """Chunks over cached context, of close chunk and context lengths: their contexts gathered from the
+        pool into a right-padded [B, max_context] batch (this step's rows are already written), one SDPA
+        with each chunk's causal offset as the mask. Padded context rows read the scratch block, and sit
+        after every row a real query sees; padded query rows see real ones too (no row is all masked) and
+        are dropped when gathering back."""
+        B, Lq, Lc = len(meta.query_lens), max(meta.query_lens), max(meta.context_lens_cpu)
+        nb = -(-Lc // cache.shape[1])
+        kv = cache[meta.block_tables[:, :nb]].view(B, nb * cache.shape[1], cache.shape[-1])[:, :Lc]
+        k, v = self._expand(kv)  # [B, Lc, nh, *]
+        qp = q.new_zeros(B * Lq, *q.shape[1:]).index_copy_(0, idx, q).view(B, Lq, *q.shape[1:]).transpose(1, 2)
+        offset = meta.context_lens - torch.tensor(meta.query_lens, device=q.device)  # the cached prefix, per chunk
+        query_pos = offset[:, None] + torch.arange(Lq, device=q.device)[None, :]  # [B, Lq]
+        mask = torch.arange(Lc, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, Lq, Lc]
+        o = prefill_sdpa(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale)
+        return o.transpose(1, 2).reshape(B * Lq, self.n_heads, self.v_dim).index_select(0, idx)
 
     def _decode_expanded(self, q_nope, q_pe, bias, meta: AttentionMetadata, cache) -> torch.Tensor:
         kv = self.gather(cache, meta.block_tables)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from runtime.engine.pacing import PrefillPacer
 from runtime.engine.sequence import Sequence
-from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash
+from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash, cached_batch
 
 #: a padded prefill group must be at least this full of real tokens (the model's own rule for its
 #: batched-attention path; below it, it loops over sequences with no padding at all)
@@ -75,10 +75,12 @@ def group_by_length(chunks: Seq[PrefillChunk]) -> list[list[PrefillChunk]]:
 
 
 def padded_slots(lengths: Seq[int], contexts: Seq[int]) -> int:
-    """Padding the model's prefill attention really adds for one forward (mirrors
-    ``AttentionMetadata.padded_index``: padded only for ≥ 2 fresh sequences that are ≥ 75% full)."""
+    """Query rows of padding the model's prefill attention really adds for one group (mirrors
+    ``AttentionMetadata.padded_index`` and ``cached_padded_index``: padded only for ≥ 2 sequences that are
+    ≥ 75% full, fresh ones, or ones over cached context whose contexts are that close too)."""
     ql, cl = list(lengths), list(contexts)
-    if len(ql) < 2 or ql != cl or sum(ql) < MIN_FILL * len(ql) * max(ql):
+    fresh = len(ql) >= 2 and ql == cl and sum(ql) >= MIN_FILL * len(ql) * max(ql)
+    if not (fresh or cached_batch(ql, cl)):
         return 0
     return len(ql) * max(ql) - sum(ql)
 

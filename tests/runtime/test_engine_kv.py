@@ -337,6 +337,57 @@ def test_a_steps_prompt_groups_run_in_one_forward_with_the_logits_of_each_group_
     assert together_tokens == alone
 
 
+def test_chunks_over_cached_context_attend_as_one_batch_with_the_logits_of_the_loop(tiny, monkeypatch):
+    """Three prompts whose first 18-20 tokens are cached (a shared system prompt, say) continue with chunks of
+    close length: one batched attention call over their contexts gathered from the pool gives the logits of
+    attending one sequence at a time (fp32, 1e-5); past the context-row cap, the loop runs instead."""
+    import torch
+
+    import runtime.kv_cache
+    import runtime.model as model_module
+    from runtime.kv_cache import PagedKVCache, prefill_metadata
+
+    model, _ = tiny
+    bs = 16
+    cache = PagedKVCache(model.config, 64, bs)
+    chunks = [(0, 18, 12), (1, 20, 10), (2, 18, 11)]  # (sequence, cached, new)
+    tabs = {i: list(range(1 + 8 * i, 1 + 8 * i - (-(k + n) // bs))) for i, k, n in chunks}
+
+    def slots(i: int, start: int, n: int) -> list[int]:
+        return [tabs[i][p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    batched: list[int] = []
+    real = model_module.MLAttention._prefill_cached_padded
+
+    def spy(self, *args, **kwargs):
+        batched.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.MLAttention, "_prefill_cached_padded", spy)
+    with torch.inference_mode():
+        for i, k, _ in chunks:
+            meta = prefill_metadata([k], [k], [tabs[i]], slots(i, 0, k))
+            model(torch.tensor(prompt(i, k)), torch.arange(k), meta, cache)
+        before = cache.tensor.clone()
+
+        def forward() -> torch.Tensor:
+            ids = torch.tensor([t for i, k, n in chunks for t in prompt(i, k + n)[k:]])
+            pos = torch.cat([torch.arange(k, k + n) for _, k, n in chunks])
+            sl = [x for i, k, n in chunks for x in slots(i, k, n)]
+            qlens = [n for _, _, n in chunks]
+            meta = prefill_metadata(qlens, [k + n for _, k, n in chunks], [tabs[i] for i, _, _ in chunks], sl)
+            return model(ids, pos, meta, cache, logits_indices=torch.tensor(qlens).cumsum(0) - 1)
+
+        together = forward()
+        assert batched, "the chunks should have attended as one batch"
+        batched.clear()
+        cache.tensor.copy_(before)
+        monkeypatch.setattr(runtime.kv_cache, "CACHED_BATCH_MAX_CONTEXT_ROWS", 3 * 30 - 1)
+        looped = forward()
+        assert not batched
+    assert (together - looped).abs().max() <= 1e-5 * looped.abs().max()
+
+
 def test_warm_up_runs_a_long_step_a_cached_chunk_and_a_mixed_step(tiny):
     """What serving will run is run once before readiness: a full-budget prefill, a chunk attending to
     cached context, and a mixed forward (decode rows beside a prompt chunk); nothing is left behind, in the

@@ -72,7 +72,8 @@ def test_group_by_length_keeps_padding_low():
     all_in_one = [100, 10, 96, 12, 90, 50]
     assert padded_slots(all_in_one, all_in_one) == 0  # too ragged: the model loops, unpadded
     assert padded_slots([100, 96, 90], [100, 96, 90]) == 14
-    assert padded_slots([10, 9], [30, 9]) == 0  # a cached prefix is never padded
+    assert padded_slots([10, 9], [30, 9]) == 0  # contexts too far apart: the model loops
+    assert padded_slots([10, 8], [30, 28]) == 2  # close chunks over close cached contexts: one padded batch
 
 
 # ---- the engine on the tiny checkpoint ----------------------------------------------------------
