@@ -262,6 +262,7 @@ class AttentionMetadata:
     _padded: torch.Tensor | None = field(default=None, repr=False)
     _parts: tuple[AttentionMetadata, AttentionMetadata] | None = field(default=None, repr=False)
     _groups: list[tuple[int, int, AttentionMetadata]] | None = field(default=None, repr=False)
+    _offsets: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def is_decode(self) -> bool:
@@ -330,12 +331,30 @@ class AttentionMetadata:
             return None
         return self._padded_rows()
 
+    def chunk_offsets(self) -> torch.Tensor:
+        """[B] on the device: each chunk's first position (its cached context before this step); built with
+        the padded rows, in the same copy."""
+        self._padded_rows()
+        return self._offsets
+
     def _padded_rows(self) -> torch.Tensor:
+        """Built at the first layer that asks, once a step: one host-to-device copy that does not wait for
+        the GPU (a plain copy would drain the stream mid-forward, and the host would stop running ahead)."""
         if self._padded is None:
-            L = max(self.query_lens)
-            rows = [torch.arange(n) + i * L for i, n in enumerate(self.query_lens)]
-            self._padded = torch.cat(rows).to(self.context_lens.device)
+            ql, L = self.query_lens, max(self.query_lens)
+            rows = torch.cat([torch.arange(n) + i * L for i, n in enumerate(ql)])
+            offsets = torch.tensor([c - q for q, c in zip(ql, self.context_lens_cpu, strict=True)])
+            both = to_device(torch.cat([rows, offsets]), self.context_lens.device)
+            self._padded, self._offsets = both[: len(rows)], both[len(rows) :]
         return self._padded
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without synchronizing (the caching host
+    allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 #: Chunks over cached context attend as one batched call only while their padded contexts stay within this many

@@ -372,8 +372,9 @@ class MLAttention(nn.Module):
         return torch.cat([self._prefill_group(q_nope[a:b], q_pe[a:b], kv_new[a:b], m, cache) for a, b, m in parts])
 
     def _prefill_group(self, q_nope, q_pe, kv_new, meta: AttentionMetadata, cache) -> torch.Tensor:
-        """One group of prompt chunks: one padded SDPA when they are fresh and close in length, else one
-        per sequence (a cached prefix is read back from the pool)."""
+        """One group of prompt chunks: one padded SDPA when they are fresh and close in length, or over cached
+        context with close chunk and context lengths; else one per sequence (a cached prefix is read back
+        from the pool)."""
         q = torch.cat([q_nope, q_pe], dim=-1)
         padded = meta.padded_index()
         if padded is not None:
@@ -427,8 +428,7 @@ class MLAttention(nn.Module):
         kv = cache[meta.block_tables[:, :nb]].view(B, nb * cache.shape[1], cache.shape[-1])[:, :Lc]
         k, v = self._expand(kv)  # [B, Lc, nh, *]
         qp = q.new_zeros(B * Lq, *q.shape[1:]).index_copy_(0, idx, q).view(B, Lq, *q.shape[1:]).transpose(1, 2)
-        offset = meta.context_lens - torch.tensor(meta.query_lens, device=q.device)  # the cached prefix, per chunk
-        query_pos = offset[:, None] + torch.arange(Lq, device=q.device)[None, :]  # [B, Lq]
+        query_pos = meta.chunk_offsets()[:, None] + torch.arange(Lq, device=q.device)[None, :]  # [B, Lq]
         mask = torch.arange(Lc, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, Lq, Lc]
         o = prefill_sdpa(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale)
         return o.transpose(1, 2).reshape(B * Lq, self.n_heads, self.v_dim).index_select(0, idx)
