@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -54,23 +55,37 @@ class PrefillChunk:
 
 def group_by_length(chunks: Seq[PrefillChunk]) -> list[list[PrefillChunk]]:
     """Length-aware grouping (the source document's "dynamic padding"): sort by length and cut a new group when
-    adding the next chunk would make the right-padded group less than ``MIN_FILL`` real tokens.
-    Chunks with a cached prefix go into one group of their own (attention loops over them unpadded)."""
+    adding the next chunk would make the right-padded group less than ``MIN_FILL`` real tokens. Chunks over
+    cached context (a cached prefix, or a prompt's earlier chunks) are grouped apart, sorted by context, and a
+    group is cut when either their chunk lengths or their context lengths would fall below ``MIN_FILL``: the
+    model attends to such a group as one padded batch too (``AttentionMetadata.cached_padded_index``)."""
     fresh = sorted((c for c in chunks if c.fresh), key=lambda c: -c.length)
-    rest = [c for c in chunks if not c.fresh]
+    rest = sorted((c for c in chunks if not c.fresh), key=lambda c: (-(c.start + c.length), -c.length))
+    return _fill_groups(fresh, lambda c: (c.length,)) + _fill_groups(rest, lambda c: (c.length, c.start + c.length))
+
+
+def _fill_groups(
+    chunks: list[PrefillChunk], lengths: Callable[[PrefillChunk], tuple[int, ...]]
+) -> list[list[PrefillChunk]]:
+    """Greedy cuts over sorted chunks: in each group, every one of ``lengths(chunk)`` stays ``MIN_FILL`` full
+    when right-padded (running sums and maxima: a step can hold hundreds of chunks)."""
     groups: list[list[PrefillChunk]] = []
     cur: list[PrefillChunk] = []
-    total = 0
-    for c in fresh:
-        if cur and (total + c.length) < MIN_FILL * (len(cur) + 1) * cur[0].length:
+    totals: list[int] = []
+    tops: list[int] = []
+    for c in chunks:
+        ls = lengths(c)
+        if cur:
+            n = len(cur) + 1
+            grown = [(t + x, max(m, x)) for t, m, x in zip(totals, tops, ls, strict=True)]
+            if all(t >= MIN_FILL * n * m for t, m in grown):
+                cur.append(c)
+                totals, tops = [t for t, _ in grown], [m for _, m in grown]
+                continue
             groups.append(cur)
-            cur, total = [], 0
-        cur.append(c)
-        total += c.length
+        cur, totals, tops = [c], list(ls), list(ls)
     if cur:
         groups.append(cur)
-    if rest:
-        groups.append(rest)
     return groups
 
 

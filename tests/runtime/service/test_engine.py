@@ -71,6 +71,14 @@ def test_group_by_length_keeps_padding_low():
             assert sum(lens) >= 0.75 * len(lens) * max(lens)
     all_in_one = [100, 10, 96, 12, 90, 50]
     assert padded_slots(all_in_one, all_in_one) == 0  # too ragged: the model loops, unpadded
+    # over cached context: grouped apart from fresh prompts, and cut where chunk or context lengths spread
+    cached = [PrefillChunk(FakeSeq(s + n + 5), s, n) for s, n in ((64, 20), (64, 18), (64, 30), (640, 20), (48, 19))]
+    groups = group_by_length([*chunks[:2], *cached])
+    shapes = [[(ch.start, ch.length) for ch in g] for g in groups]
+    assert shapes == [[(0, 100)], [(0, 10)], [(640, 20)], [(64, 30), (64, 20), (64, 18)], [(48, 19)]]
+    for g in groups:
+        for lens in ([ch.length for ch in g], [ch.start + ch.length for ch in g]):
+            assert sum(lens) >= 0.75 * len(lens) * max(lens)
     assert padded_slots([100, 96, 90], [100, 96, 90]) == 14
     assert padded_slots([10, 9], [30, 9]) == 0  # contexts too far apart: the model loops
     assert padded_slots([10, 8], [30, 28]) == 2  # close chunks over close cached contexts: one padded batch
