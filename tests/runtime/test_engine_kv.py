@@ -69,6 +69,20 @@ def run(engine, prompts, max_new, step_log=None):
     return toks
 
 
+#: block size of the pools the tests below build by hand; sequence i owns blocks 1 + 8i onwards
+BS = 16
+
+
+def block_table(i: int, tokens: int) -> list[int]:
+    """Sequence ``i``'s blocks in a hand-built pool, enough for ``tokens``."""
+    return list(range(1 + 8 * i, 1 + 8 * i - (-tokens // BS)))
+
+
+def token_slots(table: list[int], start: int, n: int) -> list[int]:
+    """Flat cache slots of positions ``start`` .. ``start + n - 1`` under ``table``."""
+    return [table[p // BS] * BS + p % BS for p in range(start, start + n)]
+
+
 def _peek(engine):
     return [(s.id, s.prefilled) for s in engine.scheduler.running]
 
@@ -236,26 +250,19 @@ def test_a_mixed_forward_equals_a_decode_step_and_a_prefill_apart(tiny):
     from runtime.kv_cache import PagedKVCache, decode_metadata, prefill_metadata
 
     model, _ = tiny
-    bs = 16
-    cache = PagedKVCache(model.config, 64, bs)
-
-    def table(i: int, n: int) -> list[int]:
-        return list(range(1 + 8 * i, 1 + 8 * i - (-n // bs)))
-
-    def slots(tab: list[int], start: int, n: int) -> list[int]:
-        return [tab[p // bs] * bs + p % bs for p in range(start, start + n)]
+    cache = PagedKVCache(model.config, 64, BS)
 
     ctx = [20, 33, 7, 18]  # three decoding sequences; the fourth's first 18 prompt tokens are cached
-    tabs = [table(i, n + 30) for i, n in enumerate(ctx)]
+    tabs = [block_table(i, n + 30) for i, n in enumerate(ctx)]
     with torch.inference_mode():
         ids = torch.tensor([t for i, n in enumerate(ctx) for t in prompt(i, n)])
-        meta = prefill_metadata(ctx, ctx, tabs, [x for i, n in enumerate(ctx) for x in slots(tabs[i], 0, n)])
+        meta = prefill_metadata(ctx, ctx, tabs, [x for i, n in enumerate(ctx) for x in token_slots(tabs[i], 0, n)])
         model(ids, torch.cat([torch.arange(n) for n in ctx]), meta, cache)
         before = cache.tensor.clone()
         fresh, rest = prompt(8, 25), prompt(3, 40)[18:30]  # a new prompt; the 4th's next 12 tokens
-        tab5 = table(5, 25)
-        dec_slots = [slots(tabs[i], n, 1)[0] for i, n in enumerate(ctx[:3])]
-        pre_slots = slots(tab5, 0, 25) + slots(tabs[3], 18, 12)
+        tab5 = block_table(5, 25)
+        dec_slots = [token_slots(tabs[i], n, 1)[0] for i, n in enumerate(ctx[:3])]
+        pre_slots = token_slots(tab5, 0, 25) + token_slots(tabs[3], 18, 12)
 
         dmeta = decode_metadata([n + 1 for n in ctx[:3]], tabs[:3], dec_slots)
         apart = [model(torch.tensor([5, 6, 7]), dmeta.context_lens - 1, dmeta, cache)]
@@ -287,19 +294,12 @@ def test_a_steps_prompt_groups_run_in_one_forward_with_the_logits_of_each_group_
     from runtime.kv_cache import PagedKVCache, prefill_metadata
 
     model, tok = tiny
-    bs = 16
-    cache = PagedKVCache(model.config, 64, bs)
-
-    def table(i: int, n: int) -> list[int]:
-        return list(range(1 + 8 * i, 1 + 8 * i - (-n // bs)))
-
-    def slots(tab: list[int], start: int, n: int) -> list[int]:
-        return [tab[p // bs] * bs + p % bs for p in range(start, start + n)]
+    cache = PagedKVCache(model.config, 64, BS)
 
     groups = [[(0, 20, 0), (1, 18, 0)], [(2, 60, 0)], [(3, 30, 18)]]  # (sequence, context after, cached)
-    tabs = {i: table(i, n) for g in groups for i, n, _ in g}
+    tabs = {i: block_table(i, n) for g in groups for i, n, _ in g}
     with torch.inference_mode():
-        cached = prefill_metadata([18], [18], [tabs[3]], slots(tabs[3], 0, 18))
+        cached = prefill_metadata([18], [18], [tabs[3]], token_slots(tabs[3], 0, 18))
         model(torch.tensor(prompt(3, 18)), torch.arange(18), cached, cache)
         before = cache.tensor.clone()
 
@@ -308,7 +308,7 @@ def test_a_steps_prompt_groups_run_in_one_forward_with_the_logits_of_each_group_
             qlens = [n - k for _, n, k in chunks]
             ids = torch.tensor([t for i, n, k in chunks for t in prompt(i, n)[k:]])
             pos = torch.cat([torch.arange(k, n) for _, n, k in chunks])
-            sl = [x for i, n, k in chunks for x in slots(tabs[i], k, n - k)]
+            sl = [x for i, n, k in chunks for x in token_slots(tabs[i], k, n - k)]
             meta = prefill_metadata(qlens, [n for _, n, _ in chunks], [tabs[i] for i, _, _ in chunks], sl)
             meta = dataclasses.replace(meta, prompt_groups=None if sizes is None else tuple(sizes))
             return model(ids, pos, meta, cache, logits_indices=torch.tensor(qlens).cumsum(0) - 1)
@@ -348,13 +348,12 @@ def test_chunks_over_cached_context_attend_as_one_batch_with_the_logits_of_the_l
     from runtime.kv_cache import PagedKVCache, prefill_metadata
 
     model, _ = tiny
-    bs = 16
-    cache = PagedKVCache(model.config, 64, bs)
+    cache = PagedKVCache(model.config, 64, BS)
     chunks = [(0, 18, 12), (1, 20, 10), (2, 18, 11)]  # (sequence, cached, new)
-    tabs = {i: list(range(1 + 8 * i, 1 + 8 * i - (-(k + n) // bs))) for i, k, n in chunks}
+    tabs = {i: block_table(i, k + n) for i, k, n in chunks}
 
     def slots(i: int, start: int, n: int) -> list[int]:
-        return [tabs[i][p // bs] * bs + p % bs for p in range(start, start + n)]
+        return token_slots(tabs[i], start, n)
 
     batched: list[int] = []
     real = model_module.MLAttention._prefill_cached_padded
