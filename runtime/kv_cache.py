@@ -317,7 +317,7 @@ class AttentionMetadata:
         [B, max_len] batch is real tokens): each packed token's row in that padded batch, so attention
         runs as one batched call. None otherwise (attention then loops over sequences)."""
         ql, cl = self.query_lens, self.context_lens_cpu
-        if ql is None or len(ql) < 2 or ql != cl or not _close(ql):
+        if ql is None or not fresh_batch(ql, cl):
             return None
         return self._padded_rows()
 
@@ -362,6 +362,16 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 CACHED_BATCH_MAX_CONTEXT_ROWS = 32768
 
 
+#: a right-padded attention batch must be at least this full of real rows (else attention loops, unpadded)
+MIN_FILL = 0.75
+
+
+def fresh_batch(query_lens: Sequence[int], context_lens: Sequence[int]) -> bool:
+    """Whether these fresh prompts attend as one padded batch (:meth:`AttentionMetadata.padded_index`)."""
+    ql = list(query_lens)
+    return len(ql) >= 2 and ql == list(context_lens) and _close(ql)
+
+
 def cached_batch(query_lens: Sequence[int], context_lens: Sequence[int]) -> bool:
     """Whether these chunks, some over cached context, attend as one padded batch
     (:meth:`AttentionMetadata.cached_padded_index`)."""
@@ -373,7 +383,7 @@ def cached_batch(query_lens: Sequence[int], context_lens: Sequence[int]) -> bool
 
 def _close(lengths: Sequence[int]) -> bool:
     """Right-padding these lengths to the longest leaves at least 75% real rows."""
-    return sum(lengths) >= 0.75 * len(lengths) * max(lengths)
+    return sum(lengths) >= MIN_FILL * len(lengths) * max(lengths)
 
 
 def _pad_tables(tables: Sequence[Sequence[int]], max_blocks: int | None, device) -> torch.Tensor:

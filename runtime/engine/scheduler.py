@@ -34,11 +34,7 @@ from dataclasses import dataclass, field
 
 from runtime.engine.pacing import PrefillPacer
 from runtime.engine.sequence import Sequence
-from runtime.kv_cache import BlockAllocator, SequenceBlocks, block_hash, cached_batch
-
-#: a padded prefill group must be at least this full of real tokens (the model's own rule for its
-#: batched-attention path; below it, it loops over sequences with no padding at all)
-MIN_FILL = 0.75
+from runtime.kv_cache import MIN_FILL, BlockAllocator, SequenceBlocks, block_hash, cached_batch, fresh_batch
 
 
 @dataclass
@@ -93,11 +89,9 @@ def padded_slots(lengths: Seq[int], contexts: Seq[int]) -> int:
     """Query rows of padding the model's prefill attention really adds for one group (mirrors
     ``AttentionMetadata.padded_index`` and ``cached_padded_index``: padded only for ≥ 2 sequences that are
     ≥ 75% full, fresh ones, or ones over cached context whose contexts are that close too)."""
-    ql, cl = list(lengths), list(contexts)
-    fresh = len(ql) >= 2 and ql == cl and sum(ql) >= MIN_FILL * len(ql) * max(ql)
-    if not (fresh or cached_batch(ql, cl)):
+    if not (fresh_batch(lengths, contexts) or cached_batch(lengths, contexts)):
         return 0
-    return len(ql) * max(ql) - sum(ql)
+    return len(lengths) * max(lengths) - sum(lengths)
 
 
 #: admission keeps this share of the pool free for the running sequences' next tokens (fewer preemptions)
