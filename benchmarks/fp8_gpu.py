@@ -16,6 +16,9 @@
    over 2 is one layer) against the per-layer roofline, and a projection of V3 decode throughput on 16 H100s
    (61 layers, experts spread over 16 GPUs), with its assumptions printed.
 
+``--profile`` adds the kernels of one V2-Lite decode step per batch and of the 8×512 prefill, per model (torch
+profiler): where a step's time goes.
+
 Every section runs in its own try/except (the error is printed, the rest goes on); the tables are printed
 last, and ``--json`` keeps the raw numbers. ``--smoke``: tiny shapes, a few steps, on the CPU too
 (tests/runtime/test_fp8.py runs it there).
@@ -341,6 +344,11 @@ def v2_lite(args, bw: float) -> dict:
             except Exception as exc:
                 traceback.print_exc()
                 out[f"decode_b{B}_{name}"] = {"error": str(exc)[:300]}
+    if args.profile and graphs:
+        for B in batches:
+            for name, bench in benches.items():
+                out[f"profile_b{B}_{name}"] = prof = mg.profile_graph(bench, B)
+                log(f"decode B={B} {name} kernels:", json.dumps(prof))
     PB, PL = (2, 32) if args.smoke else (8, 512)
     for name, bench in benches.items():
         try:
@@ -352,6 +360,9 @@ def v2_lite(args, bw: float) -> dict:
             out[f"prefill_{PB}x{PL}_{name}"] = {"ms": s * 1e3, "roofline_ms": roof * 1e3, "tflops": flops / s / 1e12}
             tf = flops / s / 1e12
             log(f"prefill {PB}x{PL} {name}: {s * 1e3:.1f} ms ({tf:.0f} TFLOP/s), roofline {roof * 1e3:.1f} ms")
+            if args.profile and dev == "cuda":
+                out[f"profile_prefill_{name}"] = prof = mg.profile_prefill(bench, PB, PL)
+                log(f"prefill {PB}x{PL} {name} kernels:", json.dumps(prof))
         except Exception as exc:
             traceback.print_exc()
             out[f"prefill_{PB}x{PL}_{name}"] = {"error": str(exc)[:300]}
@@ -702,6 +713,9 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true", help="the model sections use the sweep's best launch configs")
     ap.add_argument("--tune-from", type=Path, help="the same, from an earlier run's --json (its sweep section)")
     ap.add_argument("--json", type=Path, help="write raw results here")
+    ap.add_argument(
+        "--profile", action="store_true", help="V2-Lite: each model's kernels per decode step and per prefill (profiler)"
+    )
     ap.add_argument(
         "--stacks-every", type=float, default=0, help="print every thread's stack every N seconds (finds a stall)"
     )
