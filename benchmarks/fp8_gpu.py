@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_gpu as mg
 
+from runtime import execution
 from runtime.config import ModelConfig, QuantConfig
 from runtime.execution import ExecutionOptions
 from runtime.quant.fp8 import Fp8Linear, dequantize, quantize
@@ -350,11 +351,16 @@ def v2_lite(args, bw: float) -> dict:
                 out[f"profile_b{B}_{name}"] = prof = mg.profile_graph(bench, B)
                 log(f"decode B={B} {name} kernels:", json.dumps(prof))
     PB, PL = (2, 32) if args.smoke else (8, 512)
-    for name, bench in benches.items():
+    # FP8 twice: as it runs, and with the experts' former prefill path (the grouped GEMM over stacks
+    # dequantized for the step), to compare in the same run
+    variants = [("bf16", "bf16", None), ("fp8", "fp8", None), ("fp8_dequantized", "fp8", 256)]
+    for name, model_name, fused_max in variants:
+        bench = benches[model_name]
+        saved, execution.FP8_FUSED_MAX_TOKENS = execution.FP8_FUSED_MAX_TOKENS, fused_max
         try:
             s = bench.prefill_s(PB, PL)
             flops = mg.prefill_flops(bench.model.config, PB, PL)
-            peak = PEAK_FP8 if name == "fp8" else PEAK_BF16
+            peak = PEAK_BF16 if name == "bf16" else PEAK_FP8
             weights = sum(nbytes(t) for t in bench.model.state_dict().values())
             roof = max(flops / peak, weights / bw)
             out[f"prefill_{PB}x{PL}_{name}"] = {"ms": s * 1e3, "roofline_ms": roof * 1e3, "tflops": flops / s / 1e12}
@@ -366,6 +372,8 @@ def v2_lite(args, bw: float) -> dict:
         except Exception as exc:
             traceback.print_exc()
             out[f"prefill_{PB}x{PL}_{name}"] = {"error": str(exc)[:300]}
+        finally:
+            execution.FP8_FUSED_MAX_TOKENS = saved
     del benches, bf16, fp8
     return out
 
@@ -517,14 +525,11 @@ def gemm_micro(args, bw: float) -> dict:
 
 
 def sweep(args, bw: float) -> dict:
-    """Launch configurations of the weight-only GEMV and the FP8 MoE decode kernels at decode sizes, each
-    against bf16 on the same product (the bf16 MoE decode kernel for the experts): picks the defaults in
-    runtime/kernels/fp8.py."""
+    """Launch configurations of the weight-only GEMV at decode sizes against bf16 on the same product, then
+    :func:`moe_sweep`: picks the defaults in runtime/kernels/fp8.py and runtime/kernels/moe_fp8.py."""
     from runtime.kernels import fp8 as k8
-    from runtime.kernels.moe_decode import moe_decode
 
     dev = args.device
-    t = lambda fn: (fn(), min(mg.sync_time(fn) for _ in range(10)))[1]  # noqa: E731
     out: dict = {}
     shapes = {"v2lite_mlp_up": (10944, 2048), "v3_o_proj": (7168, 16384), "v3_q_b": (24576, 1536)}
     configs = [(bn, bk, w, 3) for bn in (4, 8, 16) for bk in (512, 1024) for w in (1, 2, 4)]
@@ -533,14 +538,18 @@ def sweep(args, bw: float) -> dict:
     if args.smoke:
         shapes, configs, skinny = {"smoke": (384, 256)}, configs[:2], skinny[:2]
     for name, (n, k) in shapes.items():
-        w, ws = quantize(torch.randn(n, k, device=dev) / math.sqrt(k), BLOCK)
-        wd = dequantize(w, ws, BLOCK, torch.bfloat16)
+        # copies of the weight, cycled through, so that its bytes come from HBM as a model's layers' do
+        n_copies = -(-L2_FLUSH // (n * k)) if dev == "cuda" else 1
+        copies = [quantize(torch.randn(n, k, device=dev) / math.sqrt(k), BLOCK) for _ in range(n_copies)]
+        deq = [dequantize(w, ws, BLOCK, torch.bfloat16) for w, ws in copies]
         for m in (1, 8):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            r = {"bf16_ms": t(lambda: x @ wd.T) * 1e3, "roofline_fp8_ms": (n * k + 2 * m * (n + k)) / bw * 1e3}  # noqa: B023
+            bf16 = graph_time(lambda i: x @ deq[i].T, len(copies), dev)  # noqa: B023
+            r = {"bf16_ms": bf16 * 1e3, "roofline_fp8_ms": (n * k + 2 * m * (n + k)) / bw * 1e3}
             for cfg in configs + (skinny if m > 1 else []):
                 try:
-                    r[str(cfg)] = t(lambda cfg=cfg: k8.w8_linear_triton(x, w, ws, cfg)) * 1e3  # noqa: B023
+                    call = lambda i, cfg=cfg: k8.w8_linear_triton(x, *copies[i], cfg)  # noqa: B023, E731
+                    r[str(cfg)] = graph_time(call, len(copies), dev) * 1e3
                 except Exception as exc:
                     r[str(cfg)] = f"{type(exc).__name__}: {exc}"[:100]
             timed = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
@@ -551,58 +560,133 @@ def sweep(args, bw: float) -> dict:
                 f"gemv {name} m={m}: bf16 {r['bf16_ms']:.4f} ms, roofline {r['roofline_fp8_ms']:.4f}, "
                 f"best {best} {timed.get(best, float('nan')):.4f} ms, default {dflt}"
             )
-    # the routed experts of one decode step (V2-Lite: 64 experts of 1408, top-6)
+    return out | moe_sweep(args, bw)
+
+
+def moe_sweep(args, bw: float) -> dict:
+    """The routed experts of V2-Lite (64 experts of 1408, top-6) at decode batches and one prefill step: the
+    FP8 kernels' launch configurations against bf16's kernel for the same step size."""
+    from runtime.kernels import moe_fp8 as mf
+    from runtime.kernels.moe_decode import moe_decode
+
+    dev = args.device
+    out: dict = {}
     H, inter, E, topk = (256, 128, 8, 2) if args.smoke else (2048, 1408, 64, 6)
     w13, s13 = quantize(torch.randn(E, 2 * inter, H, device=dev) / math.sqrt(H), BLOCK)
     w2, s2 = quantize(torch.randn(E, H, inter, device=dev) / math.sqrt(inter), BLOCK)
     d13, d2 = dequantize(w13, s13, BLOCK, torch.bfloat16), dequantize(w2, s2, BLOCK, torch.bfloat16)
-    saved = k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS
+    saved = mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS
     moe_configs = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512) for w in (1, 2, 4)]
-    if args.smoke:
-        moe_configs = moe_configs[:2]
     tile_configs = [(16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (32, 64, 256, 4, 3), (64, 128, 128, 4, 3)]
-    for T in (1, 8, 64, 256):
+    act_configs = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3)]
+    sizes = (1, 8, 64, 256, 4096)  # decode batches, then a prefill step (8 × 512 tokens)
+    if args.smoke:
+        moe_configs, tile_configs, act_configs, sizes = moe_configs[:2], tile_configs[:1], act_configs[:1], (1, 64)
+    for T in sizes:
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(E, device=dev)[:topk] for _ in range(T)])
+        # routings cycled through, so that at one token the chosen experts' rows are not in L2 from the last call
+        routes = [torch.stack([torch.randperm(E, device=dev)[:topk] for _ in range(T)]) for _ in range(ROUTINGS)]
         wts = torch.rand(T, topk, device=dev)
-        r = {"bf16_kernel_ms": t(lambda: moe_decode(x, ids, wts, d13, d2, None, None, None, 0, E)) * 1e3}  # noqa: B023
-        distinct = ids.unique().numel()
-        r["roofline_fp8_ms"] = distinct * 3 * H * inter / bw * 1e3
-        for cfg in moe_configs:
-            k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = cfg
-            try:
-                r[str(cfg)] = t(lambda: k8.moe_decode_fp8(x, ids, wts, w13, s13, w2, s2, 0, E)) * 1e3  # noqa: B023
-            except Exception as exc:
-                r[str(cfg)] = f"{type(exc).__name__}: {exc}"[:100]
-        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = saved
-        for cfg in tile_configs if T > k8.MOE_BY_PAIR_MAX_TOKENS else []:  # the tensor-core kernel over tiles
-            try:
-                tiles = lambda cfg=cfg: k8._moe_fp8_tiles(x, ids, wts, w13, s13, w2, s2, 0, E, config=cfg)  # noqa: B023, E731
-                r[f"tiles {cfg}"] = t(tiles) * 1e3
-            except Exception as exc:
-                r[f"tiles {cfg}"] = f"{type(exc).__name__}: {exc}"[:100]
-        timed = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
-        best = min(timed, key=timed.get) if timed else None
-        tiled = {c: v for c, v in r.items() if c.startswith("tiles") and isinstance(v, float)}
-        best_tiles = min(tiled, key=tiled.get) if tiled else None
-        out[f"moe_T{T}"] = {**r, "best": best, "best_tiles": best_tiles}
-        log(
-            f"moe decode T={T}: bf16 kernel {r['bf16_kernel_ms']:.4f} ms, roofline {r['roofline_fp8_ms']:.4f}, "
-            f"best {best} {timed.get(best, float('nan')):.4f} ms, tiles {best_tiles} "
-            f"{tiled.get(best_tiles, float('nan')):.4f} ms"
-        )
+        fp8 = (w13, s13, w2, s2, 0, E)
+        distinct = sum(ids.unique().numel() for ids in routes) / ROUTINGS
+        r = {"roofline_fp8_ms": max(distinct * 3 * H * inter / bw, 6 * T * topk * H * inter / PEAK_FP8) * 1e3}
+
+        def timed(call, reps: int = ROUTINGS if T > mf.MOE_BY_EXPERT_MAX_TOKENS else 2 * ROUTINGS) -> float:
+            return graph_time(call, ROUTINGS, dev, reps) * 1e3
+
+        if T <= mf.MOE_BY_EXPERT_MAX_TOKENS:  # bf16's decode kernel, and the FP8 CUDA-core kernels' configs
+            r["bf16_ms"] = timed(lambda i: moe_decode(x, routes[i], wts, d13, d2, None, None, None, 0, E))  # noqa: B023
+            kernel = "pairs" if T <= mf.MOE_BY_PAIR_MAX_TOKENS else "experts"
+            for cfg in moe_configs:
+                mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS = cfg
+                try:
+                    r[str(cfg)] = timed(lambda i: mf.moe_fp8_triton(x, routes[i], wts, *fp8, kernel=kernel))  # noqa: B023
+                except Exception as exc:
+                    r[str(cfg)] = f"{type(exc).__name__}: {exc}"[:100]
+            mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS = saved
+        else:  # bf16's prefill path, and FP8's before the tile kernels: the grouped GEMM (Hopper)
+            r["bf16_ms"] = timed(lambda i: grouped_experts(x, routes[i], wts, d13, d2))  # noqa: B023
+            stacks = lambda: (dequantize(w13, s13, BLOCK, x.dtype), dequantize(w2, s2, BLOCK, x.dtype))  # noqa: B023, E731
+            r["dequantized_grouped_ms"] = timed(lambda i: grouped_experts(x, routes[i], wts, *stacks()))  # noqa: B023
+        if T > mf.MOE_BY_PAIR_MAX_TOKENS:  # the tensor-core kernels over tiles of one expert's pairs
+            kernels = (("tiles", mf._moe_fp8_tiles, tile_configs), ("fp8_tiles", mf._moe_fp8_act_tiles, act_configs))
+            for name, fn, cfgs in kernels:
+                for cfg in cfgs:
+                    try:
+                        r[f"{name} {cfg}"] = timed(lambda i, fn=fn, cfg=cfg: fn(x, routes[i], wts, *fp8, config=cfg))  # noqa: B023
+                    except Exception as exc:
+                        r[f"{name} {cfg}"] = f"{type(exc).__name__}: {exc}"[:100]
+        bests = {}
+        for kind in ("(", "tiles ", "fp8_tiles "):
+            timed = {c: v for c, v in r.items() if c.startswith(kind) and isinstance(v, float)}
+            bests[kind.strip(" (") or "cuda_cores"] = min(timed, key=timed.get) if timed else None
+        out[f"moe_T{T}"] = {
+            **r, "best": bests["cuda_cores"], "best_tiles": bests["tiles"], "best_fp8_tiles": bests["fp8_tiles"]
+        }  # fmt: skip
+        log(f"moe T={T}: bf16 {r['bf16_ms']:.4f} ms, roofline {r['roofline_fp8_ms']:.4f}, " + ", ".join(
+            f"{kind} {c} {r[c]:.4f} ms" for kind, c in bests.items() if c
+        ))  # fmt: skip
     return out
+
+
+L2_FLUSH = 256 * 2**20  # bytes of weight copies a timed product cycles through (an H100's L2: 50 MB)
+ROUTINGS = 8  # routings a timed MoE call cycles through
+
+
+def graph_time(call, variants: int, dev: str, reps: int = 16) -> float:
+    """Seconds per ``call(i)`` as a CUDA graph replays ``reps`` calls, ``i`` cycling over ``variants``: the
+    kernels' own time, as the engine's decode graphs run them (a synchronized call from the host adds
+    launch and dispatch overhead, tens of µs, more than a decode kernel takes). On the CPU: one
+    synchronized call, the best of three."""
+    if dev != "cuda":
+        call(0)
+        return min(mg.sync_time(lambda: call(0)) for _ in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile, autotune and allocate outside the capture
+        for i in range(variants):
+            call(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            call(i % variants)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / reps)
+    del graph
+    torch.cuda.empty_cache()
+    return best
+
+
+def grouped_experts(x, ids, wts, w13, w2) -> torch.Tensor:
+    """The routed experts as runtime.moe.MoE.routed's grouped path runs them (sort, grouped GEMMs, un-sort)."""
+    T, k = ids.shape
+    sorted_ids, order = ids.reshape(-1).sort(stable=True)
+    offs = torch.searchsorted(sorted_ids, torch.arange(w13.shape[0], device=x.device), right=True, out_int32=True)
+    g, u = torch._grouped_mm(x.index_select(0, order // k), w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    out = torch._grouped_mm(torch.nn.functional.silu(g) * u, w2.transpose(-2, -1), offs=offs)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    return (out.index_select(0, inverse).view(T, k, -1).float() * wts[..., None]).sum(dim=1)
 
 
 def apply_tuning(found: dict) -> dict:
     """Set the kernels' launch configurations to a sweep's best (``--tune``, ``--tune-from``): the GEMV config
     with the least total time over the sweep's batch-1 products; at 8 tokens the tensor-core kernel's best
-    config where its total beats that GEMV's; and the MoE decode config best at one token. Returns what was
-    set (recorded in the results). The tile kernel replaces the per-expert one above 16 tokens where it was
-    faster at 64."""
+    config where its total beats that GEMV's; the MoE decode config best at one token; each tile kernel's
+    best launch at 64 tokens and at a prefill step; and above 16 tokens the kernel fastest at 64 (or the
+    FP8-activation tiles from 65 where they won at 256). Returns what was set (recorded in the results)."""
     import ast
 
     from runtime.kernels import fp8 as k8
+    from runtime.kernels import moe_fp8 as mf
 
     def totals(suffix: str) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -623,13 +707,37 @@ def apply_tuning(found: dict) -> dict:
             k8.W8_SKINNY_CONFIG = applied["W8_SKINNY_CONFIG"] = ast.literal_eval(min(dots, key=dots.get))
     best_moe = found.get("moe_T1", {}).get("best")
     if best_moe:
-        k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS = ast.literal_eval(best_moe)
-        applied["MOE_BLOCK_N, MOE_BLOCK_K, MOE_NUM_WARPS"] = (k8.MOE_BLOCK_N, k8.MOE_BLOCK_K, k8.MOE_NUM_WARPS)
-    # above the per-pair kernel's range, the tile kernel where its best beats the per-expert one at 64 tokens
-    at64 = found.get("moe_T64", {})
-    per_expert, tiles = at64.get(at64.get("best") or "", None), at64.get(at64.get("best_tiles") or "", None)
-    if isinstance(tiles, float) and isinstance(per_expert, float) and tiles < per_expert:
-        k8.MOE_TILES_MIN_TOKENS = applied["MOE_TILES_MIN_TOKENS"] = k8.MOE_BY_PAIR_MAX_TOKENS + 1
+        mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS = ast.literal_eval(best_moe)
+        applied["MOE_BLOCK_N, MOE_BLOCK_K, MOE_NUM_WARPS"] = (mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS)
+
+    def best(T: int, key: str) -> tuple[float, tuple | None]:
+        r = found.get(f"moe_T{T}", {})
+        cfg = r.get(key)
+        v = r.get(cfg or "", None)
+        return (v, ast.literal_eval(cfg.split(" ", 1)[1])) if isinstance(v, float) else (float("inf"), None)
+
+    # the tile kernels' launches: the small tile's from 64 tokens, the large one's from a prefill step
+    for name, key, T in (
+        ("MOE_TILES_SMALL", "best_tiles", 64),
+        ("MOE_TILES_LARGE", "best_tiles", 4096),
+        ("MOE_FP8_TILES_SMALL", "best_fp8_tiles", 64),
+        ("MOE_FP8_TILES_LARGE", "best_fp8_tiles", 4096),
+    ):
+        cfg = best(T, key)[1]
+        if cfg:
+            setattr(mf, name, cfg)
+            applied[name] = cfg
+    # above the per-pair kernel's range: whichever kernel was fastest at 64 tokens (the FP8-activation tiles
+    # from 17 tokens, or from 65 where they only won at 256)
+    for T, start in ((64, mf.MOE_BY_PAIR_MAX_TOKENS + 1), (256, 65)):
+        experts = found.get(f"moe_T{T}", {}).get(found.get(f"moe_T{T}", {}).get("best") or "")
+        experts = experts if isinstance(experts, float) else float("inf")
+        tiles, fp8_tiles = best(T, "best_tiles")[0], best(T, "best_fp8_tiles")[0]
+        if fp8_tiles < min(tiles, experts):
+            mf.MOE_FP8_ACT_MIN_TOKENS = applied["MOE_FP8_ACT_MIN_TOKENS"] = start
+            break
+        if T == 64 and tiles < experts:
+            mf.MOE_TILES_MIN_TOKENS = applied["MOE_TILES_MIN_TOKENS"] = start
     log("tuned launch configurations:", applied)
     return applied
 
@@ -658,12 +766,13 @@ def print_tables(bw: float) -> None:
                 f"{f['roofline_ms'] / f['step_ms']:.0%}) | {f['tok_s'] / b['tok_s']:.2f}x |"
             )
     for key in (k for k in v2 if k.startswith("prefill_") and k.endswith("_bf16")):
-        b, f = v2[key], v2.get(key.replace("_bf16", "_fp8"), {})
-        if "ms" in b and "ms" in f:
-            print(
-                f"| {key[8:-5]} prefill ms (roofline) | {b['ms']:.1f} ({b['roofline_ms']:.1f}) | {f['ms']:.1f} "
-                f"({f['roofline_ms']:.1f}) | {b['ms'] / f['ms']:.2f}x |"
-            )
+        for variant, label in (("_fp8", ""), ("_fp8_dequantized", ", FP8 experts dequantized to bf16")):
+            b, f = v2[key], v2.get(key.replace("_bf16", variant), {})
+            if "ms" in b and "ms" in f:
+                print(
+                    f"| {key[8:-5]} prefill ms (roofline){label} | {b['ms']:.1f} ({b['roofline_ms']:.1f}) | "
+                    f"{f['ms']:.1f} ({f['roofline_ms']:.1f}) | {b['ms'] / f['ms']:.2f}x |"
+                )
     print("accuracy:", json.dumps(v2.get("accuracy"), default=str))
     v3 = RESULTS.get("v3_slice") or {}
     print("\n## DeepSeek-V3 slice, FP8, one MoE layer per decode step")
@@ -714,7 +823,7 @@ def main() -> int:
     ap.add_argument("--tune-from", type=Path, help="the same, from an earlier run's --json (its sweep section)")
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument(
-        "--profile", action="store_true", help="V2-Lite: each model's kernels per decode step and per prefill (profiler)"
+        "--profile", action="store_true", help="V2-Lite: each model's kernels per decode step and prefill (profiler)"
     )
     ap.add_argument(
         "--stacks-every", type=float, default=0, help="print every thread's stack every N seconds (finds a stall)"

@@ -231,21 +231,22 @@ def fp8_linear_path(x: torch.Tensor) -> Fp8Path:
     return Fp8Path.WEIGHT_ONLY
 
 
-# FP8 experts: every decode step, and prefill steps up to this many tokens, run the routed experts as the FP8
-# decode kernel, which reads FP8 weights and needs no host sync (so a decode batch of any size can be captured
-# in a CUDA graph). Longer prefill steps run the grouped GEMM over the stacks dequantized to bf16 for the step
-# where it runs (Hopper): the dequantization reads each expert once, where one FP8 GEMM per active expert cost
-# thousands of launches (12x bf16's time for 8 x 512 tokens on an H100); elsewhere that per-expert loop.
-FP8_FUSED_MAX_TOKENS = 256
+# FP8 experts run :func:`runtime.kernels.moe_fp8.moe_fp8` at every step size: it reads the FP8 stacks as they
+# are, needs no host sync (a decode batch of any size is captured in a CUDA graph) and, for long prefill steps,
+# runs tiles of each expert's pairs on tensor cores. None keeps it so; a number sends longer prefill steps to
+# the grouped GEMM over the stacks dequantized to bf16 for the step (where it runs: Hopper; elsewhere one FP8
+# GEMM pair per active expert, eagerly): the path before the tile kernels, which benchmarks/fp8_gpu.py times
+# beside them.
+FP8_FUSED_MAX_TOKENS: int | None = None
 
 
 def moe_dispatch_fp8(dispatch: MoEImpl, x: torch.Tensor, decode: bool = False) -> MoEImpl:
     """The routed experts' path for FP8 expert stacks where Triton runs (elsewhere ``dispatch`` stands: the
-    references dequantize). ``decode``: a decode step, whatever its batch (``--max-num-seqs`` may pass
-    FP8_FUSED_MAX_TOKENS, and its graph must not read the routing on the host)."""
+    references dequantize). ``decode``: a decode step, whatever its batch (its graph must not read the
+    routing on the host)."""
     if dispatch is MoEImpl.FUSED or not triton_usable(x):
         return dispatch
-    if decode or x.shape[0] <= FP8_FUSED_MAX_TOKENS:
+    if decode or FP8_FUSED_MAX_TOKENS is None or x.shape[0] <= FP8_FUSED_MAX_TOKENS:
         return MoEImpl.FUSED
     return MoEImpl.GROUPED if grouped_mm_supported(x.device, x.dtype) else MoEImpl.LOOP
 

@@ -22,9 +22,9 @@ from torch import nn
 from runtime.collectives import all_reduce
 from runtime.config import ModelConfig
 from runtime.execution import MoEImpl, moe_dispatch, moe_dispatch_fp8
-from runtime.kernels.fp8 import moe_decode_fp8
 from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
+from runtime.kernels.moe_fp8 import moe_fp8
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
 from runtime.quant.fp8 import FP8_DTYPE, dequantize, fp8_linear, keep_dtypes, scale_shape
 
@@ -252,7 +252,7 @@ class MoE(nn.Module):
             flat = ids.reshape(-1)
             self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         if self.fp8_block is not None:
-            y = moe_decode_fp8(
+            y = moe_fp8(
                 x, ids, weights, self.w13, self.w13_scale, self.w2, self.w2_scale, self.expert_offset, self.n_local
             )
         else:

@@ -9,7 +9,8 @@
   reading the weight's bytes is the cost): a GEMV-shaped kernel up to :data:`GEMV_MAX_TOKENS` tokens, a
   ``tl.dot`` kernel above (and from two tokens with :data:`W8_SKINNY_CONFIG`, a 16-row tile in place of
   the GEMV's token loop).
-* :func:`moe_decode_fp8` - :mod:`runtime.kernels.moe_decode`'s two launches over FP8 expert stacks.
+
+The routed experts over FP8 stacks are :mod:`runtime.kernels.moe_fp8`, built from the pieces here.
 
 Each is a ``torch.library`` custom op (Triton where :func:`runtime.kernels.triton_usable`, the
 dequantizing reference elsewhere); :func:`runtime.execution.fp8_linear_path` picks between the first two by
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from runtime.kernels import HAS_TRITON, INTERPRET, triton_usable
-from runtime.kernels.moe_decode import moe_decode_reference
 
 FP8_MAX = 448.0
 GROUP = 128  # activation quantization group = the weight's scale block along K
@@ -41,20 +41,6 @@ W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = (16, 32, 256, 4, 3)
 # here are the launch sweep's best on an H100 (benchmarks/fp8_gpu.py --tune; docs/benchmarks.md)
 GEMV_CONFIG = (4, 512, 1, 3)
 ACT_QUANT_BLOCK_T = 16
-MOE_BLOCK_N = 8
-MOE_BLOCK_K = 512
-MOE_NUM_WARPS = 1
-# up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
-# (each expert's weights read about once per step however many of the batch's tokens chose it)
-MOE_BY_PAIR_MAX_TOKENS = 16
-# the tensor-core kernel over tiles of one expert's pairs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages),
-# the small tile while experts average at most 16 pairs (decode batches), the large one above (prefill)
-MOE_TILES_SMALL = (16, 64, 256, 4, 3)
-MOE_TILES_LARGE = (64, 128, 128, 4, 3)
-# from this many tokens the FP8 MoE kernel is the tile kernel; None: the per-expert one above
-# MOE_BY_PAIR_MAX_TOKENS. The interpreter checks both; a launch sweep (benchmarks/fp8_gpu.py --tune) times
-# them on the card and turns the tiles on where they win
-MOE_TILES_MIN_TOKENS: int | None = None
 
 
 @functools.cache
@@ -88,6 +74,18 @@ if HAS_TRITON:
         return _e4m3_to_f32(b)
 
     @triton.jit
+    def _round_e4m3(q):
+        """fp32 → the nearest e4m3 value (ties to even), still fp32, for ``|q| <= 448``: the 20 low mantissa bits
+        rounded away (a carry moves into the exponent), and below e4m3's normal range (2^-6) multiples of
+        2^-9. The conversion that follows is then exact: the GPU's and the interpreter's agree (the
+        interpreter's own rounding drops the carry: 124.3 → 64, not 128)."""
+        bits = q.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        a = tl.abs(q)
+        subnormal = tl.where(q < 0, -1.0, 1.0) * tl.floor(a * 512.0 + 0.5) / 512.0
+        return tl.where(a < 0.015625, subnormal, normal)
+
+    @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, K, sx, sq, ss, BLOCK_T: tl.constexpr, GROUP_K: tl.constexpr):
         """One program per (block of BLOCK_T tokens, 128-wide group): enough work per program that launching
         a program per group of every token does not dominate (prefill quantizes T × K/128 groups)."""
@@ -98,7 +96,7 @@ if HAS_TRITON:
         x = tl.load(x_ptr + offs_t[:, None] * sx + offs[None, :], mask=m, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
         s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = tl.clamp(x / s[:, None], -448.0, 448.0)
+        q = _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0))
         tl.store(q_ptr + offs_t[:, None] * sq + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=m)
         tl.store(s_ptr + offs_t * ss + g, s, mask=offs_t < T)
 
@@ -205,200 +203,6 @@ if HAS_TRITON:
         y = y_ptr + offs_t[:, None] * syt + offs_n[None, :] * syn
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & n_mask[None, :])
 
-    @triton.jit
-    def _scaled_rows(
-        v_row, w_rows, s_rows, offs_n, n_mask, k_end, K, swn, ssn,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-    ):  # fmt: skip
-        """Σ_k w[n, k]·v[k] over FP8 rows; a K step spans BLOCK_K // 128 scale blocks, each block's partial
-        sum times its scale."""
-        GROUPS: tl.constexpr = BLOCK_K // 128
-        n_groups = tl.cdiv(K, 128)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            v = tl.load(v_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0
-            )
-            offs_g = k0 // 128 + tl.arange(0, GROUPS)
-            s = tl.load(
-                s_rows + (offs_n // 128)[:, None] * ssn + offs_g[None, :],
-                mask=n_mask[:, None] & (offs_g < n_groups)[None, :], other=0.0,
-            )  # fmt: skip
-            part = tl.sum(tl.reshape(_decode_e4m3(w, NATIVE) * v[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
-            acc += tl.sum(part * s, axis=1)
-        return acc
-
-    @triton.jit
-    def _moe_up_fp8_kernel(
-        x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k, expert_offset, n_local,
-        sx, swe, swn, sse, ssn, sh,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-    ):  # fmt: skip
-        p = tl.program_id(0)
-        nb = tl.program_id(1)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < inter
-        t = p // top_k
-        e = tl.load(ids_ptr + p) - expert_offset
-        valid = (e >= 0) & (e < n_local)
-        e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
-        k_end = tl.where(valid, H, 0)
-        w, s = w_ptr + e * swe, s_ptr + e * sse
-        g = _scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-        u = _scaled_rows(x_ptr + t * sx, w, s, offs_n + inter, n_mask, k_end, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-        h = g / (1.0 + tl.exp(-g)) * u
-        tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def _moe_down_fp8_kernel(
-        h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k, expert_offset, n_local,
-        sh, swe, swn, sse, ssn, sot, sos,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-    ):  # fmt: skip
-        t = tl.program_id(0)
-        nb = tl.program_id(1)
-        j = tl.program_id(2)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < H
-        p = t * top_k + j
-        e = tl.load(ids_ptr + p) - expert_offset
-        valid = (e >= 0) & (e < n_local)
-        e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
-        wt = tl.load(wts_ptr + p).to(tl.float32)
-        part = _scaled_rows(
-            h_ptr + p * sh, w_ptr + e * swe, s_ptr + e * sse, offs_n, n_mask, tl.where(valid, inter, 0), inter,
-            swn, ssn, BLOCK_N, BLOCK_K, NATIVE,
-        )  # fmt: skip
-        tl.store(out_ptr + t * sot + j * sos + offs_n, wt * part, mask=n_mask)
-
-    @triton.jit
-    def _moe_up_fp8_by_expert_kernel(
-        x_ptr, order_ptr, bounds_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k,
-        sx, swe, swn, sse, ssn, sh,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-    ):  # fmt: skip
-        """One program per (local expert, block of intermediate rows), over the pairs routed to it (its slice
-        of the pairs sorted by expert): the expert's rows come from DRAM once and from cache for its other
-        pairs."""
-        e = tl.program_id(0).to(tl.int64)
-        nb = tl.program_id(1)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < inter
-        w, s = w_ptr + e * swe, s_ptr + e * sse
-        for i in range(tl.load(bounds_ptr + e), tl.load(bounds_ptr + e + 1)):
-            p = tl.load(order_ptr + i)
-            x_row = x_ptr + (p // top_k) * sx
-            g = _scaled_rows(x_row, w, s, offs_n, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            u = _scaled_rows(x_row, w, s, offs_n + inter, n_mask, H, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            h = g / (1.0 + tl.exp(-g)) * u
-            tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def _moe_down_fp8_by_expert_kernel(
-        h_ptr, order_ptr, bounds_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k,
-        sh, swe, swn, sse, ssn, sot, sos,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-    ):  # fmt: skip
-        e = tl.program_id(0).to(tl.int64)
-        nb = tl.program_id(1)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < H
-        w, s = w_ptr + e * swe, s_ptr + e * sse
-        for i in range(tl.load(bounds_ptr + e), tl.load(bounds_ptr + e + 1)):
-            p = tl.load(order_ptr + i)
-            wt = tl.load(wts_ptr + p).to(tl.float32)
-            part = _scaled_rows(h_ptr + p * sh, w, s, offs_n, n_mask, inter, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            tl.store(out_ptr + (p // top_k) * sot + (p % top_k) * sos + offs_n, wt * part, mask=n_mask)
-
-    @triton.jit
-    def _dequant_tile(w_rows, s_rows, offs_n, n_mask, k0, offs_k, k_mask, K, swn, ssn,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
-        """[BLOCK_N, BLOCK_K] of FP8 rows times their block scales (a K step spans BLOCK_K // 128 blocks)."""
-        GROUPS: tl.constexpr = BLOCK_K // 128
-        w = tl.load(w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-        offs_g = k0 // 128 + tl.arange(0, GROUPS)
-        s = tl.load(
-            s_rows + (offs_n // 128)[:, None] * ssn + offs_g[None, :],
-            mask=n_mask[:, None] & (offs_g < tl.cdiv(K, 128))[None, :], other=0.0,
-        )  # fmt: skip
-        return tl.reshape(
-            tl.reshape(_decode_e4m3(w, NATIVE), [BLOCK_N, GROUPS, 128]) * s[:, :, None], [BLOCK_N, BLOCK_K]
-        )
-
-    @triton.jit
-    def _tile_pairs(tile_expert_ptr, tile_row_ptr, bounds_ptr, order_ptr, BLOCK_M: tl.constexpr):
-        """This program's tile (:func:`expert_tiles`): its expert (int64; -1 for an unused tile, whose program
-        returns at once), the indices of its pairs and which of its BLOCK_M rows hold one."""
-        t = tl.program_id(0)
-        e = tl.load(tile_expert_ptr + t).to(tl.int64)
-        offs_m = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < tl.load(bounds_ptr + tl.maximum(e, 0) + 1)
-        return e, tl.load(order_ptr + offs_m, mask=m_mask, other=0), m_mask
-
-    @triton.jit
-    def _dot_rows(a, w, IEEE: tl.constexpr):
-        """``a [M, K] @ w [N, K]ᵀ`` in ``a``'s dtype, fp32 products exact where IEEE (the interpreter's fp32)."""
-        if IEEE:
-            return tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
-        return tl.dot(a, tl.trans(w.to(a.dtype)))
-
-    @triton.jit
-    def _moe_up_fp8_tiles_kernel(
-        x_ptr, order_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k,
-        sx, swe, swn, sse, ssn, sh,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):  # fmt: skip
-        """One program per (tile of up to BLOCK_M pairs of one expert, block of intermediate rows): the gate and
-        up rows are dequantized once per K step and serve the tile's pairs through ``tl.dot``; silu(g)·u out."""
-        e, p, m_mask = _tile_pairs(tile_expert_ptr, tile_row_ptr, bounds_ptr, order_ptr, BLOCK_M)
-        if e < 0:
-            return
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < inter
-        w, s = w_ptr + e * swe, s_ptr + e * sse
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < H
-            a = tl.load(x_ptr + (p // top_k)[:, None] * sx + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)  # fmt: skip
-            g = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            u = _dequant_tile(w, s, offs_n + inter, n_mask, k0, offs_k, k_mask, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            acc_g += _dot_rows(a, g, IEEE)
-            acc_u += _dot_rows(a, u, IEEE)
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        tl.store(h_ptr + p[:, None] * sh + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
-
-    @triton.jit
-    def _moe_down_fp8_tiles_kernel(
-        h_ptr, order_ptr, tile_expert_ptr, tile_row_ptr, bounds_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter,
-        top_k, sh, swe, swn, sse, ssn, sot, sos,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):  # fmt: skip
-        e, p, m_mask = _tile_pairs(tile_expert_ptr, tile_row_ptr, bounds_ptr, order_ptr, BLOCK_M)
-        if e < 0:
-            return
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < H
-        w, s = w_ptr + e * swe, s_ptr + e * sse
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < inter
-            a = tl.load(h_ptr + p[:, None] * sh + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            d = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
-            acc += _dot_rows(a, d, IEEE)
-        wt = tl.load(wts_ptr + p, mask=m_mask, other=0.0).to(tl.float32)
-        out = out_ptr + (p // top_k)[:, None] * sot + (p % top_k)[:, None] * sos + offs_n[None, :]
-        tl.store(out, acc * wt[:, None], mask=m_mask[:, None] & n_mask[None, :])
-
 
 # ---- activation quantization --------------------------------------------------------------------------
 
@@ -453,10 +257,7 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config=No
     x = x.reshape(-1, x.shape[-1])
     M, K = x.shape
     N = w.shape[0]
-    # Triton's interpreter converts fp32 → e4m3 without the carry when rounding up to a power of two (124.3 →
-    # 64, not 128); the GPU's conversion rounds to nearest even. Interpreted, the activations are quantized
-    # by torch so the GEMM itself is what is checked.
-    q, qs = act_quant_reference(x) if INTERPRET else act_quant(x)
+    q, qs = act_quant(x)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M and N:
         bm, bn, warps, stages = config or GEMM_CONFIG
@@ -480,15 +281,19 @@ def _blockwise_scaling():
     return None
 
 
-_SCALED_MM_FAILED: list[str] = []  # the first failure's message; then every call takes the Triton GEMM
+# weight shapes (N, K) cuBLAS refused, with the first refusal's message: those take the Triton GEMM from then
+# on. Per shape, so one odd product does not send every other one to the slower kernel.
+_SCALED_MM_FAILED: dict[tuple[int, int], str] = {}
 
 
 def scaled_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """cuBLAS's blockwise FP8 GEMM (via ``F.scaled_mm``): Hopper, a torch that has it, whole K blocks."""
+    """cuBLAS's blockwise FP8 GEMM (via ``F.scaled_mm``): Hopper, a torch that has it, whole K blocks, two
+    tokens or more (it refuses a one-token activation scale: "scale_a must have strides (1, 1)")."""
     return (
-        not _SCALED_MM_FAILED
+        tuple(w.shape) not in _SCALED_MM_FAILED
         and not INTERPRET
         and x.device.type == "cuda"
+        and x.shape[0] > 1
         and torch.cuda.get_device_capability(x.device) == (9, 0)
         and x.shape[-1] % (4 * GROUP) == 0  # cuBLAS wants K's scale blocks in fours (else a ValueError)
         and _blockwise_scaling() is not None
@@ -506,14 +311,14 @@ def fp8_gemm_scaled_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> tor
 @torch.library.custom_op("moefleet::fp8_gemm", mutates_args=())
 def fp8_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x [T, K] @ dequant(w [N, K], s).T`` on FP8 tensor cores, ``x`` quantized per 1×128 group: cuBLAS
-    where it has the blockwise GEMM, else the Triton kernel (a cuBLAS refusal falls back once, for good)."""
+    where it has the blockwise GEMM, else the Triton kernel (a shape cuBLAS refused stays with Triton)."""
     if not triton_usable(x):
         return fp8_gemm_reference(x, w, s).to(x.dtype)
     if scaled_mm_usable(x, w):
         try:
             return fp8_gemm_scaled_mm(x, w, s)
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
-            _SCALED_MM_FAILED.append(f"{type(exc).__name__}: {exc}"[:300])
+            _SCALED_MM_FAILED[tuple(w.shape)] = f"{type(exc).__name__}: {exc}"[:300]
     return fp8_gemm_triton(x, w, s)
 
 
@@ -570,137 +375,3 @@ def w8_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor
 @w8_linear.register_fake
 def _(x, w, s):
     return x.new_empty(x.shape[0], w.shape[0])
-
-
-# ---- the experts at decode -----------------------------------------------------------------------------
-
-
-def _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
-    T, H = x.shape
-    k = ids.shape[1]
-    inter = w2.shape[-1]
-    # the pairs sorted by local expert, and where each expert's slice starts (on the device: no host sync, so
-    # a decode step stays capturable); pairs of other ranks' experts sort outside every slice
-    local = ids.reshape(-1) - expert_offset
-    order = torch.argsort(local, stable=True)
-    bounds = torch.searchsorted(local[order], torch.arange(n_local + 1, device=x.device, dtype=local.dtype))
-    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs: never read
-    _moe_up_fp8_by_expert_kernel[(n_local, triton.cdiv(inter, MOE_BLOCK_N))](
-        x, order, bounds, w13.view(torch.uint8), s13, h, H, inter, k,
-        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
-    )  # fmt: skip
-    out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
-    _moe_down_fp8_by_expert_kernel[(n_local, triton.cdiv(H, MOE_BLOCK_N))](
-        h, order, bounds, weights, w2.view(torch.uint8), s2, out, H, inter, k,
-        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
-    )  # fmt: skip
-    return out
-
-
-def expert_tiles(local: torch.Tensor, n_local: int, block_m: int) -> tuple[torch.Tensor, ...]:
-    """The pairs of expert ids ``local`` (already less ``expert_offset``; others' outside ``[0, n_local)``) cut
-    into tiles of at most ``block_m`` pairs of one expert, on the device (no host sync: a decode step stays
-    capturable) → (order: pair indices sorted by expert, bounds [n_local + 1]: each expert's slice of
-    ``order``, tile_expert: each tile's expert or -1, tile_row: its first row in ``order``). There are
-    ``cdiv(pairs, block_m) + n_local`` tiles, a bound on what any routing needs; the unused are -1."""
-    order = torch.argsort(local, stable=True)
-    bounds = torch.searchsorted(local[order], torch.arange(n_local + 1, device=local.device, dtype=local.dtype))
-    tiles = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m
-    ends = tiles.cumsum(0)
-    t = torch.arange(-(-local.numel() // block_m) + n_local, device=local.device)
-    tile_expert = torch.searchsorted(ends, t, right=True)
-    e = tile_expert.clamp(max=n_local - 1)
-    tile_row = bounds[e] + (t - (ends[e] - tiles[e])) * block_m
-    return order, bounds, torch.where(tile_expert < n_local, tile_expert, -1), tile_row
-
-
-def _moe_fp8_tiles(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, config=None) -> torch.Tensor:
-    T, H = x.shape
-    k = ids.shape[1]
-    inter = w2.shape[-1]
-    bm, bn, bk, warps, stages = config or (MOE_TILES_SMALL if T * k <= 16 * n_local else MOE_TILES_LARGE)
-    order, bounds, tile_expert, tile_row = expert_tiles(ids.reshape(-1) - expert_offset, n_local, bm)
-    tiles, ieee, native = tile_expert.numel(), x.dtype == torch.float32, native_fp8(x)
-    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs: never read
-    _moe_up_fp8_tiles_kernel[(tiles, triton.cdiv(inter, bn))](
-        x, order, tile_expert, tile_row, bounds, w13.view(torch.uint8), s13, h, H, inter, k,
-        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NATIVE=native, IEEE=ieee, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    out = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # other ranks' pairs stay zero
-    _moe_down_fp8_tiles_kernel[(tiles, triton.cdiv(H, bn))](
-        h, order, tile_expert, tile_row, bounds, weights, w2.view(torch.uint8), s2, out, H, inter, k,
-        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NATIVE=native, IEEE=ieee, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return out
-
-
-def moe_decode_fp8_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
-    """Each (token, expert) pair against its gathered, dequantized expert weights (runtime.kernels.moe_decode)."""
-    e = (ids.reshape(-1) - expert_offset).clamp(0, n_local - 1).unique()
-    full13 = torch.zeros(n_local, *w13.shape[1:], dtype=x.dtype, device=x.device)
-    full2 = torch.zeros(n_local, *w2.shape[1:], dtype=x.dtype, device=x.device)
-    full13[e] = _dequant(w13[e], s13[e]).to(x.dtype)
-    full2[e] = _dequant(w2[e], s2[e]).to(x.dtype)
-    return moe_decode_reference(x, ids, weights, full13, full2, None, expert_offset, n_local)
-
-
-def moe_decode_fp8_triton(
-    x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, by_expert: bool | None = None,
-    tiles: bool | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """Two launches. Up to MOE_BY_PAIR_MAX_TOKENS tokens one program per (pair, row block), each reading its
-    expert's rows; above, one program per (expert, row block) looping over its pairs on CUDA cores, or from
-    MOE_TILES_MIN_TOKENS (``tiles``) one program per (tile of one expert's pairs, row block) on tensor
-    cores: either way a batch reads each chosen expert from DRAM about once. ``by_expert`` forces the first
-    two."""
-    T, H = x.shape
-    k = ids.shape[1]
-    inter = w2.shape[-1]
-    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
-    many = T > MOE_BY_PAIR_MAX_TOKENS
-    if tiles is None:
-        tiles = by_expert is None and MOE_TILES_MIN_TOKENS is not None and T >= MOE_TILES_MIN_TOKENS
-    if tiles:
-        return _moe_fp8_tiles(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
-    if by_expert if by_expert is not None else many:
-        return _moe_decode_fp8_by_expert(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
-    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
-    _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](
-        x, ids, w13.view(torch.uint8), s13, h, H, inter, k, expert_offset, n_local,
-        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
-    )  # fmt: skip
-    out = torch.empty(T, k, H, dtype=torch.float32, device=x.device)
-    _moe_down_fp8_kernel[(T, triton.cdiv(H, MOE_BLOCK_N), k)](
-        h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, expert_offset, n_local,
-        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
-    )  # fmt: skip
-    return out
-
-
-@torch.library.custom_op("moefleet::moe_decode_fp8", mutates_args=())
-def moe_decode_fp8(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    w13: torch.Tensor,
-    s13: torch.Tensor,
-    w2: torch.Tensor,
-    s2: torch.Tensor,
-    expert_offset: int,
-    n_local: int,
-) -> torch.Tensor:
-    """Routed experts only (shared experts run as their own FP8 linears): fp32 ``[T, k, H]``, each routed
-    expert's output times its weight, for the caller to sum."""
-    fn = moe_decode_fp8_triton if triton_usable(x) else moe_decode_fp8_reference
-    return fn(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
-
-
-@moe_decode_fp8.register_fake
-def _(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local):
-    return x.new_empty(x.shape[0], ids.shape[1], x.shape[1], dtype=torch.float32)

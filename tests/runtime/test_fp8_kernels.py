@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_fp8_kernels_under_the_interpreter() -> None:
-    """act_quant byte-exact; FP8 GEMM, weight-only GEMV / GEMM and the FP8 MoE decode kernels within 1e-5 of
-    their references (fp32), EP offsets included (see tests/runtime/fp8_kernel_checks.py)."""
+    """act_quant byte-exact; FP8 GEMM, weight-only GEMV / GEMM and each FP8 MoE kernel within 1e-5 of its
+    reference (fp32; the FP8-activation tiles against the reference that quantizes activations and the
+    intermediate the same way), EP offsets included (see tests/runtime/fp8_kernel_checks.py)."""
     env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
@@ -36,12 +37,41 @@ def test_fp8_kernels_under_the_interpreter() -> None:
     assert "fp8 kernels ok" in r.stdout
 
 
+def test_fp8_moe_kernel_by_step_size(monkeypatch) -> None:
+    """runtime.kernels.moe_fp8's choice: a program per pair up to MOE_BY_PAIR_MAX_TOKENS, per expert for decode
+    batches above it, tiles above MOE_BY_EXPERT_MAX_TOKENS; the FP8-activation tiles from
+    MOE_FP8_ACT_MIN_TOKENS on GPUs with FP8 tensor cores only; the weight-only tiles from MOE_TILES_MIN_TOKENS
+    where a sweep turned them on."""
+    import torch
+
+    from runtime.kernels import moe_fp8 as mf
+
+    pairs, experts = mf.MOE_BY_PAIR_MAX_TOKENS, mf.MOE_BY_EXPERT_MAX_TOKENS
+    act = mf.MOE_FP8_ACT_MIN_TOKENS
+    assert act is not None and act > experts  # the default: FP8 activations in prefill steps only
+
+    def kernel(tokens: int) -> str:
+        return mf.moe_fp8_kernel(torch.zeros(tokens, 8))
+
+    monkeypatch.setattr(mf, "native_fp8", lambda x: False)  # Ampere (or the interpreter)
+    assert [kernel(t) for t in (1, pairs, pairs + 1, experts, experts + 1, 8192)] == [
+        "pairs", "pairs", "experts", "experts", "tiles", "tiles",
+    ]  # fmt: skip
+    monkeypatch.setattr(mf, "native_fp8", lambda x: True)  # Hopper
+    assert [kernel(t) for t in (pairs, experts, act - 1, act, 8192)] == [
+        "pairs", "experts", "tiles" if act - 1 > experts else "experts", "fp8_tiles", "fp8_tiles",
+    ]  # fmt: skip
+    monkeypatch.setattr(mf, "MOE_TILES_MIN_TOKENS", pairs + 1)
+    monkeypatch.setattr(mf, "MOE_FP8_ACT_MIN_TOKENS", None)
+    assert [kernel(t) for t in (pairs, pairs + 1, 8192)] == ["pairs", "tiles", "tiles"]
+
+
 def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     """runtime.execution's rules: no Triton → the dequantizing reference; FP8 tensor cores (sm89 / sm90) →
     FP8 GEMM from FP8_GEMM_MIN_TOKENS tokens, weight-only below; no FP8 tensor cores (sm80) → weight-only.
-    FP8 experts: the decode kernel for every decode step and up to FP8_FUSED_MAX_TOKENS prefill tokens, a
-    grouped GEMM over dequantized stacks above where it runs (Hopper), else a per-expert FP8 loop; the given
-    path where Triton does not run."""
+    FP8 experts: the FP8 experts op at every step size; with FP8_FUSED_MAX_TOKENS set, longer prefill steps
+    take the grouped GEMM over dequantized stacks where it runs (Hopper), else a per-expert FP8 loop; the
+    given path where Triton does not run."""
     import torch
 
     from runtime import execution as ex
@@ -57,7 +87,11 @@ def test_fp8_dispatch_by_hardware(monkeypatch) -> None:
     ):
         monkeypatch.setattr(ex, "fp8_gemm_supported", lambda device, sm90=sm90: sm90)
         assert ex.fp8_linear_path(torch.zeros(tokens, 8)) is want, (sm90, tokens)
-    m = ex.FP8_FUSED_MAX_TOKENS
+    assert ex.FP8_FUSED_MAX_TOKENS is None
+    for tokens in (1, 256, 8192):
+        assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(tokens, 8)) is ex.MoEImpl.FUSED
+    m = 256
+    monkeypatch.setattr(ex, "FP8_FUSED_MAX_TOKENS", m)
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m, 8)) is ex.MoEImpl.FUSED
     assert ex.moe_dispatch_fp8(ex.MoEImpl.GROUPED, torch.zeros(m + 1, 8)) is ex.MoEImpl.LOOP
     monkeypatch.setattr(ex, "grouped_mm_supported", lambda device, dtype: True)
@@ -122,6 +156,7 @@ def test_fp8_custom_ops_trace() -> None:
     import torch
 
     from runtime.kernels import fp8 as k8
+    from runtime.kernels.moe_fp8 import moe_fp8
     from runtime.quant.fp8 import quantize
 
     # the schema check multiplies inputs, which the CPU has no fp8 kernel for: fake tensors and AOT dispatch
@@ -134,11 +169,11 @@ def test_fp8_custom_ops_trace() -> None:
     w13, s13 = quantize(torch.randn(4, 256, 136))
     w2, s2 = quantize(torch.randn(4, 136, 128))
     ids, wts = torch.tensor([[0, 3], [1, 2], [3, 1]]), torch.rand(3, 2)
-    torch.library.opcheck(k8.moe_decode_fp8, (x, ids, wts, w13, s13, w2, s2, 0, 4), test_utils=utils)
+    torch.library.opcheck(moe_fp8, (x, ids, wts, w13, s13, w2, s2, 0, 4), test_utils=utils)
 
 
 def test_long_fp8_prefill_grouped_over_dequantized_stacks_equals_the_expert_loop() -> None:
-    """Above FP8_FUSED_MAX_TOKENS on Hopper the FP8 experts run the grouped GEMM over their stacks
+    """With FP8_FUSED_MAX_TOKENS set, longer prefill steps on Hopper run the grouped GEMM over the FP8 stacks
     dequantized for the step, in place of one FP8 GEMM pair per active expert: the same products (here, on
     the CPU, both read the dequantized weights in fp32)."""
     import torch
