@@ -48,6 +48,7 @@ import model_gpu as mg
 from runtime import execution
 from runtime.config import ModelConfig, QuantConfig
 from runtime.execution import ExecutionOptions
+from runtime.kernels import fp8 as k8
 from runtime.quant.fp8 import Fp8Linear, dequantize, quantize
 from runtime.registry import build_model
 
@@ -351,12 +352,18 @@ def v2_lite(args, bw: float) -> dict:
                 out[f"profile_b{B}_{name}"] = prof = mg.profile_graph(bench, B)
                 log(f"decode B={B} {name} kernels:", json.dumps(prof))
     PB, PL = (2, 32) if args.smoke else (8, 512)
-    # FP8 twice: as it runs, and with the experts' former prefill path (the grouped GEMM over stacks
-    # dequantized for the step), to compare in the same run
-    variants = [("bf16", "bf16", None), ("fp8", "fp8", None), ("fp8_dequantized", "fp8", 256)]
-    for name, model_name, fused_max in variants:
+    # FP8 three times: as it runs; with the experts' former prefill path (the grouped GEMM over stacks
+    # dequantized for the step); with the Triton FP8 GEMM for the linears in place of cuBLAS's
+    variants = [
+        ("bf16", "bf16", None, True),
+        ("fp8", "fp8", None, True),
+        ("fp8_dequantized", "fp8", 256, True),
+        ("fp8_triton_gemm", "fp8", None, False),
+    ]
+    for name, model_name, fused_max, scaled_mm in variants:
         bench = benches[model_name]
-        saved, execution.FP8_FUSED_MAX_TOKENS = execution.FP8_FUSED_MAX_TOKENS, fused_max
+        saved = execution.FP8_FUSED_MAX_TOKENS, k8.SCALED_MM
+        execution.FP8_FUSED_MAX_TOKENS, k8.SCALED_MM = fused_max, scaled_mm
         try:
             s = bench.prefill_s(PB, PL)
             flops = mg.prefill_flops(bench.model.config, PB, PL)
@@ -373,7 +380,7 @@ def v2_lite(args, bw: float) -> dict:
             traceback.print_exc()
             out[f"prefill_{PB}x{PL}_{name}"] = {"error": str(exc)[:300]}
         finally:
-            execution.FP8_FUSED_MAX_TOKENS = saved
+            execution.FP8_FUSED_MAX_TOKENS, k8.SCALED_MM = saved
     del benches, bf16, fp8
     return out
 
@@ -483,7 +490,6 @@ def gemm_micro(args, bw: float) -> dict:
     """The linears alone, FP8 kernels against bf16 on the dequantized weight: prefill-sized products (Triton
     FP8 GEMM with its activation quantization, torch's blockwise scaled_mm if this torch has it) and decode
     sizes (weight-only kernel), each against its roofline."""
-    from runtime.kernels import fp8 as k8
 
     dev = args.device
     shapes = {"v2lite_mlp_up": (10944, 2048), "v3_o_proj": (7168, 16384), "v3_q_b": (24576, 1536)}
@@ -527,7 +533,6 @@ def gemm_micro(args, bw: float) -> dict:
 def sweep(args, bw: float) -> dict:
     """Launch configurations of the weight-only GEMV at decode sizes against bf16 on the same product, then
     :func:`moe_sweep`: picks the defaults in runtime/kernels/fp8.py and runtime/kernels/moe_fp8.py."""
-    from runtime.kernels import fp8 as k8
 
     dev = args.device
     out: dict = {}
@@ -685,7 +690,6 @@ def apply_tuning(found: dict) -> dict:
     FP8-activation tiles from 65 where they won at 256). Returns what was set (recorded in the results)."""
     import ast
 
-    from runtime.kernels import fp8 as k8
     from runtime.kernels import moe_fp8 as mf
 
     def totals(suffix: str) -> dict[str, float]:
@@ -766,7 +770,11 @@ def print_tables(bw: float) -> None:
                 f"{f['roofline_ms'] / f['step_ms']:.0%}) | {f['tok_s'] / b['tok_s']:.2f}x |"
             )
     for key in (k for k in v2 if k.startswith("prefill_") and k.endswith("_bf16")):
-        for variant, label in (("_fp8", ""), ("_fp8_dequantized", ", FP8 experts dequantized to bf16")):
+        for variant, label in (
+            ("_fp8", ""),
+            ("_fp8_dequantized", ", FP8 experts dequantized to bf16"),
+            ("_fp8_triton_gemm", ", Triton FP8 GEMM for the linears"),
+        ):
             b, f = v2[key], v2.get(key.replace("_bf16", variant), {})
             if "ms" in b and "ms" in f:
                 print(

@@ -35,11 +35,11 @@ GEMM_CONFIG = (64, 128, 4, 3)
 # weight-only tl.dot kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K whole scale blocks
 W8_GEMM_CONFIG = (64, 128, 128, 4, 3)
 # the same kernel for 2..GEMV_MAX_TOKENS tokens in place of the GEMV (None: the GEMV): on an H100 a 16-row
-# tensor-core tile ran 1.5-2.2x faster than the GEMV's loop over tokens at 8 tokens
-W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = (16, 32, 256, 4, 3)
+# tensor-core tile ran 2.7-4x faster than the GEMV's loop over tokens at 8 tokens
+W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = (16, 64, 256, 4, 3)
 # GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block. The defaults
 # here are the launch sweep's best on an H100 (benchmarks/fp8_gpu.py --tune; docs/benchmarks.md)
-GEMV_CONFIG = (4, 512, 1, 3)
+GEMV_CONFIG = (4, 512, 2, 3)
 ACT_QUANT_BLOCK_T = 16
 
 
@@ -281,6 +281,8 @@ def _blockwise_scaling():
     return None
 
 
+# cuBLAS's blockwise GEMM where it runs (False: the Triton GEMM everywhere; the benchmark compares the two)
+SCALED_MM = True
 # weight shapes (N, K) cuBLAS refused, with the first refusal's message: those take the Triton GEMM from then
 # on. Per shape, so one odd product does not send every other one to the slower kernel.
 _SCALED_MM_FAILED: dict[tuple[int, int], str] = {}
@@ -290,7 +292,8 @@ def scaled_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """cuBLAS's blockwise FP8 GEMM (via ``F.scaled_mm``): Hopper, a torch that has it, whole K blocks, two
     tokens or more (it refuses a one-token activation scale: "scale_a must have strides (1, 1)")."""
     return (
-        tuple(w.shape) not in _SCALED_MM_FAILED
+        SCALED_MM
+        and tuple(w.shape) not in _SCALED_MM_FAILED
         and not INTERPRET
         and x.device.type == "cuda"
         and x.shape[0] > 1

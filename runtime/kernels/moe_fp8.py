@@ -4,16 +4,16 @@ token count T and the GPU (:func:`moe_fp8_kernel`):
 
 * ``pairs`` (T ≤ :data:`MOE_BY_PAIR_MAX_TOKENS`): :mod:`runtime.kernels.moe_decode`'s two launches, a
   program per (token, expert) pair and block of rows, reading FP8 rows and their scales;
-* ``experts`` (decode batches above that): a program per expert looping over its pairs on CUDA cores, so a
-  batch reads each chosen expert about once;
-* ``fp8_tiles`` (from :data:`MOE_FP8_ACT_MIN_TOKENS`, GPUs with FP8 tensor cores): tiles of one expert's pairs
+* ``experts`` (above that, where neither tile kernel is on): a program per expert looping over its pairs on
+  CUDA cores, so a batch reads each chosen expert about once;
+* ``fp8_tiles`` (from :data:`MOE_FP8_ACT_MIN_TOKENS`, on GPUs with FP8 tensor cores): tiles of one expert's pairs
   on FP8 tensor cores. Activations are quantized per token and 128 features, as the checkpoint format
   prescribes (``activation_scheme: dynamic``); each 128-wide K step's fp32 product is scaled by the token's
   and the weight block's scales before it joins the accumulator (DeepSeek-V3's promotion of partial sums),
   and the up kernel quantizes its own output in its epilogue for the down kernel;
-* ``tiles`` (from :data:`MOE_TILES_MIN_TOKENS` where a launch sweep turned it on, and any step above
-  :data:`MOE_BY_EXPERT_MAX_TOKENS` without FP8 tensor cores: Ampere's prefill): the same tiles on bf16
-  tensor cores, the FP8 weight dequantized in registers.
+* ``tiles`` (from :data:`MOE_TILES_MIN_TOKENS`, and any step above :data:`MOE_BY_EXPERT_MAX_TOKENS`, on
+  GPUs without FP8 tensor cores: Ampere): the same tiles on bf16 tensor cores, the FP8 weight dequantized
+  in registers.
 
 Every path reads the stacks' FP8 bytes (no dequantized copy of them), needs no host sync (a decode step stays
 capturable in a CUDA graph) and returns fp32 ``[T, k, H]``: each routed expert's output times its routing
@@ -29,30 +29,33 @@ from runtime.kernels import HAS_TRITON, triton_usable
 from runtime.kernels.fp8 import GROUP, _act_dequant, _dequant, act_quant, act_quant_reference, native_fp8
 from runtime.kernels.moe_decode import moe_decode_reference
 
+# The launch configurations and crossovers below are a launch sweep's best on an H100 (benchmarks/fp8_gpu.py
+# --tune, every kernel timed as a CUDA graph replays it; docs/benchmarks.md). The CUDA-core kernels:
+# (BLOCK_N rows, BLOCK_K, num_warps) of the per-pair and per-expert kernels
 MOE_BLOCK_N = 8
 MOE_BLOCK_K = 512
-MOE_NUM_WARPS = 1
+MOE_NUM_WARPS = 4
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
-# the tensor-core kernel over tiles of one expert's pairs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages),
-# the small tile while experts average at most 16 pairs (decode batches), the large one above (prefill)
-MOE_TILES_SMALL = (16, 64, 256, 4, 3)
-MOE_TILES_LARGE = (64, 128, 128, 4, 3)
-# from this many tokens the FP8 MoE kernel is the tile kernel; None: the per-expert one above
-# MOE_BY_PAIR_MAX_TOKENS. The interpreter checks both; a launch sweep (benchmarks/fp8_gpu.py --tune) times
-# them on the card and turns the tiles on where they win
-MOE_TILES_MIN_TOKENS: int | None = None
 # the per-expert loop is for decode batches; above this many tokens (prefill) a tile kernel always
 MOE_BY_EXPERT_MAX_TOKENS = 256
-# from this many tokens, on FP8 tensor cores (sm89+), the FP8-activation tile kernel (None: never); the sweep
-# may lower it where the kernel wins at decode batches too
-MOE_FP8_ACT_MIN_TOKENS: int | None = MOE_BY_EXPERT_MAX_TOKENS + 1
+# the weight-only tile kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the small tile while
+# experts average at most 16 pairs (decode batches), the large one above (prefill); from
+# MOE_TILES_MIN_TOKENS it replaces the per-expert kernel (None: not below MOE_BY_EXPERT_MAX_TOKENS). At 64
+# tokens it took 0.28 ms against the per-expert kernel's 0.73 (V2-Lite's experts)
+MOE_TILES_SMALL = (16, 64, 256, 4, 3)
+MOE_TILES_LARGE = (64, 128, 128, 4, 3)
+MOE_TILES_MIN_TOKENS: int | None = MOE_BY_PAIR_MAX_TOKENS + 1
+# from this many tokens, on FP8 tensor cores (sm89+), the FP8-activation tile kernel (None: never). It was
+# the fastest kernel from 64 tokens (0.28 ms at 64, 0.31 at 256, 1.15 at a 4,096-token step: bf16's
+# grouped GEMM path took 1.65, the stacks dequantized for it 6.3)
+MOE_FP8_ACT_MIN_TOKENS: int | None = MOE_BY_PAIR_MAX_TOKENS + 1
 # its launches: (BLOCK_M pairs, BLOCK_N rows of the down projection, num_warps, num_stages); the up kernel's
 # row block is one scale block (128), which is also the group its output is quantized in. The small tile
 # while experts average at most 16 pairs, the large one above
 MOE_FP8_TILES_SMALL = (16, 128, 4, 3)
-MOE_FP8_TILES_LARGE = (64, 128, 8, 3)
+MOE_FP8_TILES_LARGE = (128, 128, 8, 3)
 
 
 if HAS_TRITON:

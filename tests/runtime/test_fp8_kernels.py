@@ -38,30 +38,28 @@ def test_fp8_kernels_under_the_interpreter() -> None:
 
 
 def test_fp8_moe_kernel_by_step_size(monkeypatch) -> None:
-    """runtime.kernels.moe_fp8's choice: a program per pair up to MOE_BY_PAIR_MAX_TOKENS, per expert for decode
-    batches above it, tiles above MOE_BY_EXPERT_MAX_TOKENS; the FP8-activation tiles from
-    MOE_FP8_ACT_MIN_TOKENS on GPUs with FP8 tensor cores only; the weight-only tiles from MOE_TILES_MIN_TOKENS
-    where a sweep turned them on."""
+    """runtime.kernels.moe_fp8's choice: a program per pair up to MOE_BY_PAIR_MAX_TOKENS; the FP8-activation
+    tiles from MOE_FP8_ACT_MIN_TOKENS on GPUs with FP8 tensor cores only; else the weight-only tiles from
+    MOE_TILES_MIN_TOKENS, and always above MOE_BY_EXPERT_MAX_TOKENS; per expert in between."""
     import torch
 
     from runtime.kernels import moe_fp8 as mf
 
     pairs, experts = mf.MOE_BY_PAIR_MAX_TOKENS, mf.MOE_BY_EXPERT_MAX_TOKENS
-    act = mf.MOE_FP8_ACT_MIN_TOKENS
-    assert act is not None and act > experts  # the default: FP8 activations in prefill steps only
 
     def kernel(tokens: int) -> str:
         return mf.moe_fp8_kernel(torch.zeros(tokens, 8))
 
+    monkeypatch.setattr(mf, "MOE_FP8_ACT_MIN_TOKENS", 100)
+    monkeypatch.setattr(mf, "MOE_TILES_MIN_TOKENS", None)
     monkeypatch.setattr(mf, "native_fp8", lambda x: False)  # Ampere (or the interpreter)
     assert [kernel(t) for t in (1, pairs, pairs + 1, experts, experts + 1, 8192)] == [
         "pairs", "pairs", "experts", "experts", "tiles", "tiles",
     ]  # fmt: skip
     monkeypatch.setattr(mf, "native_fp8", lambda x: True)  # Hopper
-    assert [kernel(t) for t in (pairs, experts, act - 1, act, 8192)] == [
-        "pairs", "experts", "tiles" if act - 1 > experts else "experts", "fp8_tiles", "fp8_tiles",
-    ]  # fmt: skip
+    assert [kernel(t) for t in (pairs, 99, 100, 8192)] == ["pairs", "experts", "fp8_tiles", "fp8_tiles"]
     monkeypatch.setattr(mf, "MOE_TILES_MIN_TOKENS", pairs + 1)
+    assert [kernel(t) for t in (pairs + 1, 100)] == ["tiles", "fp8_tiles"]
     monkeypatch.setattr(mf, "MOE_FP8_ACT_MIN_TOKENS", None)
     assert [kernel(t) for t in (pairs, pairs + 1, 8192)] == ["pairs", "tiles", "tiles"]
 
