@@ -684,32 +684,37 @@ def grouped_experts(x, ids, wts, w13, w2) -> torch.Tensor:
 
 def apply_tuning(found: dict) -> dict:
     """Set the kernels' launch configurations to a sweep's best (``--tune``, ``--tune-from``): the GEMV config
-    with the least total time over the sweep's batch-1 products; at 8 tokens the tensor-core kernel's best
-    config where its total beats that GEMV's; the MoE decode config best at one token; each tile kernel's
+    with the least total time over the sweep's batch-1 products (each relative to its best); at 8 tokens the
+    tensor-core kernel's best config where its total beats that GEMV's; the MoE decode config best over one
+    and eight tokens; each tile kernel's
     best launch at 64 tokens and at a prefill step; and above 16 tokens the kernel fastest at 64 (or the
     FP8-activation tiles from 65 where they won at 256). Returns what was set (recorded in the results)."""
     import ast
 
     from runtime.kernels import moe_fp8 as mf
 
-    def totals(suffix: str) -> dict[str, float]:
+    def totals(keys: list[str]) -> dict[str, float]:
+        """Each config's time over the results ``keys``, each relative to that result's best (so that one large
+        product does not outweigh the others), summed over the results where it ran."""
         out: dict[str, float] = {}
-        for key, r in found.items():
-            if key.startswith("gemv_") and key.endswith(suffix):
-                for cfg, v in r.items():
-                    if cfg.startswith("(") and isinstance(v, float):
-                        out[cfg] = out.get(cfg, 0.0) + v
+        for key in keys:
+            r = found.get(key, {})
+            times = {c: v for c, v in r.items() if c.startswith("(") and isinstance(v, float)}
+            for cfg, v in times.items():
+                out[cfg] = out.get(cfg, 0.0) + v / min(times.values())
         return out
 
     applied = {}
-    one, eight = totals("_m1"), totals("_m8")
+    one = totals([k for k in found if k.startswith("gemv_") and k.endswith("_m1")])
+    eight = totals([k for k in found if k.startswith("gemv_") and k.endswith("_m8")])
     if one:
         gemv = min(one, key=one.get)
         k8.GEMV_CONFIG = applied["GEMV_CONFIG"] = ast.literal_eval(gemv)
         dots = {c: v for c, v in eight.items() if len(ast.literal_eval(c)) == 5}
         if dots and gemv in eight and min(dots.values()) < eight[gemv]:
             k8.W8_SKINNY_CONFIG = applied["W8_SKINNY_CONFIG"] = ast.literal_eval(min(dots, key=dots.get))
-    best_moe = found.get("moe_T1", {}).get("best")
+    per_pair = totals(["moe_T1", "moe_T8"])  # the per-pair kernel's decode sizes
+    best_moe = min(per_pair, key=per_pair.get) if per_pair else None
     if best_moe:
         mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS = ast.literal_eval(best_moe)
         applied["MOE_BLOCK_N, MOE_BLOCK_K, MOE_NUM_WARPS"] = (mf.MOE_BLOCK_N, mf.MOE_BLOCK_K, mf.MOE_NUM_WARPS)

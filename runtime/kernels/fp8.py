@@ -36,7 +36,7 @@ GEMM_CONFIG = (64, 128, 4, 3)
 W8_GEMM_CONFIG = (64, 128, 128, 4, 3)
 # the same kernel for 2..GEMV_MAX_TOKENS tokens in place of the GEMV (None: the GEMV): on an H100 a 16-row
 # tensor-core tile ran 2.7-4x faster than the GEMV's loop over tokens at 8 tokens
-W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = (16, 64, 256, 4, 3)
+W8_SKINNY_CONFIG: tuple[int, int, int, int, int] | None = (16, 32, 256, 4, 3)
 # GEMV: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K a multiple of the 128 scale block. The defaults
 # here are the launch sweep's best on an H100 (benchmarks/fp8_gpu.py --tune; docs/benchmarks.md)
 GEMV_CONFIG = (4, 512, 2, 3)

@@ -34,7 +34,7 @@ from runtime.kernels.moe_decode import moe_decode_reference
 # (BLOCK_N rows, BLOCK_K, num_warps) of the per-pair and per-expert kernels
 MOE_BLOCK_N = 8
 MOE_BLOCK_K = 512
-MOE_NUM_WARPS = 4
+MOE_NUM_WARPS = 1
 # up to this many tokens the FP8 MoE decode kernel runs a program per (token, expert) pair; above, per expert
 # (each expert's weights read about once per step however many of the batch's tokens chose it)
 MOE_BY_PAIR_MAX_TOKENS = 16
