@@ -49,6 +49,7 @@ from runtime import execution
 from runtime.config import ModelConfig, QuantConfig
 from runtime.execution import ExecutionOptions
 from runtime.kernels import fp8 as k8
+from runtime.moe import MoE
 from runtime.quant.fp8 import Fp8Linear, dequantize, quantize
 from runtime.registry import build_model
 
@@ -239,10 +240,12 @@ def expert_bytes(m) -> int:
     return n
 
 
-def step_bytes(model, B: int, ctx: int, layers: list[int] | None = None, head: bool = True) -> float:
+def step_bytes(
+    model, B: int, ctx: int, layers: list[int] | None = None, head: bool = True, distinct: float | None = None
+) -> float:
     """Bytes one decode step must read: the weights of ``layers`` (all by default) as stored, the distinct
-    experts a batch of B picks (uniform routing), the KV cache, and (``head``) B embedding rows, final norm
-    and LM head."""
+    experts a batch of B picks (``distinct`` per MoE layer where measured, else what uniform routing picks on
+    average), the KV cache, and (``head``) B embedding rows, final norm and LM head."""
     c = model.config
     idx = range(model.num_layers) if layers is None else layers
     total = 0.0
@@ -255,8 +258,8 @@ def step_bytes(model, B: int, ctx: int, layers: list[int] | None = None, head: b
         if moe:
             E, k = c.n_routed_experts, c.num_experts_per_tok
             n_local = layer.mlp.n_local
-            distinct = n_local * (1 - (1 - k / E) ** B)
-            total += distinct * expert_bytes(layer.mlp)
+            picked = n_local * (1 - (1 - k / E) ** B) if distinct is None else distinct
+            total += picked * expert_bytes(layer.mlp)
         total += B * ctx * c.kv_cache_dim * model.dtype.itemsize
     if head:
         total += nbytes(model.lm_head.weight) + nbytes(model.model.norm.weight)
@@ -283,6 +286,20 @@ def decode_step_s(bench, B: int, steps: int, graphs: bool) -> float:
     tokens = logits.argmax(-1)
     bench.decode(tokens, tables, mg.PROMPT, 2, graphs)  # warm-up
     return mg.sync_time(lambda: bench.decode(tokens, tables, mg.PROMPT, steps, graphs)) / steps
+
+
+def routed_experts(bench, B: int, graphs: bool) -> float:
+    """Distinct experts one decode step of B sequences routes to, averaged over the MoE layers (each layer
+    counts its tokens per expert on the device). Random weights route far from uniformly (hidden states
+    drift toward a shared direction through the layers), so a roofline priced at uniform routing counts
+    experts the step never reads."""
+    moes = [m for m in bench.model.modules() if isinstance(m, MoE)]
+    prompts = torch.randint(0, bench.model.config.vocab_size, (B, mg.PROMPT), device=bench.dev)
+    logits, tables = bench.prefill(prompts)
+    for m in moes:
+        m.expert_load.zero_()
+    bench.decode(logits.argmax(-1), tables, mg.PROMPT, 1, graphs)
+    return sum(int((m.expert_load > 0).sum()) for m in moes) / max(1, len(moes))
 
 
 def agreement(b_fp8, b_bf16, B: int, steps: int, graphs: bool) -> dict:
@@ -340,9 +357,17 @@ def v2_lite(args, bw: float) -> dict:
         for name, bench in benches.items():
             try:
                 s = decode_step_s(bench, B, args.steps, graphs)
-                roof = step_bytes(bench.model, B, mg.PROMPT + args.steps // 2) / bw
-                out[f"decode_b{B}_{name}"] = {"tok_s": B / s, "step_ms": s * 1e3, "roofline_ms": roof * 1e3}
-                log(f"decode B={B} {name}: {B / s:.0f} tok/s, {s * 1e3:.2f} ms/step, roofline {roof * 1e3:.2f} ms")
+                picked = routed_experts(bench, B, graphs)
+                ctx = mg.PROMPT + args.steps // 2
+                roof = step_bytes(bench.model, B, ctx, distinct=picked) / bw
+                out[f"decode_b{B}_{name}"] = {
+                    "tok_s": B / s, "step_ms": s * 1e3, "roofline_ms": roof * 1e3, "routed_experts": picked,
+                    "roofline_uniform_routing_ms": step_bytes(bench.model, B, ctx) / bw * 1e3,
+                }  # fmt: skip
+                log(
+                    f"decode B={B} {name}: {B / s:.0f} tok/s, {s * 1e3:.2f} ms/step, roofline {roof * 1e3:.2f} ms "
+                    f"({picked:.1f} experts routed per layer)"
+                )
             except Exception as exc:
                 traceback.print_exc()
                 out[f"decode_b{B}_{name}"] = {"error": str(exc)[:300]}
@@ -409,6 +434,8 @@ def v3_slice(args, bw: float) -> dict:
             log(f"{n} layers, batch {B}: prefill, then {steps} decode steps")
             try:
                 times[(n, B)] = decode_step_s(bench, B, steps, graphs)
+                if n == 4:
+                    per[f"b{B}_routed_experts"] = routed_experts(bench, B, graphs)
             except Exception as exc:
                 traceback.print_exc()
                 times[(n, B)] = float("nan")
@@ -421,14 +448,16 @@ def v3_slice(args, bw: float) -> dict:
     ctx = mg.PROMPT + steps // 2
     for B in batches:
         layer_s = (times[(4, B)] - times[(2, B)]) / 2
-        roof = step_bytes(model, B, ctx, layers=[0], head=False) / bw
+        picked = per.pop(f"b{B}_routed_experts", None)
+        roof = step_bytes(model, B, ctx, layers=[0], head=False, distinct=picked) / bw
         per[f"b{B}"] = {
+            "routed_experts": picked,
             "step_ms_4_layers": times[(4, B)] * 1e3,
             "layer_ms": layer_s * 1e3,
             "layer_roofline_ms": roof * 1e3,
             "roofline_fraction": roof / layer_s if layer_s > 0 else float("nan"),
         }
-        log(f"V3 layer B={B}: {layer_s * 1e3:.3f} ms/layer, roofline {roof * 1e3:.3f} ms")
+        log(f"V3 layer B={B}: {layer_s * 1e3:.3f} ms/layer, roofline {roof * 1e3:.3f} ms ({picked} experts routed)")
     per["projection"] = project_v3(model, per, batches, ctx)
     return per
 
@@ -452,7 +481,8 @@ def project_v3(model, per: dict, batches: list[int], ctx: int) -> dict:
             f"{E // gpus} experts per GPU, uniform routing; attention and shared expert replicated; one "
             f"all-reduce of [B, {c.hidden_size}] bf16 per layer at {link_bw / 1e9:.0f} GB/s per GPU + "
             f"{link_lat * 1e6:.0f} us; H100 copy bandwidth {bw / 1e12:.2f} TB/s at the fraction of the roofline the "
-            f"slice reached at that batch on this card; context {ctx}; "
+            f"slice reached at that batch on this card (its roofline priced at the experts its random weights "
+            f"routed to); context {ctx}; "
             "every GPU decodes the whole batch (no data-parallel attention)"
         )
     }
