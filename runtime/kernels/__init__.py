@@ -8,7 +8,9 @@ as few kernels as possible. These kernels replace the general-purpose paths wher
 * :mod:`runtime.kernels.mla_decode` - absorbed multi-head latent attention reading the paged latent cache
   through the block table (no gathered copy of the cache, no mask tensor);
 * :mod:`runtime.kernels.router` - a greedy router's whole choice in one launch;
-* :mod:`runtime.kernels.linear` - the step's small projections for one token at the bandwidth's pace.
+* :mod:`runtime.kernels.linear` - the step's small projections for one token at the bandwidth's pace;
+* :mod:`runtime.kernels.fp8` and :mod:`runtime.kernels.moe_fp8` - linears and routed experts over DeepSeek-V3's
+  block-scaled FP8 weights, read as they are (decode and prefill).
 
 Each is a ``torch.library`` custom op: Triton on CUDA, the reference elsewhere, an abstract shape for
 ``torch.compile``. ``TRITON_INTERPRET=1`` runs the Triton code itself on the CPU (fp32), which is how the
