@@ -24,9 +24,9 @@ from runtime.config import ModelConfig
 from runtime.execution import MoEImpl, moe_dispatch, moe_dispatch_fp8
 from runtime.kernels.linear import ROUTER_MAX_TOKENS, project, small_linear
 from runtime.kernels.moe_decode import moe_decode
-from runtime.kernels.moe_fp8 import moe_fp8
+from runtime.kernels.moe_fp8 import MOE_BY_PAIR_MAX_TOKENS, moe_fp8
 from runtime.kernels.router import Routing, greedy_route, normalize_weights, route, route_scores
-from runtime.quant.fp8 import FP8_DTYPE, dequantize, fp8_linear, keep_dtypes, scale_shape
+from runtime.quant.fp8 import FP8_DTYPE, Fp8Linear, dequantize, fp8_linear, keep_dtypes, scale_shape
 
 
 class MLP(nn.Module):
@@ -220,7 +220,7 @@ class MoE(nn.Module):
         if self.fp8_block is not None:
             dispatch = moe_dispatch_fp8(dispatch, x)
         fused = dispatch is MoEImpl.FUSED
-        fuse_shared = fused and self._shared_fusable()  # the kernel adds the shared experts itself
+        fuse_shared = fused and self._shared_fusable(x)  # the kernel adds the shared experts itself
         y = self._fused(x, fuse_shared, kernel_routing) if fused else self.routed(x, *self.gate(x), dispatch)
         if self.shared_experts is None or fuse_shared:
             return all_reduce(y, self.ep_group)
@@ -229,16 +229,18 @@ class MoE(nn.Module):
             return all_reduce(y + s, self.ep_group)
         return all_reduce(y, self.ep_group) + s
 
-    def _shared_fusable(self) -> bool:
+    def _shared_fusable(self, x: torch.Tensor) -> bool:
         """The shared experts can join the fused kernel when their output is added where the routed output
-        is: unsharded (no EP all-reduce in between) or a TP partial summed by the same all-reduce."""
+        is: unsharded (no EP all-reduce in between) or a TP partial summed by the same all-reduce. FP8 shared
+        experts join the per-pair kernel only (steps of up to MOE_BY_PAIR_MAX_TOKENS tokens); above, their
+        own FP8 linears run on the FP8 GEMM."""
         s = self.shared_experts
-        return (
-            s is not None
-            and self.fp8_block is None  # the FP8 kernel runs the routed experts only
-            and type(s.down_proj) is nn.Linear
-            and (self.ep_group is None or self.shared_partial)
-        )
+        if s is None or not (self.ep_group is None or self.shared_partial):
+            return False
+        if self.fp8_block is None:
+            return type(s.down_proj) is nn.Linear
+        plain_fp8 = all(type(p) is Fp8Linear and p.group is None for p in (s.gate_proj, s.up_proj, s.down_proj))
+        return plain_fp8 and x.shape[0] <= MOE_BY_PAIR_MAX_TOKENS
 
     def _fused(self, x: torch.Tensor, with_shared: bool, kernel_routing: bool) -> torch.Tensor:
         """Routed experts (and, ``with_shared``, the shared ones) through the decode kernel; no all-reduce.
@@ -252,9 +254,15 @@ class MoE(nn.Module):
             flat = ids.reshape(-1)
             self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         if self.fp8_block is not None:
+            fp8_shared = ()
+            if with_shared:
+                fp8_shared = tuple(
+                    t for p in (s.gate_proj, s.up_proj, s.down_proj) for t in (p.weight, p.weight_scale_inv)
+                )
             y = moe_fp8(
-                x, ids, weights, self.w13, self.w13_scale, self.w2, self.w2_scale, self.expert_offset, self.n_local
-            )
+                x, ids, weights, self.w13, self.w13_scale, self.w2, self.w2_scale, self.expert_offset, self.n_local,
+                *fp8_shared,
+            )  # fmt: skip
         else:
             y = moe_decode(x, ids, weights, self.w13, self.w2, *sw, self.expert_offset, self.n_local)
         return y.sum(dim=1).to(x.dtype)

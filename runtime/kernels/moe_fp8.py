@@ -24,9 +24,18 @@ experts add exactly zero.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from runtime.kernels import HAS_TRITON, triton_usable
-from runtime.kernels.fp8 import GROUP, _act_dequant, _dequant, act_quant, act_quant_reference, native_fp8
+from runtime.kernels.fp8 import (
+    GROUP,
+    _act_dequant,
+    _dequant,
+    act_quant,
+    act_quant_reference,
+    native_fp8,
+    w8_linear_triton,
+)
 from runtime.kernels.moe_decode import moe_decode_reference
 
 # The launch configurations and crossovers below are a launch sweep's best on an H100 (benchmarks/fp8_gpu.py
@@ -92,27 +101,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_scaled_rows(
-        x_row, w_rows, s_rows, offs_n, n_mask, k_end, K, inter, swn, ssn,
+        x_row, wg_rows, sg_rows, wu_rows, su_rows, offs_n, n_mask, k_end, K, swn, ssn,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
-        """silu(x·Wg)·(x·Wu) over FP8 rows ``offs_n`` of the gate and of the up half: both halves' tiles are
-        loaded in the same K step, so each step has twice the bytes in flight of one :func:`_scaled_rows`."""
+        """silu(x·Wg)·(x·Wu) over FP8 rows ``offs_n`` of a gate and an up matrix (their own scale blocks): both
+        tiles are loaded in the same K step, so each step has twice the bytes in flight of one
+        :func:`_scaled_rows`."""
         GROUPS: tl.constexpr = BLOCK_K // 128
         n_groups = tl.cdiv(K, 128)
         acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-        up_rows = offs_n + inter
         for k0 in range(0, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             v = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             m = n_mask[:, None] & k_mask[None, :]
-            wg = tl.load(w_rows + offs_n[:, None] * swn + offs_k[None, :], mask=m, other=0)
-            wu = tl.load(w_rows + up_rows[:, None] * swn + offs_k[None, :], mask=m, other=0)
+            wg = tl.load(wg_rows + offs_n[:, None] * swn + offs_k[None, :], mask=m, other=0)
+            wu = tl.load(wu_rows + offs_n[:, None] * swn + offs_k[None, :], mask=m, other=0)
             offs_g = k0 // 128 + tl.arange(0, GROUPS)
             sm = n_mask[:, None] & (offs_g < n_groups)[None, :]
-            sg = tl.load(s_rows + (offs_n // 128)[:, None] * ssn + offs_g[None, :], mask=sm, other=0.0)
-            su = tl.load(s_rows + (up_rows // 128)[:, None] * ssn + offs_g[None, :], mask=sm, other=0.0)
+            s_off = (offs_n // 128)[:, None] * ssn + offs_g[None, :]
+            sg = tl.load(sg_rows + s_off, mask=sm, other=0.0)
+            su = tl.load(su_rows + s_off, mask=sm, other=0.0)
             pg = tl.sum(tl.reshape(_decode_e4m3(wg, NATIVE) * v[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
             pu = tl.sum(tl.reshape(_decode_e4m3(wu, NATIVE) * v[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
             acc_g += tl.sum(pg * sg, axis=1)
@@ -121,45 +131,61 @@ if HAS_TRITON:
 
     @triton.jit
     def _moe_up_fp8_kernel(
-        x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, H, inter, top_k, expert_offset, n_local,
-        sx, swe, swn, sse, ssn, sh,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
+        x_ptr, ids_ptr, w_ptr, s_ptr, sg_ptr, ssg_ptr, su_ptr, ssu_ptr, h_ptr, T, H, inter, shared_inter, top_k,
+        expert_offset, n_local, sx, swe, swn, sse, ssn, sswn, sssn, sh,
+        HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
+        """Programs ``p < T·k`` are (token, routed expert) pairs; with HAS_SHARED the next T are each token's
+        shared experts, reading their own FP8 gate and up rows (one launch fewer than as their own linears)."""
         p = tl.program_id(0)
         nb = tl.program_id(1)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < inter
-        t = p // top_k
-        e = tl.load(ids_ptr + p) - expert_offset
-        valid = (e >= 0) & (e < n_local)
-        e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
-        k_end = tl.where(valid, H, 0)
-        w, s = w_ptr + e * swe, s_ptr + e * sse
-        h = _swiglu_scaled_rows(x_ptr + t * sx, w, s, offs_n, n_mask, k_end, H, inter, swn, ssn, BLOCK_N, BLOCK_K,
-                                NATIVE)  # fmt: skip
-        tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+        if p < T * top_k:
+            t = p // top_k
+            e = tl.load(ids_ptr + p) - expert_offset
+            valid = (e >= 0) & (e < n_local)
+            e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
+            n_mask = offs_n < inter
+            k_end = tl.where(valid & (nb * BLOCK_N < inter), H, 0)
+            w, s = w_ptr + e * swe, s_ptr + e * sse
+            # the up half starts at row ``inter``, a whole scale block (MoE.use_fp8 checks it)
+            h = _swiglu_scaled_rows(x_ptr + t * sx, w, s, w + inter * swn, s + (inter // 128) * ssn, offs_n, n_mask,
+                                    k_end, H, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)  # fmt: skip
+            tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+        elif HAS_SHARED:
+            t = p - T * top_k
+            n_mask = offs_n < shared_inter
+            k_end = tl.where(nb * BLOCK_N < shared_inter, H, 0)
+            h = _swiglu_scaled_rows(x_ptr + t * sx, sg_ptr, ssg_ptr, su_ptr, ssu_ptr, offs_n, n_mask, k_end, H,
+                                    sswn, sssn, BLOCK_N, BLOCK_K, NATIVE)  # fmt: skip
+            tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
     def _moe_down_fp8_kernel(
-        h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, out_ptr, H, inter, top_k, expert_offset, n_local,
-        sh, swe, swn, sse, ssn, sot, sos,
+        h_ptr, ids_ptr, wts_ptr, w_ptr, s_ptr, sd_ptr, ssd_ptr, out_ptr, T, H, inter, shared_inter, top_k,
+        expert_offset, n_local, sh, swe, swn, sse, ssn, sdwn, sdsn, sot, sos,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
+        """Slot ``j < k``: the token's j-th routed expert times its weight; ``j == k``: its shared experts."""
         t = tl.program_id(0)
         nb = tl.program_id(1)
         j = tl.program_id(2)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < H
-        p = t * top_k + j
-        e = tl.load(ids_ptr + p) - expert_offset
-        valid = (e >= 0) & (e < n_local)
-        e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
-        wt = tl.load(wts_ptr + p).to(tl.float32)
-        part = _scaled_rows(
-            h_ptr + p * sh, w_ptr + e * swe, s_ptr + e * sse, offs_n, n_mask, tl.where(valid, inter, 0), inter,
-            swn, ssn, BLOCK_N, BLOCK_K, NATIVE,
-        )  # fmt: skip
-        tl.store(out_ptr + t * sot + j * sos + offs_n, wt * part, mask=n_mask)
+        if j < top_k:
+            p = t * top_k + j
+            e = tl.load(ids_ptr + p) - expert_offset
+            valid = (e >= 0) & (e < n_local)
+            e = tl.where(valid, e, 0).to(tl.int64)  # e × expert stride passes 2^31 (V3: 256 experts)
+            wt = tl.load(wts_ptr + p).to(tl.float32)
+            part = wt * _scaled_rows(
+                h_ptr + p * sh, w_ptr + e * swe, s_ptr + e * sse, offs_n, n_mask, tl.where(valid, inter, 0), inter,
+                swn, ssn, BLOCK_N, BLOCK_K, NATIVE,
+            )  # fmt: skip
+        else:
+            part = _scaled_rows(h_ptr + (T * top_k + t) * sh, sd_ptr, ssd_ptr, offs_n, n_mask, shared_inter,
+                                shared_inter, sdwn, sdsn, BLOCK_N, BLOCK_K, NATIVE)  # fmt: skip
+        tl.store(out_ptr + t * sot + j * sos + offs_n, part, mask=n_mask)
 
     @triton.jit
     def _moe_up_fp8_by_expert_kernel(
@@ -178,7 +204,8 @@ if HAS_TRITON:
         for i in range(tl.load(bounds_ptr + e), tl.load(bounds_ptr + e + 1)):
             p = tl.load(order_ptr + i)
             x_row = x_ptr + (p // top_k) * sx
-            h = _swiglu_scaled_rows(x_row, w, s, offs_n, n_mask, H, H, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
+            h = _swiglu_scaled_rows(x_row, w, s, w + inter * swn, s + (inter // 128) * ssn, offs_n, n_mask, H, H,
+                                    swn, ssn, BLOCK_N, BLOCK_K, NATIVE)  # fmt: skip
             tl.store(h_ptr + p * sh + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -348,23 +375,46 @@ if HAS_TRITON:
 # ---- host side --------------------------------------------------------------------------------------
 
 
-def _moe_fp8_pairs(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
+def _moe_fp8_pairs(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, shared=None) -> torch.Tensor:
+    """``shared``: the shared experts' (gate, gate scales, up, up scales, down, down scales), run as one more
+    pair per token and returned as slot k."""
     T, H = x.shape
     k = ids.shape[1]
     inter = w2.shape[-1]
-    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
-    _moe_up_fp8_kernel[(T * k, triton.cdiv(inter, MOE_BLOCK_N))](
-        x, ids, w13.view(torch.uint8), s13, h, H, inter, k, expert_offset, n_local,
-        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
+    if shared is not None:
+        sg, ssg, su, ssu, sd, ssd = shared
+        assert sg.stride() == su.stride() and ssg.stride() == ssu.stride(), "shared gate and up differ in layout"
+        shared_inter = sg.shape[0]
+    else:
+        sg, ssg, su, ssu, sd, ssd = w13, s13, w13, s13, w2, s2  # never read
+        shared_inter = 0
+    rows = T * k + (T if shared is not None else 0)
+    width = max(inter, shared_inter)
+    native = native_fp8(x)
+    h = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    _moe_up_fp8_kernel[(rows, triton.cdiv(width, MOE_BLOCK_N))](
+        x, ids, w13.view(torch.uint8), s13, sg.view(torch.uint8), ssg, su.view(torch.uint8), ssu, h, T, H, inter,
+        shared_inter, k, expert_offset, n_local, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0),
+        s13.stride(1), sg.stride(0), ssg.stride(0), h.stride(0),
+        HAS_SHARED=shared is not None, BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native,
+        num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
-    out = torch.empty(T, k, H, dtype=torch.float32, device=x.device)
-    _moe_down_fp8_kernel[(T, triton.cdiv(H, MOE_BLOCK_N), k)](
-        h, ids, weights, w2.view(torch.uint8), s2, out, H, inter, k, expert_offset, n_local,
-        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), out.stride(1),
-        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native_fp8(x), num_warps=MOE_NUM_WARPS, num_stages=3,
+    slots = k + (1 if shared is not None else 0)
+    out = torch.empty(T, slots, H, dtype=torch.float32, device=x.device)
+    _moe_down_fp8_kernel[(T, triton.cdiv(H, MOE_BLOCK_N), slots)](
+        h, ids, weights, w2.view(torch.uint8), s2, sd.view(torch.uint8), ssd, out, T, H, inter, shared_inter, k,
+        expert_offset, n_local, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), sd.stride(0),
+        ssd.stride(0), out.stride(0), out.stride(1),
+        BLOCK_N=MOE_BLOCK_N, BLOCK_K=MOE_BLOCK_K, NATIVE=native, num_warps=MOE_NUM_WARPS, num_stages=3,
     )  # fmt: skip
     return out
+
+
+def _shared_fp8(x: torch.Tensor, shared) -> torch.Tensor:
+    """The shared experts as weight-only FP8 products, fp32 ``[T, H]`` (the kernels other than ``pairs``)."""
+    sg, ssg, su, ssu, sd, ssd = shared
+    h = F.silu(w8_linear_triton(x, sg, ssg).float()) * w8_linear_triton(x, su, ssu).float()
+    return w8_linear_triton(h.to(x.dtype), sd, ssd).float()
 
 
 def _moe_fp8_experts(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
@@ -454,15 +504,20 @@ def _moe_fp8_act_tiles(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_
     return out
 
 
-def moe_fp8_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
-    """Each (token, expert) pair against its gathered, dequantized expert weights (runtime.kernels.moe_decode):
-    what the weight-only kernels compute."""
+def moe_fp8_reference(
+    x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, shared=None
+) -> torch.Tensor:  # fmt: skip
+    """Each (token, expert) pair against its gathered, dequantized expert weights (runtime.kernels.moe_decode),
+    and the shared experts dequantized as slot k: what the weight-only kernels compute."""
     e = (ids.reshape(-1) - expert_offset).clamp(0, n_local - 1).unique()
     full13 = torch.zeros(n_local, *w13.shape[1:], dtype=x.dtype, device=x.device)
     full2 = torch.zeros(n_local, *w2.shape[1:], dtype=x.dtype, device=x.device)
     full13[e] = _dequant(w13[e], s13[e]).to(x.dtype)
     full2[e] = _dequant(w2[e], s2[e]).to(x.dtype)
-    return moe_decode_reference(x, ids, weights, full13, full2, None, expert_offset, n_local)
+    plain = None
+    if shared is not None:
+        plain = tuple(_dequant(w, s).to(x.dtype) for w, s in zip(shared[::2], shared[1::2], strict=True))
+    return moe_decode_reference(x, ids, weights, full13, full2, plain, expert_offset, n_local)
 
 
 def moe_fp8_act_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int) -> torch.Tensor:
@@ -502,12 +557,18 @@ KERNELS = {
 }
 
 
-def moe_fp8_triton(x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, kernel: str | None = None):
+def moe_fp8_triton(
+    x, ids, weights, w13, s13, w2, s2, expert_offset: int, n_local: int, shared=None, kernel: str | None = None
+):  # fmt: skip
     """The routed experts through the kernel :func:`moe_fp8_kernel` picks, or ``kernel`` (a key of
-    :data:`KERNELS`)."""
+    :data:`KERNELS`); ``shared`` as in :func:`_moe_fp8_pairs`, which runs it in its own launches (the other
+    kernels leave it to three weight-only products)."""
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
-    fn = KERNELS[kernel or moe_fp8_kernel(x)]
-    return fn(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
+    kernel = kernel or moe_fp8_kernel(x)
+    if kernel == "pairs":
+        return _moe_fp8_pairs(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local, shared)
+    out = KERNELS[kernel](x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
+    return out if shared is None else torch.cat([out, _shared_fp8(x, shared)[:, None]], dim=1)
 
 
 @torch.library.custom_op("moefleet::moe_fp8", mutates_args=())
@@ -521,14 +582,28 @@ def moe_fp8(
     s2: torch.Tensor,
     expert_offset: int,
     n_local: int,
+    shared_gate: torch.Tensor | None = None,
+    shared_gate_scale: torch.Tensor | None = None,
+    shared_up: torch.Tensor | None = None,
+    shared_up_scale: torch.Tensor | None = None,
+    shared_down: torch.Tensor | None = None,
+    shared_down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed experts only (shared experts run as their own FP8 linears): fp32 ``[T, k, H]``, each routed
-    expert's output times its weight, for the caller to sum. Where Triton does not run, the weight-only
-    reference (the CPU path dequantizes)."""
+    """fp32 ``[T, k (+1), H]``: each routed expert's output times its weight, and with the ``shared_*`` FP8
+    weights the shared experts' output as one more slot, for the caller to sum. Where Triton does not run,
+    the weight-only reference (the CPU path dequantizes)."""
+    shared = None
+    if shared_gate is not None:
+        shared = (shared_gate, shared_gate_scale, shared_up, shared_up_scale, shared_down, shared_down_scale)
     fn = moe_fp8_triton if triton_usable(x) else moe_fp8_reference
-    return fn(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local)
+    return fn(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local, shared)
 
 
 @moe_fp8.register_fake
-def _(x, ids, weights, w13, s13, w2, s2, expert_offset, n_local):
-    return x.new_empty(x.shape[0], ids.shape[1], x.shape[1], dtype=torch.float32)
+def _(
+    x, ids, weights, w13, s13, w2, s2, expert_offset, n_local,
+    shared_gate=None, shared_gate_scale=None, shared_up=None, shared_up_scale=None, shared_down=None,
+    shared_down_scale=None,
+):  # fmt: skip
+    slots = ids.shape[1] + (0 if shared_gate is None else 1)
+    return x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)

@@ -69,16 +69,26 @@ def main(device: str) -> None:
     x = torch.randn(T, H, device=device, dtype=dtype)
     ids = torch.tensor([[0, 5], [5, 2], [0, 7]], device=device)  # experts 0 and 5 serve two tokens each
     wts = torch.rand(T, topk, device=device)
+    # shared experts (a partial last block of rows): slot k of the per-pair kernel, or weight-only products
+    shared_inter = 200
+    sg, ssg = quantize(torch.randn(shared_inter, H) / H**0.5)
+    su, ssu = quantize(torch.randn(shared_inter, H) / H**0.5)
+    sd, ssd = quantize(torch.randn(H, shared_inter) / shared_inter**0.5)
+    shared = tuple(t.to(device) for t in (sg, ssg, su, ssu, sd, ssd))
     for off, nl in ((0, E), (4, 4)):
         args = (ids, wts, w13[off : off + nl], s13[off : off + nl], w2[off : off + nl], s2[off : off + nl], off, nl)
         ref = moe.moe_fp8_reference(x.float(), *args)
         act_ref = moe.moe_fp8_act_reference(x.float(), *args)
+        shared_ref = moe.moe_fp8_reference(x.float(), *args, shared)[:, -1:]
         for kernel in moe.KERNELS:  # whatever the token count, each kernel computes the same
             got = moe.moe_fp8_triton(x, *args, kernel=kernel)
             check(f"moe_fp8_{kernel} offset {off}", got, act_ref if kernel == "fp8_tiles" else ref)
             if off:  # pairs routed to the other rank's experts add exactly zero
                 mask = ((ids - off < 0) | (ids - off >= nl))[..., None].expand_as(got)
                 assert (got[mask] == 0).all(), "EP zero"
+            with_shared = moe.moe_fp8_triton(x, *args, shared, kernel=kernel)
+            assert torch.equal(with_shared[:, :-1], got), (kernel, "routed slots change with the shared experts")
+            check(f"moe_fp8_shared {kernel} offset {off}", with_shared[:, -1:], shared_ref)
         # FP8 activations cost e4m3's precision against the weight-only product: bounded, not zero
         check(f"moe_fp8_act_error offset {off}", act_ref, ref, 0.1)
 

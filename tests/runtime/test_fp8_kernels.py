@@ -168,6 +168,8 @@ def test_fp8_custom_ops_trace() -> None:
     w2, s2 = quantize(torch.randn(4, 136, 128))
     ids, wts = torch.tensor([[0, 3], [1, 2], [3, 1]]), torch.rand(3, 2)
     torch.library.opcheck(moe_fp8, (x, ids, wts, w13, s13, w2, s2, 0, 4), test_utils=utils)
+    shared = (*quantize(torch.randn(200, 136)), *quantize(torch.randn(200, 136)), *quantize(torch.randn(136, 200)))
+    torch.library.opcheck(moe_fp8, (x, ids, wts, w13, s13, w2, s2, 0, 4, *shared), test_utils=utils)
 
 
 def test_long_fp8_prefill_grouped_over_dequantized_stacks_equals_the_expert_loop() -> None:
