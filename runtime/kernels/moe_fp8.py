@@ -251,6 +251,13 @@ if HAS_TRITON:
         return e, tl.load(order_ptr + offs_m, mask=m_mask, other=0), m_mask
 
     @triton.jit
+    def _store_weighted_rows(out_ptr, wts_ptr, acc, p, m_mask, offs_n, n_mask, top_k, sot, sos):
+        """A down tile's rows times their pairs' routing weights, each to its (token, slot) row of the output."""
+        wt = tl.load(wts_ptr + p, mask=m_mask, other=0.0).to(tl.float32)
+        out = out_ptr + (p // top_k)[:, None] * sot + (p % top_k)[:, None] * sos + offs_n[None, :]
+        tl.store(out, acc * wt[:, None], mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def _dot_rows(a, w, IEEE: tl.constexpr):
         """``a [M, K] @ w [N, K]ᵀ`` in ``a``'s dtype, fp32 products exact where IEEE (the interpreter's fp32)."""
         if IEEE:
@@ -307,9 +314,7 @@ if HAS_TRITON:
             a = tl.load(h_ptr + p[:, None] * sh + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             d = _dequant_tile(w, s, offs_n, n_mask, k0, offs_k, k_mask, inter, swn, ssn, BLOCK_N, BLOCK_K, NATIVE)
             acc += _dot_rows(a, d, IEEE)
-        wt = tl.load(wts_ptr + p, mask=m_mask, other=0.0).to(tl.float32)
-        out = out_ptr + (p // top_k)[:, None] * sot + (p % top_k)[:, None] * sos + offs_n[None, :]
-        tl.store(out, acc * wt[:, None], mask=m_mask[:, None] & n_mask[None, :])
+        _store_weighted_rows(out_ptr, wts_ptr, acc, p, m_mask, offs_n, n_mask, top_k, sot, sos)
 
     @triton.jit
     def _moe_up_fp8_act_tiles_kernel(
@@ -367,9 +372,7 @@ if HAS_TRITON:
             d = tl.load(w + offs_n[:, None] * swn + offs_k[None, :], mask=n_mask[:, None], other=0.0)
             d_s = tl.load(s + (offs_n // 128) * ssn + kb, mask=n_mask, other=0.0)
             acc += tl.dot(a, tl.trans(d)) * a_s[:, None] * d_s[None, :]
-        wt = tl.load(wts_ptr + p, mask=m_mask, other=0.0).to(tl.float32)
-        out = out_ptr + (p // top_k)[:, None] * sot + (p % top_k)[:, None] * sos + offs_n[None, :]
-        tl.store(out, acc * wt[:, None], mask=m_mask[:, None] & n_mask[None, :])
+        _store_weighted_rows(out_ptr, wts_ptr, acc, p, m_mask, offs_n, n_mask, top_k, sot, sos)
 
 
 # ---- host side --------------------------------------------------------------------------------------
@@ -532,7 +535,7 @@ def moe_fp8_act_reference(x, ids, weights, w13, s13, w2, s2, expert_offset: int,
     w13d, w2d = _dequant(w13[e], s13[e]), _dequant(w2[e], s2[e])  # [T·k, ...]
     gu = torch.bmm(w13d, xd.repeat_interleave(k, dim=0)[:, :, None]).squeeze(-1)
     g, u = gu.chunk(2, dim=-1)
-    h = _act_dequant(*act_quant_reference(torch.nn.functional.silu(g) * u))
+    h = _act_dequant(*act_quant_reference(F.silu(g) * u))
     out = torch.bmm(w2d, h[:, :, None]).view(T, k, H)
     return torch.where(valid[..., None], out * weights.float()[..., None], 0.0)
 
