@@ -86,6 +86,14 @@ if HAS_TRITON:
         return tl.where(a < 0.015625, subnormal, normal)
 
     @triton.jit
+    def _quantize_rows(x):
+        """fp32 ``[rows, group]`` → (each row in e4m3 values, still fp32; each row's scale): the row's absmax maps
+        to 448 (an all-zero row keeps scale 1), as :func:`act_quant_reference` does."""
+        amax = tl.max(tl.abs(x), axis=1)
+        s = tl.where(amax > 0, amax / 448.0, 1.0)
+        return _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0)), s
+
+    @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, K, sx, sq, ss, BLOCK_T: tl.constexpr, GROUP_K: tl.constexpr):
         """One program per (block of BLOCK_T tokens, 128-wide group): enough work per program that launching
         a program per group of every token does not dominate (prefill quantizes T × K/128 groups)."""
@@ -94,9 +102,7 @@ if HAS_TRITON:
         offs = g * GROUP_K + tl.arange(0, GROUP_K)
         m = (offs_t < T)[:, None] & (offs < K)[None, :]
         x = tl.load(x_ptr + offs_t[:, None] * sx + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0))
+        q, s = _quantize_rows(x)
         tl.store(q_ptr + offs_t[:, None] * sq + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=m)
         tl.store(s_ptr + offs_t * ss + g, s, mask=offs_t < T)
 

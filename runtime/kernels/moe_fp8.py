@@ -71,7 +71,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from runtime.kernels.fp8 import _decode_e4m3, _round_e4m3
+    from runtime.kernels.fp8 import _decode_e4m3, _quantize_rows
 
     @triton.jit
     def _scaled_rows(
@@ -345,10 +345,7 @@ if HAS_TRITON:
             u = tl.load(w + (offs_n + inter)[:, None] * swn + offs_k[None, :], mask=k_mask[None, :], other=0.0)
             acc_g += tl.dot(a, tl.trans(g)) * (a_s * tl.load(s + nb * ssn + kb))[:, None]
             acc_u += tl.dot(a, tl.trans(u)) * (a_s * tl.load(s + (up_block + nb) * ssn + kb))[:, None]
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        amax = tl.max(tl.abs(h), axis=1)
-        scale = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = _round_e4m3(tl.clamp(h / scale[:, None], -448.0, 448.0))
+        q, scale = _quantize_rows(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u)
         tl.store(hq_ptr + p[:, None] * sh + offs_n[None, :], q.to(hq_ptr.dtype.element_ty), mask=m_mask[:, None])
         tl.store(hs_ptr + p * shs + nb, scale, mask=m_mask)
 
